@@ -1,0 +1,363 @@
+"""What every adapter shares: the config base class, the boundary checks, the output norm/scale, save and load.
+
+An adapter maps vision tokens laid out row-major on a ``(grid_h, grid_w)`` patch grid to language-model embeddings::
+
+    image_features (B, N, D_vision), N == grid_h * grid_w   ->   (B, N', D_lm), N' == num_output_tokens(grid_h, grid_w)
+
+Prefix tokens (CLS, registers) are removed by the caller. A subclass implements two things: ``project(features,
+grid_h, grid_w)`` (the maths, on checked input) and, where N' != N, ``_count_output_tokens(grid_h, grid_w)``. This
+module does the rest once for all of them:
+
+- ``num_output_tokens(grid_h, grid_w)``: the one source of truth for N' (the processor uses it to expand ``<image>``
+  into that many placeholders, the model to check the count); it also refuses grids the adapter cannot take, so a bad
+  grid fails in the processor before any forward pass.
+- ``forward(image_features, grid_size)``: checks the input once, calls ``project``, then applies
+  ``output = output_scale * output_norm(project(x))`` (norm first, then scale; both optional, see ``AdapterConfig``).
+- ``save_pretrained(directory)`` / ``from_pretrained(directory)``: ``projector_config.json`` and
+  ``projector.safetensors``, written atomically, loaded strictly. ``Adapter.from_pretrained`` rebuilds whichever
+  type the config names.
+
+Init, for every adapter: ``nn.Linear`` weights trunc-normal(std=0.02) and biases zero (the ViT rule; the original
+LLaVA code keeps torch's default instead); norms weight one, bias zero; learned queries trunc-normal(std=0.02).
+``reset_parameters()`` re-applies it. ``_init_weights(module)`` uses ``transformers.initialization``, which skips
+tensors a ``PreTrainedModel`` has already loaded, so a model that holds an adapter can call it from its own
+``_init_weights``.
+
+Subclasses register themselves by type name (their config's ``adapter_type``) in ``ADAPTER_CLASSES`` and
+``ADAPTER_CONFIGS`` when they are defined; ``vlm_vision.adapters`` imports all four, so the registry is always full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import operator
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import initialization as init
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "projector_config.json"
+WEIGHTS_NAME = "projector.safetensors"
+OUTPUT_NORMS = (None, "layernorm", "rmsnorm")
+INIT_STD = 0.02
+
+ADAPTER_CLASSES: dict[str, type[Adapter]] = {}
+ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {}
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raises ValueError unless ``value`` is a positive int (bools refused: ``True`` is not a size)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _grid_side(name: str, value: Any) -> int:
+    """A grid side as a Python int; numpy ints and one-element integer tensors are accepted."""
+    try:
+        side = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
+    check_positive_int(name, side)
+    return side
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Fields every adapter config has. Subclasses add their own and fix ``adapter_type``.
+
+    Args:
+        vision_hidden_size: D_vision, the width of the incoming vision tokens.
+        text_hidden_size: D_lm, the language model's embedding width (the output width).
+        output_norm: ``None`` (default, as LLaVA), ``"layernorm"`` or ``"rmsnorm"``: a norm over D_lm applied to the
+            output, with a learned weight (and bias for layernorm) initialised to one (zero), so at init each output
+            token has zero mean and unit variance (layernorm) or unit root-mean-square (rmsnorm), up to ``norm_eps``.
+        output_scale: multiplies the output after the norm (for LMs whose own embeddings live at another scale, e.g.
+            Gemma's sqrt(D_lm)). Default 1.0.
+        norm_eps: epsilon of every norm in the adapter.
+    """
+
+    adapter_type: str = field(default="", init=False)
+    vision_hidden_size: int
+    text_hidden_size: int
+    output_norm: str | None = None
+    output_scale: float = 1.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if type(self) is AdapterConfig:
+            names = [config_class.__name__ for config_class in ADAPTER_CONFIGS.values()]
+            raise TypeError(f"AdapterConfig is a base class; use one of {names}")
+        check_positive_int("vision_hidden_size", self.vision_hidden_size)
+        check_positive_int("text_hidden_size", self.text_hidden_size)
+        if self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm={self.output_norm!r} is not known; use one of {list(OUTPUT_NORMS)}")
+        for name in ("output_scale", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict that ``from_dict`` (or ``adapter_config_from_dict``) turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> AdapterConfig:
+        """Builds this config from ``to_dict()`` output; unknown keys are an error (they are usually typos).
+
+        ``AdapterConfig.from_dict`` builds whichever type ``config_dict["adapter_type"]`` names.
+        """
+        if cls is AdapterConfig:
+            return adapter_config_from_dict(config_dict)
+        config_dict = dict(config_dict)
+        adapter_type = config_dict.pop("adapter_type", cls.adapter_type)
+        if adapter_type != cls.adapter_type:
+            raise ValueError(
+                f"{cls.__name__} got adapter_type={adapter_type!r}, expected {cls.adapter_type!r}; "
+                "use adapter_config_from_dict to build whichever type the dict names"
+            )
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown keys {unknown} for a {adapter_type!r} adapter config; known keys: {sorted(known)}"
+            )
+        return cls(**config_dict)
+
+
+def adapter_config_from_dict(config_dict: dict[str, Any]) -> AdapterConfig:
+    """Builds the config class that ``config_dict["adapter_type"]`` names."""
+    if not isinstance(config_dict, dict):
+        raise TypeError(f"an adapter config dict is needed, got {type(config_dict).__name__}")
+    adapter_type = config_dict.get("adapter_type")
+    if adapter_type not in ADAPTER_CONFIGS:
+        hint = " (this is a peft adapter config, not a projection adapter)" if "peft_type" in config_dict else ""
+        raise ValueError(f"unknown adapter_type {adapter_type!r}{hint}; known adapter types: {sorted(ADAPTER_CONFIGS)}")
+    return ADAPTER_CONFIGS[adapter_type].from_dict(config_dict)
+
+
+def build_adapter(config: dict[str, Any] | AdapterConfig) -> Adapter:
+    """Builds a freshly initialised adapter from a config object or its ``to_dict()`` form."""
+    if isinstance(config, dict):
+        config = adapter_config_from_dict(config)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"build_adapter takes an AdapterConfig or a dict, got {type(config).__name__}")
+    return ADAPTER_CLASSES[config.adapter_type](config)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Calls ``write(tmp_path)`` on a temporary file next to ``path``, then renames it over ``path``.
+
+    The rename is atomic on one file system, so a crash leaves either the old file or the new one, never half a file.
+    """
+    directory = os.path.dirname(path)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+class Adapter(nn.Module):
+    """Base class of the projection adapters (see the module docstring for the contract).
+
+    Args:
+        config: the adapter's config; subclasses take their own config class.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Register only classes that name their own config, so a user subclass of MLPAdapter does not replace it.
+        if "config_class" in cls.__dict__:
+            adapter_type = cls.config_class.adapter_type
+            taken = ADAPTER_CLASSES.get(adapter_type)
+            # the same class defined again (a module reload) replaces itself; another class may not take the name
+            if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"adapter_type {adapter_type!r} is already taken by {taken}")
+            ADAPTER_CLASSES[adapter_type] = cls
+            ADAPTER_CONFIGS[adapter_type] = cls.config_class
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        # Exact type: a PixelShuffleAdapterConfig is an MLPAdapterConfig, but an MLPAdapter would ignore its ratio.
+        if type(config) is not self.config_class:
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def _build_output_norm(self) -> None:
+        """Creates ``self.output_norm``; subclasses call it at the end of ``__init__``, then ``reset_parameters()``."""
+        config = self.config
+        if config.output_norm == "layernorm":
+            self.output_norm = nn.LayerNorm(config.text_hidden_size, eps=config.norm_eps)
+        elif config.output_norm == "rmsnorm":
+            self.output_norm = nn.RMSNorm(config.text_hidden_size, eps=config.norm_eps)
+        else:
+            self.output_norm = nn.Identity()  # no parameters: the state dict stays that of the bare projector
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The init rule of the module docstring, for one module (also usable from a PreTrainedModel's init hook)."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=INIT_STD)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialises every parameter with the rule of the module docstring."""
+        self.apply(self._init_weights)
+
+    def num_output_tokens(self, grid_h: int, grid_w: int) -> int:
+        """N', the number of tokens ``forward`` returns per image for a ``(grid_h, grid_w)`` patch grid.
+
+        Raises:
+            ValueError: if the grid is not positive ints, or the adapter cannot take it (pixel_shuffle: a side not
+                divisible by the ratio).
+        """
+        return self._count_output_tokens(_grid_side("grid_h", grid_h), _grid_side("grid_w", grid_w))
+
+    def _count_output_tokens(self, grid_h: int, grid_w: int) -> int:
+        return grid_h * grid_w
+
+    def project(self, image_features: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """The adapter's maths on checked input: (B, grid_h * grid_w, D_vision) -> (B, N', D_lm)."""
+        raise NotImplementedError
+
+    def forward(self, image_features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Projects vision tokens into the language model's embedding space.
+
+        Args:
+            image_features: (B, N, D_vision), patch tokens only, row-major on the grid.
+            grid_size: ``(grid_h, grid_w)`` with ``grid_h * grid_w == N``; one grid for the whole batch.
+
+        Returns:
+            (B, N', D_lm) with ``N' == self.num_output_tokens(grid_h, grid_w)``.
+        """
+        if not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2:
+            raise ValueError(f"grid_size must be a (grid_h, grid_w) pair, got {grid_size!r}")
+        grid_h, grid_w = _grid_side("grid_h", grid_size[0]), _grid_side("grid_w", grid_size[1])
+        self.num_output_tokens(grid_h, grid_w)  # refuses grids this adapter cannot take
+        if image_features.dim() != 3:
+            raise ValueError(
+                f"image_features must be 3-D (batch, num_patches, vision_hidden_size), got shape "
+                f"{tuple(image_features.shape)}; add a batch dimension with unsqueeze(0) for a single image"
+            )
+        _, num_tokens, hidden_size = image_features.shape
+        if hidden_size != self.config.vision_hidden_size:
+            raise ValueError(
+                f"image_features has last dimension {hidden_size} (shape {tuple(image_features.shape)}) but this "
+                f"adapter expects vision_hidden_size={self.config.vision_hidden_size}; build the adapter with the "
+                "vision tower's hidden size (times the number of feature layers if they are concatenated)"
+            )
+        if num_tokens != grid_h * grid_w:
+            raise ValueError(
+                f"image_features has {num_tokens} tokens (shape {tuple(image_features.shape)}) but grid_size "
+                f"{grid_h}x{grid_w} needs {grid_h * grid_w}; drop prefix tokens (CLS, registers) before the adapter "
+                "and pass the patch grid of the image that was encoded"
+            )
+        output = self.output_norm(self.project(image_features, grid_h, grid_w))
+        if self.config.output_scale != 1.0:
+            output = output * self.config.output_scale
+        return output
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes ``projector_config.json`` and ``projector.safetensors`` into ``directory`` (created if needed).
+
+        Each file is written to a temporary file in the same folder and renamed into place, so a crash never leaves a
+        half-written file. The names differ from peft's (``adapter_config.json``/``adapter_model.safetensors``), so a
+        projector and a LoRA adapter can share a folder.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        config_json = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+
+        def write_config(path: str) -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(config_json)
+
+        # safetensors refuses non-contiguous tensors.
+        state_dict = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+        _atomic_write(
+            os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state_dict, path, metadata={"format": "pt"})
+        )
+        logger.info("saved %s adapter to %s", self.config.adapter_type, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Adapter:
+        """Loads an adapter saved by ``save_pretrained`` from a local folder.
+
+        ``Adapter.from_pretrained`` builds whichever type the config names; ``MLPAdapter.from_pretrained`` also
+        checks that it is an mlp adapter. Loading is strict: every key of the file must match a parameter of the same
+        shape and every parameter must be in the file.
+
+        Raises:
+            FileNotFoundError: the folder lacks ``projector_config.json`` or ``projector.safetensors``.
+            ValueError: a file cannot be parsed, the type is wrong, or the weights do not fit the config (the message
+                lists missing keys, unexpected keys and shape mismatches).
+        """
+        directory = os.fspath(directory)
+        config_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} does not exist; save the adapter with save_pretrained({directory!r})")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from error
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(config_dict).__name__}")
+        config = adapter_config_from_dict(config_dict)
+        if cls is not Adapter and config.adapter_type != cls.config_class.adapter_type:
+            raise ValueError(
+                f"{config_path} describes a {config.adapter_type!r} adapter, not {cls.config_class.adapter_type!r}; "
+                "load it with Adapter.from_pretrained"
+            )
+        adapter = build_adapter(config)
+        try:
+            state_dict = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"could not read {weights_path} ({error}); the file is corrupt or truncated") from error
+        _check_state_dict(adapter, state_dict, weights_path)
+        adapter.load_state_dict(state_dict, strict=True)
+        logger.info("loaded %s adapter from %s", config.adapter_type, directory)
+        return adapter
+
+
+def _check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raises one ValueError that lists every missing key, unexpected key and shape mismatch at once."""
+    expected = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [
+        f"{name}: file {found[name]} vs model {expected[name]}"
+        for name in sorted(set(expected) & set(found))
+        if expected[name] != found[name]
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"the weights in {source} do not fit the config next to them: missing keys {missing}, unexpected keys "
+            f"{unexpected}, shape mismatches {mismatched}; the config and the weights come from different adapters"
+        )

@@ -1,0 +1,87 @@
+"""Pixel-shuffle token reduction, then the LLaVA-1.5 MLP (the Idefics3 / InternVL / nanoVLM connector).
+
+Each r x r block of neighbouring tokens on the patch grid becomes one token of r*r times the width (space-to-depth),
+so a 4x6 grid with r=2 gives 2x3 = 6 tokens. Those go through the same two-layer MLP as ``MLPAdapter``:
+Linear(D_vision * r^2, D_lm), GELU, Linear(D_lm, D_lm). (Idefics3 and nanoVLM use one bias-free linear layer after
+the shuffle, InternVL LayerNorm + the two-layer MLP; the MLP is the LLaVA-1.5 finding applied here.)
+
+Shapes: (B, grid_h * grid_w, D_vision) -> shuffle -> (B, (grid_h/r) * (grid_w/r), r*r*D_vision) -> MLP ->
+(B, N', D_lm). Both grid sides must be divisible by r (non-square grids are fine); other grids are refused.
+Output tokens are row-major on the (grid_h/r, grid_w/r) grid. Within a token, channels are ordered
+``(dy, dx, d)``: the block's token at row offset dy, column offset dx fills channels
+``[(dy * r + dx) * D, (dy * r + dx + 1) * D)``, i.e. the block read row-major. For square grids this is exactly
+transformers' ``Idefics3Connector.pixel_shuffle`` (InternVL's version transposes the block, ``(dx, dy, d)``).
+Parameters and init: as ``MLPAdapter`` (trunc-normal std 0.02 weights, zero biases), ``linear_1`` being D*r^2 wide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import check_positive_int
+from .mlp import MLPAdapter, MLPAdapterConfig
+
+
+def check_grid_divisible(grid_h: int, grid_w: int, scale_factor: int) -> None:
+    """Raises ValueError unless both grid sides are divisible by ``scale_factor``."""
+    if grid_h % scale_factor or grid_w % scale_factor:
+        raise ValueError(
+            f"pixel_shuffle with scale_factor r={scale_factor} needs both sides of the patch grid divisible by "
+            f"{scale_factor}, got grid {grid_h}x{grid_w}; resize the image so that each side is a multiple of "
+            f"{scale_factor} patches, or choose a scale_factor that divides both sides"
+        )
+
+
+def pixel_shuffle(image_features: torch.Tensor, grid_size: tuple[int, int], scale_factor: int) -> torch.Tensor:
+    """Space-to-depth on a token grid: (B, H*W, D) -> (B, (H/r)*(W/r), r*r*D), channels ordered (dy, dx, d).
+
+    Args:
+        image_features: (B, H*W, D), row-major on the (H, W) grid.
+        grid_size: (H, W); both divisible by ``scale_factor``.
+        scale_factor: r.
+    """
+    grid_h, grid_w = grid_size
+    check_grid_divisible(grid_h, grid_w, scale_factor)
+    batch, _, dim = image_features.shape
+    r = scale_factor
+    x = image_features.reshape(batch, grid_h // r, r, grid_w // r, r, dim)  # (B, H/r, dy, W/r, dx, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, H/r, W/r, dy, dx, D)
+    return x.reshape(batch, (grid_h // r) * (grid_w // r), r * r * dim)  # (B, N', r*r*D)
+
+
+@dataclass(kw_only=True)
+class PixelShuffleAdapterConfig(MLPAdapterConfig):
+    """Config of ``PixelShuffleAdapter``: the ``MLPAdapterConfig`` fields plus the ratio.
+
+    Args:
+        scale_factor: r, the side of the token block merged into one token (transformers' Idefics3 name); the token
+            count drops by r^2. Default 2.
+    """
+
+    adapter_type: str = field(default="pixel_shuffle", init=False)
+    scale_factor: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("scale_factor", self.scale_factor)
+
+
+class PixelShuffleAdapter(MLPAdapter):
+    """Pixel shuffle by r, then Linear(D_vision * r^2, D_lm), GELU, Linear(D_lm, D_lm)."""
+
+    config_class = PixelShuffleAdapterConfig
+
+    @staticmethod
+    def _mlp_input_size(config: PixelShuffleAdapterConfig) -> int:
+        return config.vision_hidden_size * config.scale_factor**2
+
+    def _count_output_tokens(self, grid_h: int, grid_w: int) -> int:
+        r = self.config.scale_factor
+        check_grid_divisible(grid_h, grid_w, r)
+        return (grid_h // r) * (grid_w // r)
+
+    def project(self, image_features: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        shuffled = pixel_shuffle(image_features, (grid_h, grid_w), self.config.scale_factor)  # (B, N', r*r*D)
+        return super().project(shuffled, grid_h, grid_w)

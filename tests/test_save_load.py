@@ -1,0 +1,195 @@
+"""Saving, loading through the Auto classes (registered and remote code), and loading at another resolution."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+from tests.conftest import tiny_config
+from vlm_vision import VisionTransformerForImageClassification, VisionTransformerModel, resample_position_embeddings
+from vlm_vision.checkpoint import create_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformerModel(tiny_config(num_register_tokens=1)).eval()
+    path = save_checkpoint(model, tmp_path / "tiny", title="tiny", summary="A tiny test model.")
+    return model, path
+
+
+def test_round_trip_through_auto_model(saved, pixel_values):
+    model, path = saved
+    loaded = AutoModel.from_pretrained(path)
+    assert type(loaded) is VisionTransformerModel
+    assert type(AutoConfig.from_pretrained(path)).__name__ == "VisionTransformerConfig"
+    torch.testing.assert_close(loaded(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state)
+    for name, tensor in load_file(path / "model.safetensors").items():
+        torch.testing.assert_close(tensor, model.state_dict()[name])
+
+
+def test_folder_is_complete(saved):
+    _, path = saved
+    assert {p.name for p in path.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "configuration_vlm_vit.py",
+        "modeling_vlm_vit.py",
+        "position_embeddings.py",
+        "README.md",
+    }
+    config = json.loads((path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vlm_vit.VisionTransformerConfig",
+        "AutoModel": "modeling_vlm_vit.VisionTransformerModel",
+    }
+    # the copied code imports only torch, transformers and its siblings
+    for name in ("configuration_vlm_vit.py", "modeling_vlm_vit.py", "position_embeddings.py"):
+        source = (path / name).read_text()
+        assert "vlm_vision" not in source.replace("vlm_vit", ""), name
+
+
+def test_remote_code_without_the_package_gives_identical_outputs(saved, pixel_values, tmp_path):
+    model, path = saved
+    torch.save(pixel_values, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["vlm_vision"] = None  # the package cannot be imported in this process
+        try:
+            import vlm_vision
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("vlm_vision was importable")
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        with torch.no_grad():
+            torch.save(model(x).last_hidden_state, {str(tmp_path / "y.pt")!r})
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(pixel_values).last_hidden_state
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_image_processor_and_model_on_a_real_photo(saved):
+    from skimage import data
+
+    _, path = saved
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    photo = Image.fromarray(data.astronaut())  # 512 x 512 RGB
+    inputs = processor(images=[photo, photo.convert("L").convert("RGB")], return_tensors="pt")
+    assert inputs.pixel_values.shape == (2, 3, 32, 32)
+    # ViT normalisation: mean 0.5, std 0.5 maps [0, 1] to [-1, 1]
+    assert inputs.pixel_values.min() >= -1.0 and inputs.pixel_values.max() <= 1.0
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.last_hidden_state.shape == (2, 1 + 1 + 64, 32)  # [CLS] + 1 register + 8x8 patches
+    assert out.pooler_output.shape == (2, 32)
+
+
+def test_loading_at_another_image_size_resamples_the_position_embeddings(saved, pixel_values):
+    model, path = saved
+    bigger = AutoModel.from_pretrained(path, image_size=48)
+    assert bigger.config.grid_size == (12, 12)
+    expected = resample_position_embeddings(model.embeddings.position_embeddings, (12, 12), old_grid=(8, 8))
+    torch.testing.assert_close(bigger.embeddings.position_embeddings, expected)
+    torch.testing.assert_close(bigger.layers[0].mlp.fc1.weight, model.layers[0].mlp.fc1.weight)
+    # and it equals running the original model with run-time interpolation
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bigger(x).last_hidden_state, model(x, interpolate_pos_encoding=True).last_hidden_state
+        )
+
+
+def test_loading_a_non_square_checkpoint_reads_its_grid(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformerModel(tiny_config(image_size=[32, 48]))
+    model.save_pretrained(tmp_path)
+    square = VisionTransformerModel.from_pretrained(tmp_path, image_size=40)
+    expected = resample_position_embeddings(model.embeddings.position_embeddings, (10, 10), old_grid=(8, 12))
+    torch.testing.assert_close(square.embeddings.position_embeddings, expected)
+
+
+def test_a_base_checkpoint_loads_into_a_classifier_at_another_size(saved):
+    model, path = saved
+    classifier = AutoModelForImageClassification.from_pretrained(path, num_labels=3, image_size=16)
+    assert type(classifier) is VisionTransformerForImageClassification
+    assert classifier.vit.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
+    torch.testing.assert_close(
+        classifier.vit.layers[1].attention.q_proj.weight, model.layers[1].attention.q_proj.weight
+    )
+    assert torch.count_nonzero(classifier.classifier.weight) == 0  # fresh zero-initialised head
+
+
+def test_a_checkpoint_of_another_shape_is_refused(saved):
+    _, path = saved
+    with pytest.raises(ValueError, match=r"width 32 but the model's hidden_size is 64: .*another architecture"):
+        AutoModel.from_pretrained(path, hidden_size=64, num_attention_heads=4)
+    with pytest.raises(
+        ValueError, match=r"(?s)layers.0.mlp.fc1.weight: checkpoint \(48, 32\) vs model \(64, 32\).*ignore"
+    ):
+        AutoModel.from_pretrained(path, intermediate_size=64)
+
+
+def test_corrupt_weights_file_is_refused(saved):
+    _, path = saved
+    (path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(Exception, match=r"(?i)safetensor|header|deserializ|invalid"):
+        AutoModel.from_pretrained(path)
+
+
+def test_create_checkpoint_refuses_to_overwrite_and_replaces_when_asked(tmp_path):
+    out = create_checkpoint("vit-ti16", tmp_path / "ti", image_size=32)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        create_checkpoint("vit-ti16", out, image_size=32)
+    create_checkpoint("vit-ti16", out, image_size=32, seed=1, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["ti"]  # no staging folders left behind
+
+
+def test_create_checkpoint_script_writes_a_loadable_classifier_with_a_model_card(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "create_checkpoint.py")
+    out = tmp_path / "ti16"
+    cmd = [
+        sys.executable,
+        script,
+        "--preset",
+        "vit-ti16",
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--num-labels",
+        "10",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 10 and model.config.hidden_size == 192 and model.config.image_size == 64
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: image-classification" in card
+    assert f"{model.num_parameters():,} parameters" in card
+    assert "| hidden size (D) | 192 |" in card and "| patch grid | 4x4 = 16 tokens |" in card
+    processor = AutoImageProcessor.from_pretrained(out)
+    pixel_values = processor(images=Image.fromarray(np.zeros((100, 80, 3), np.uint8)), return_tensors="pt")
+    assert pixel_values.pixel_values.shape == (1, 3, 64, 64)

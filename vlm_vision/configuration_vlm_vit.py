@@ -1,0 +1,201 @@
+"""Configuration of the Vision Transformer (Dosovitskiy et al., 2020, arXiv 2010.11929) and its named presets.
+
+The defaults are ViT-B/16 at 224 x 224. Presets are data, decoded from a name like big_vision does ("B/16" ->
+width 768, depth 12, 12 heads, MLP 3072, patch 16): see `PRESET_SIZES` and `VisionTransformerConfig.from_preset`.
+
+This file imports only transformers: it is copied into saved checkpoints for `trust_remote_code` users.
+"""
+
+from __future__ import annotations
+
+import re
+
+from transformers import PretrainedConfig
+
+# Table 1 of the paper: (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size); the Ti and S rows
+# are DeiT's, as in the reference code.
+PRESET_SIZES = {
+    "ti": (192, 12, 3, 768),
+    "s": (384, 12, 6, 1536),
+    "b": (768, 12, 12, 3072),
+    "l": (1024, 24, 16, 4096),
+    "h": (1280, 32, 16, 5120),
+}
+
+# The hybrid of Sec. 3.1 / Table 1: a ResNet-50 whose stage 4 is removed and whose stage 3 has 9 blocks instead of 6,
+# so it keeps the number of layers and outputs a stride-16 feature map; the "patches" are 1x1 on that map. Built
+# with transformers' BiT backbone (weight-standardised convolutions and GroupNorm, as the reference ResNet).
+R50_BACKBONE_CONFIG = {
+    "layer_type": "bottleneck",
+    "depths": [3, 4, 9],
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "global_padding": "SAME",
+    "embedding_dynamic_padding": True,
+    "out_features": ["stage3"],
+}
+HYBRID_BACKBONES = {"r50": R50_BACKBONE_CONFIG}
+
+_PRESET_PATTERN = re.compile(r"^(?:(?P<backbone>r50)-)?vit-(?P<size>ti|s|b|l|h)(?P<patch>\d+)$")
+PRESET_NAMES = ("vit-ti16", "vit-s16", "vit-b16", "vit-b32", "vit-l16", "vit-l32", "vit-h14", "r50-vit-b16")
+
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_pytorch_tanh", "gelu_new")
+POOLING_TYPES = ("cls", "mean", "map")
+CLASSIFIER_HEADS = ("linear", "mlp")
+
+
+def _pair(value: int | list[int] | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}.")
+    return pair
+
+
+class VisionTransformerConfig(PretrainedConfig):
+    r"""Configuration of [`VisionTransformerModel`]: the ViT of *An Image is Worth 16x16 Words*, plus the switches that
+    real vision towers need (CLIP, SigLIP, DINOv2).
+
+    Args:
+        hidden_size: D, the width of every token.
+        num_hidden_layers: L, the number of Transformer blocks.
+        num_attention_heads: heads of each multi-head self-attention; must divide `hidden_size`.
+        intermediate_size: hidden width of the two-layer MLP of each block.
+        hidden_act: MLP non-linearity: `"gelu"` (exact, the paper), `"quick_gelu"` (OpenAI CLIP),
+            `"gelu_pytorch_tanh"` (SigLIP, the tanh approximation), `"gelu_new"`.
+        hidden_dropout_prob, attention_probs_dropout_prob: dropout after the MLP/attention outputs and on the
+            attention weights.
+        initializer_range: std of the truncated normal init of weights and embeddings.
+        layer_norm_eps: epsilon of every LayerNorm (1e-6 as in the reference code; transformers' ViT uses 1e-12).
+        image_size: `H` or `(H, W)` in pixels the position embeddings are made for.
+        patch_size: `P` or `(P_h, P_w)`: the pixel stride of one token. For the hybrid, the stride of one feature-map
+            cell (16 for R50), the patches on the feature map being 1x1.
+        num_channels: input channels C.
+        qkv_bias: bias in the query/key/value projections.
+        use_class_token: prepend the learnable [CLS] token x_class (Eq. 1). SigLIP has none.
+        num_register_tokens: learnable "register" tokens (Darcet et al., 2023) inserted after [CLS]; they carry no
+            position embedding, as in DINOv2 with registers.
+        pre_norm: a LayerNorm on the embeddings before the first block (CLIP's `pre_layrnorm`).
+        layer_scale_init_value: when set, each residual branch is scaled by a learnable per-channel vector initialised
+            to this value (CaiT / DINOv2 LayerScale).
+        pooling: what `pooler_output` is: `"cls"` = LN(z_L^0) (Eq. 4), `"mean"` = mean of the normalised patch
+            tokens, `"map"` = a multi-head attention-pooling head with a learned probe (SigLIP, big_vision "map").
+        classifier_head: for image classification: `"mlp"` is the pre-training head (hidden layer of
+            `representation_size` with tanh, then linear), `"linear"` the fine-tuning head (one zero-initialised
+            D x K layer).
+        representation_size: width of the pre-training head's hidden layer (defaults to `hidden_size`).
+        backbone_config: keyword arguments of a transformers `BitConfig` for the hybrid (Sec. 3.1); None for the
+            plain patch embedding. See `R50_BACKBONE_CONFIG`.
+        interpolation_mode, interpolation_antialias: how position embeddings are resampled to another grid, at run
+            time and when a checkpoint is loaded at another `image_size` (see `resample_position_embeddings`).
+    """
+
+    model_type = "vlm_vit"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    image_size: int | list[int] = 224
+    patch_size: int | list[int] = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    use_class_token: bool = True
+    num_register_tokens: int = 0
+    pre_norm: bool = False
+    layer_scale_init_value: float | None = None
+    pooling: str = "cls"
+    classifier_head: str = "linear"
+    representation_size: int | None = None
+    backbone_config: dict | None = None
+    interpolation_mode: str = "bicubic"
+    interpolation_antialias: bool = False
+
+    def __post_init__(self, **kwargs):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}: "
+                "choose a head count that divides the width (head_dim = hidden_size / num_attention_heads)."
+            )
+        image, patch = _pair(self.image_size, "image_size"), _pair(self.patch_size, "patch_size")
+        if image[0] % patch[0] or image[1] % patch[1]:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}: use an image size "
+                "that is a multiple of the patch size."
+            )
+        if self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}.")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}.")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling={self.pooling!r} is not supported; use one of {POOLING_TYPES}.")
+        if self.pooling == "cls" and not self.use_class_token:
+            raise ValueError('pooling="cls" needs use_class_token=True; use pooling="mean" or "map" without it.')
+        if self.classifier_head not in CLASSIFIER_HEADS:
+            raise ValueError(f"classifier_head={self.classifier_head!r} is not supported; use {CLASSIFIER_HEADS}.")
+        if self.representation_size is not None and self.representation_size <= 0:
+            raise ValueError(f"representation_size must be positive, got {self.representation_size}.")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        super().__post_init__(**kwargs)
+
+    @property
+    def image_size_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size, "image_size")
+
+    @property
+    def patch_size_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size, "patch_size")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid at `image_size`."""
+        (h, w), (ph, pw) = self.image_size_hw, self.patch_size_hw
+        return h // ph, w // pw
+
+    @property
+    def num_patches(self) -> int:
+        """N = HW / P^2 at `image_size`."""
+        grid_h, grid_w = self.grid_size
+        return grid_h * grid_w
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in the sequence: [CLS] (if any), then the registers."""
+        return int(self.use_class_token) + self.num_register_tokens
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> VisionTransformerConfig:
+        """A config from a preset name such as `"vit-b16"`, `"vit-l32"`, `"vit-h14"` or `"r50-vit-b16"`.
+
+        Any `vit-{ti,s,b,l,h}{patch}` decodes (so `"vit-b8"` works too). Keyword arguments override fields, e.g.
+        `from_preset("vit-b16", image_size=384, num_labels=10)`.
+        """
+        match = _PRESET_PATTERN.match(name.lower().replace("/", ""))
+        if match is None:
+            raise ValueError(
+                f"Unknown preset {name!r}. Presets are vit-{{ti,s,b,l,h}}{{patch}} (e.g. {', '.join(PRESET_NAMES)})."
+            )
+        hidden, layers, heads, mlp = PRESET_SIZES[match["size"]]
+        fields = {
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": mlp,
+            "patch_size": int(match["patch"]),
+        }
+        if match["backbone"]:
+            fields["backbone_config"] = dict(HYBRID_BACKBONES[match["backbone"]])
+        fields.update(overrides)
+        return cls(**fields)
+
+
+__all__ = ["PRESET_NAMES", "PRESET_SIZES", "VisionTransformerConfig"]

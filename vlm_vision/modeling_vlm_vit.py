@@ -1,0 +1,561 @@
+"""The Vision Transformer of *An Image is Worth 16x16 Words* (Dosovitskiy et al., 2020, arXiv 2010.11929).
+
+Read top-down, this file is the paper's Eq. 1-4:
+
+    z_0  = [x_class; x_p^1 E; ...; x_p^N E] + E_pos       (Eq. 1)  VisionTransformerEmbeddings
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                     (Eq. 2)  VisionTransformerLayer (attention half)
+    z_l  = MLP(LN(z'_l)) + z'_l                           (Eq. 3)  VisionTransformerLayer (MLP half)
+    y    = LN(z_L^0)                                      (Eq. 4)  VisionTransformerModel.layernorm -> pooler_output
+
+Deviations and additions, all off by default unless stated:
+- The patch embedding E is a Conv2d with kernel = stride = P, which is the same linear map as flattening patches.
+- Hybrid (Sec. 3.1): with `config.backbone_config`, the patches come from a CNN feature map (transformers' BiT
+  backbone), projected by a 1x1 convolution.
+- Other resolutions (Sec. 3.2): the position embeddings are 2-D interpolated (`interpolate_pos_encoding=True` at run
+  time; automatically when loading a checkpoint into a config of another image size).
+- Switches for other towers: no class token, register tokens (no position embedding), a pre-encoder LayerNorm,
+  LayerScale, the activation, and the pooling (`cls`, `mean`, attention pooling `map`).
+- MSA runs through transformers' attention interface (sdpa by default; eager when attention weights are asked for).
+
+Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid.
+
+This file imports only torch, transformers and sibling files: it is copied into saved checkpoints, so
+`AutoModel.from_pretrained(path, trust_remote_code=True)` works without this package installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import BitBackbone, BitConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import eager_attention_forward
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_vlm_vit import VisionTransformerConfig
+from .position_embeddings import infer_square_grid, resample_position_embeddings
+
+logger = logging.get_logger(__name__)
+
+POSITION_EMBEDDING_SUFFIX = "embeddings.position_embeddings"
+
+
+class VisionTransformerPatchEmbeddings(nn.Module):
+    """x (B, C, H, W) -> x_p E (B, N, D): linear projection of non-overlapping P x P patches (or of the 1x1 cells of a
+    CNN feature map for the hybrid)."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size_hw
+        if config.backbone_config is not None:
+            self.backbone = BitBackbone(BitConfig(num_channels=config.num_channels, **config.backbone_config))
+            stride = 2 ** (len(self.backbone.config.depths) + 1)  # stem /4, then /2 per stage after the first
+            if self.patch_size[0] % stride or self.patch_size[1] % stride:
+                raise ValueError(
+                    f"patch_size={config.patch_size} must be a multiple of the backbone's feature stride {stride}."
+                )
+            in_channels, kernel = (
+                self.backbone.channels[-1],
+                (self.patch_size[0] // stride, self.patch_size[1] // stride),
+            )
+        else:
+            self.backbone = None
+            in_channels, kernel = config.num_channels, self.patch_size
+        self.projection = nn.Conv2d(in_channels, config.hidden_size, kernel_size=kernel, stride=kernel)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(pixel_values).feature_maps[-1] if self.backbone is not None else pixel_values
+        return self.projection(features).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+class VisionTransformerEmbeddings(nn.Module):
+    """Eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos, then the register tokens (without E_pos) after [CLS]."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = VisionTransformerPatchEmbeddings(config)
+        dim = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.use_class_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
+        )
+        num_positions = int(config.use_class_token) + config.num_patches
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, dim))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def position_embeddings_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """E_pos for a `grid` of patches, resampled from the config's grid when they differ. (1, [1] + h*w, D)."""
+        return resample_position_embeddings(
+            self.position_embeddings,
+            new_grid=grid,
+            old_grid=self.config.grid_size,
+            num_prefix_tokens=int(self.config.use_class_token),
+            mode=self.config.interpolation_mode,
+            antialias=self.config.interpolation_antialias,
+        )
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        (patch_h, patch_w), expected = self.config.patch_size_hw, self.config.image_size_hw
+        if (height, width) != expected and not interpolate_pos_encoding:
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model's image_size "
+                f"{expected[0]}x{expected[1]}. "
+                "Resize it with the image processor, or pass interpolate_pos_encoding=True to resample the position "
+                "embeddings to this size."
+            )
+        embeddings = self.patch_embeddings(pixel_values)  # (B, N, D)
+        if self.cls_token is not None:
+            embeddings = torch.cat([self.cls_token.expand(batch_size, -1, -1), embeddings], dim=1)
+        embeddings = embeddings + self.position_embeddings_for((height // patch_h, width // patch_w))
+        if self.register_tokens is not None:
+            cls, patches = (
+                embeddings[:, : int(self.config.use_class_token)],
+                embeddings[:, int(self.config.use_class_token) :],
+            )
+            embeddings = torch.cat([cls, self.register_tokens.expand(batch_size, -1, -1), patches], dim=1)
+        return self.dropout(embeddings)  # (B, num_prefix_tokens + N, D)
+
+
+class VisionTransformerAttention(nn.Module):
+    """Multi-head self-attention (MSA, Appendix A of the paper) with separate q/k/v/o projections."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, heads, T, head_dim)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        # sdpa/flash/flex never materialise the weights; when the caller asks for them, this call runs eager instead
+        # of returning None (which is what transformers does since v5).
+        implementation = self.config._attn_implementation
+        wants_weights = kwargs.get("output_attentions", self.config.output_attentions)
+        attention_interface: Callable = eager_attention_forward
+        if implementation not in (None, "eager") and not wants_weights:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            scaling=self.scaling,
+            **{k: v for k, v in kwargs.items() if k != "output_attentions"},
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, D)
+        return self.o_proj(attn_output), attn_weights
+
+
+class VisionTransformerMLP(nn.Module):
+    """The block's two-layer MLP with a GELU (or the configured) non-linearity."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class VisionTransformerLayerScale(nn.Module):
+    """Per-channel scaling of a residual branch (LayerScale, Touvron et al. 2021), as DINOv2 uses."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale_init_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class VisionTransformerLayer(GradientCheckpointingLayer):
+    """One pre-LN block: Eq. 2 (MSA with residual) then Eq. 3 (MLP with residual)."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = VisionTransformerAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionTransformerMLP(config)
+        use_scale = config.layer_scale_init_value is not None
+        self.layer_scale1 = VisionTransformerLayerScale(config) if use_scale else nn.Identity()
+        self.layer_scale2 = VisionTransformerLayerScale(config) if use_scale else nn.Identity()
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.dropout(self.layer_scale1(attn_output))  # Eq. 2
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        return hidden_states + self.dropout(self.layer_scale2(mlp_output))  # Eq. 3
+
+
+class VisionTransformerAttentionPoolingHead(nn.Module):
+    """Multi-head attention pooling ("MAP", big_vision; SigLIP's head): a learned probe attends to all tokens."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionTransformerMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+        pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]  # (B, 1, D)
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
+
+
+class VisionTransformerPreTrainedModel(PreTrainedModel):
+    config_class = VisionTransformerConfig
+    config: VisionTransformerConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisionTransformerEmbeddings", "VisionTransformerLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": VisionTransformerLayer, "attentions": VisionTransformerAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal weights and zero biases (as timm and transformers' ViT); zero-initialised classifier."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(
+            module.weight, torch.nn.UninitializedParameter
+        ):
+            if getattr(module, "_zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, VisionTransformerEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            for token in (module.cls_token, module.register_tokens):
+                if token is not None:
+                    init.trunc_normal_(token, mean=0.0, std=std)
+        elif isinstance(module, VisionTransformerLayerScale):
+            init.constant_(module.lambda1, self.config.layer_scale_init_value)
+        elif isinstance(module, VisionTransformerAttentionPoolingHead):
+            init.trunc_normal_(module.probe, mean=0.0, std=std)
+            init.xavier_uniform_(module.attention.in_proj_weight)
+            init.zeros_(module.attention.in_proj_bias)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        """Load as transformers does, but resample a position-embedding table made for another grid first.
+
+        transformers would report a size mismatch (or re-initialise it with `ignore_mismatched_sizes=True`); the paper
+        (Sec. 3.2) interpolates the pre-trained table instead, which is what happens here.
+        """
+        state_dict = _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files)
+        if state_dict is not None:
+            checkpoint_files = None
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Refuse a checkpoint of another shape with the keys in the message (transformers only points at its log)."""
+        if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
+            lines = sorted(
+                f"  {key}: checkpoint {tuple(old)} vs model {tuple(new)}"
+                for key, old, new in loading_info.mismatched_keys
+            )
+            raise ValueError(
+                f"The checkpoint {load_config.pretrained_model_name_or_path} has weights of another shape than this "
+                f"{type(model).__name__}:\n" + "\n".join(lines) + "\nLoad it with its own config.json (don't "
+                "override sizes such as hidden_size or intermediate_size), or pass ignore_mismatched_sizes=True to "
+                "re-initialise these weights."
+            )
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+
+
+def _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files):
+    """The state dict to load with any position-embedding table resampled to the model's grid; `state_dict` unchanged
+    (None when loading from files) when nothing needs resampling."""
+    targets = {name: p for name, p in model.named_parameters() if name.endswith(POSITION_EMBEDDING_SUFFIX)}
+    if not targets:
+        return state_dict
+    if state_dict is None:
+        if not checkpoint_files or not all(f.endswith(".safetensors") for f in checkpoint_files):
+            return None
+        from safetensors import safe_open
+
+        shapes = {}
+        for file in checkpoint_files:
+            with safe_open(file, framework="pt") as handle:
+                shapes.update(
+                    {k: handle.get_slice(k).get_shape() for k in handle.keys() if k.endswith(POSITION_EMBEDDING_SUFFIX)}  # noqa: SIM118
+                )
+        if all(tuple(shape) == tuple(p.shape) for shape in shapes.values() for p in targets.values()):
+            return None
+        from safetensors.torch import load_file
+
+        state_dict = {}
+        for file in checkpoint_files:
+            state_dict.update(load_file(file))
+    config = model.config
+    old_grid = _checkpoint_grid(checkpoint_files)
+    resampled = dict(state_dict)
+    for key, value in state_dict.items():
+        if not key.endswith(POSITION_EMBEDDING_SUFFIX):
+            continue
+        target = next(iter(targets.values()))
+        if tuple(value.shape) == tuple(target.shape):
+            continue
+        if value.shape[-1] != target.shape[-1]:
+            raise ValueError(
+                f"Checkpoint position embeddings {key} have width {value.shape[-1]} but the model's hidden_size is "
+                f"{target.shape[-1]}: this checkpoint belongs to another architecture."
+            )
+        num_prefix = int(config.use_class_token)
+        grid = old_grid or infer_square_grid(value.shape[1] - num_prefix)
+        logger.info(f"Resampling {key} from grid {grid} to {config.grid_size} ({config.interpolation_mode}).")
+        resampled[key] = resample_position_embeddings(
+            value,
+            new_grid=config.grid_size,
+            old_grid=grid,
+            num_prefix_tokens=num_prefix,
+            mode=config.interpolation_mode,
+            antialias=config.interpolation_antialias,
+        )
+    return resampled
+
+
+def _checkpoint_grid(checkpoint_files) -> tuple[int, int] | None:
+    """The patch grid of the config.json saved next to the checkpoint, so non-square tables resample correctly."""
+    if not checkpoint_files:
+        return None
+    path = os.path.join(os.path.dirname(checkpoint_files[0]), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    try:
+        saved_config = VisionTransformerConfig(
+            image_size=saved.get("image_size", 224), patch_size=saved.get("patch_size", 16)
+        )
+    except (ValueError, TypeError):
+        return None
+    return saved_config.grid_size
+
+
+class VisionTransformerModel(VisionTransformerPreTrainedModel):
+    """The ViT encoder: per-patch tokens and the pooled ([CLS]) representation.
+
+    Outputs (`BaseModelOutputWithPooling`):
+        last_hidden_state: `(B, num_prefix_tokens + N, D)`, after the final LayerNorm.
+        pooler_output: `(B, D)`: LN(z_L^0) for `pooling="cls"` (Eq. 4), else the mean or attention pool.
+        hidden_states (with `output_hidden_states=True`): L + 1 tensors `(B, T, D)` in transformers' convention:
+            index 0 is the input of the first block (embeddings, after `pre_norm` if any), index i the output of
+            block i, index -1 the last block's output *before* the final LayerNorm, and -2 the penultimate block's
+            output (the layer LLaVA-style VLMs take). `output_hidden_states` may also be an index or a list.
+        attentions (with `output_attentions=True`): L tensors `(B, heads, T, T)`, computed eagerly even when the model
+            runs sdpa.
+
+    To get intermediate layers without running the blocks after them, use `get_intermediate_layers`.
+    """
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__(config)
+        self.embeddings = VisionTransformerEmbeddings(config)
+        self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else None
+        self.layers = nn.ModuleList([VisionTransformerLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = VisionTransformerAttentionPoolingHead(config) if config.pooling == "map" else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
+        """Reject inputs the model cannot embed, with the fix in the message."""
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: a (batch, channels, height, width) tensor.")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}. "
+                "Add a batch dimension with pixel_values[None] for a single image."
+            )
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but the model expects num_channels={self.config.num_channels}. "
+                "Convert images to RGB (PIL: image.convert('RGB')) or channels-first (B, C, H, W)."
+            )
+        patch_h, patch_w = self.config.patch_size_hw
+        if height % patch_h or width % patch_w:
+            raise ValueError(
+                f"Image size {height}x{width} is not divisible by the patch size {patch_h}x{patch_w}: resize or crop "
+                "to a multiple of the patch size."
+            )
+
+    def grid_size_for(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """(rows, columns) of the patch grid for these pixel values."""
+        patch_h, patch_w = self.config.patch_size_hw
+        return pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
+
+    def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None) -> torch.Tensor:
+        self.check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        return self.pre_layernorm(hidden_states) if self.pre_layernorm is not None else hidden_states
+
+    def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """pooler_output from the normalised tokens (B, T, D) -> (B, D)."""
+        if self.config.pooling == "cls":
+            return last_hidden_state[:, 0]  # y = LN(z_L^0), Eq. 4
+        if self.config.pooling == "mean":
+            return last_hidden_state[:, self.num_prefix_tokens :].mean(dim=1)
+        return self.head(last_hidden_state)
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values: `(B, C, H, W)`; H and W equal `config.image_size` unless `interpolate_pos_encoding`.
+            interpolate_pos_encoding: resample the position embeddings to the input's grid (Sec. 3.2).
+        """
+        hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        last_hidden_state = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=self.pool(last_hidden_state)
+        )
+
+    def get_intermediate_layers(
+        self,
+        pixel_values: torch.Tensor,
+        layers: int | Sequence[int] = -2,
+        *,
+        interpolate_pos_encoding: bool | None = None,
+        apply_layernorm: bool = False,
+        drop_prefix_tokens: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Hidden states of the selected layers, running the blocks only up to the deepest one.
+
+        Args:
+            pixel_values: `(B, C, H, W)`.
+            layers: indices in the `hidden_states` convention (0 = embeddings, i = output of block i, -1 = last block,
+                -2 = penultimate, the usual VLM feature layer).
+            apply_layernorm: apply the final LayerNorm to each selected state (DINOv2's `norm=True`).
+            drop_prefix_tokens: return only the patch tokens `(B, N, D)` (no [CLS], no registers).
+
+        Returns:
+            One `(B, T, D)` (or `(B, N, D)`) tensor per requested index, in the order asked.
+        """
+        indices = [layers] if isinstance(layers, int) else list(layers)
+        num_states = self.config.num_hidden_layers + 1
+        if not indices or any(not -num_states <= i < num_states for i in indices):
+            raise ValueError(
+                f"layers={layers} is out of range: this model has {num_states} hidden states (indices "
+                f"{-num_states}..{num_states - 1}; 0 = embeddings, -1 = last block)."
+            )
+        resolved = [i % num_states for i in indices]
+        hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
+        states = {0: hidden_states}
+        for depth, layer in enumerate(self.layers[: max(resolved)], start=1):
+            hidden_states = layer(hidden_states)
+            states[depth] = hidden_states
+        outputs = []
+        for i in resolved:
+            state = self.layernorm(states[i]) if apply_layernorm else states[i]
+            outputs.append(state[:, self.num_prefix_tokens :] if drop_prefix_tokens else state)
+        return tuple(outputs)
+
+    def patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of a `(B, T, D)` sequence, without [CLS] and registers: `(B, N, D)`."""
+        return hidden_states[:, self.num_prefix_tokens :]
+
+
+class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
+    """ViT with a classification head on the pooled representation y.
+
+    `config.classifier_head="mlp"`: the pre-training head, one hidden layer (`representation_size`, tanh) then a
+    linear layer. `"linear"`: the fine-tuning head (Sec. 3.2), a single D x K layer. The final layer is
+    zero-initialised in both, as in the reference code, so a fresh head starts from uniform predictions.
+    """
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = VisionTransformerModel(config)
+        features = config.hidden_size
+        if config.classifier_head == "mlp":
+            features = config.representation_size or config.hidden_size
+            self.pre_logits = nn.Sequential(nn.Linear(config.hidden_size, features), nn.Tanh())
+        else:
+            self.pre_logits = None
+        self.classifier = nn.Linear(features, config.num_labels)
+        self.classifier._zero_init = True
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vit.get_input_embeddings()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        pooled = outputs.pooler_output
+        logits = self.classifier(self.pre_logits(pooled) if self.pre_logits is not None else pooled)
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "VisionTransformerForImageClassification",
+    "VisionTransformerModel",
+    "VisionTransformerPreTrainedModel",
+]

@@ -1,0 +1,91 @@
+"""Resampling learned 1-D position embeddings to another patch grid (ViT paper, Sec. 3.2).
+
+The paper fine-tunes at a higher resolution than it pre-trains: the patch size stays, so the sequence gets longer and
+the pre-trained position embeddings "may no longer be meaningful". It therefore performs "2D interpolation of the
+pre-trained position embeddings, according to their location in the original image". This module is that operation
+as a pure function, used at run time (`interpolate_pos_encoding=True`), when a checkpoint is loaded into a config of
+another image size, and by the converters.
+
+This file imports only torch: it is copied next to the model code into saved checkpoints (`trust_remote_code`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
+
+
+def infer_square_grid(num_patches: int) -> tuple[int, int]:
+    """The (side, side) grid of `num_patches` patches, or a ValueError when it is not a perfect square."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"Cannot infer the patch grid of {num_patches} position embeddings: it is not a perfect square. "
+            "Pass the source grid explicitly (old_grid=(grid_h, grid_w))."
+        )
+    return side, side
+
+
+def resample_position_embeddings(
+    position_embeddings: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    mode: str = "bicubic",
+    antialias: bool = False,
+) -> torch.Tensor:
+    """Resample the patch part of a position-embedding table to another grid; prefix rows are kept as they are.
+
+    The patch rows are laid out row-major on `old_grid`; they are reshaped to an image of D channels, interpolated to
+    `new_grid` in float32 (bicubic in half precision is visibly wrong) and flattened back. Rows for prefix tokens
+    ([CLS]) have no location, so they are copied untouched.
+
+    Args:
+        position_embeddings: `(1, P + H_old * W_old, D)` or `(P + H_old * W_old, D)` where P = `num_prefix_tokens`.
+        new_grid: `(H_new, W_new)` target grid in patches.
+        old_grid: `(H_old, W_old)` source grid; inferred as square when None.
+        num_prefix_tokens: leading rows that are not patches (1 for [CLS], 0 for models without it).
+        mode: `torch.nn.functional.interpolate` mode. "bicubic" (default) is what the reference implementations use.
+        antialias: anti-aliasing when down-sampling (bilinear/bicubic only). False matches transformers' and the
+            original ViT fine-tuning code; timm's `resample_abs_pos_embed` uses True.
+
+    Returns:
+        Same layout and dtype as the input, with `P + H_new * W_new` rows.
+    """
+    if mode not in INTERPOLATION_MODES:
+        raise ValueError(f"Unknown interpolation mode {mode!r}; use one of {INTERPOLATION_MODES}.")
+    if antialias and mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"antialias=True needs mode 'bilinear' or 'bicubic', got {mode!r}.")
+    squeeze = position_embeddings.dim() == 2
+    table = position_embeddings.unsqueeze(0) if squeeze else position_embeddings
+    if table.dim() != 3 or table.shape[0] != 1:
+        raise ValueError(
+            f"Expected position embeddings of shape (1, T, D) or (T, D), got {tuple(position_embeddings.shape)}."
+        )
+    if not 0 <= num_prefix_tokens <= table.shape[1]:
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens} is outside [0, {table.shape[1]}].")
+    num_patches = table.shape[1] - num_prefix_tokens
+    old_grid = tuple(old_grid) if old_grid is not None else infer_square_grid(num_patches)
+    new_grid = tuple(new_grid)
+    if old_grid[0] * old_grid[1] != num_patches:
+        raise ValueError(
+            f"old_grid={old_grid} holds {old_grid[0] * old_grid[1]} patches but the table has {num_patches} patch "
+            f"rows (after {num_prefix_tokens} prefix rows)."
+        )
+    if min(new_grid) <= 0:
+        raise ValueError(f"new_grid must be positive, got {new_grid}.")
+    if new_grid == old_grid:
+        return position_embeddings
+
+    dim = table.shape[-1]
+    prefix, patches = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
+    patches = patches.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H_old, W_old)
+    align = False if mode in ("bilinear", "bicubic") else None
+    patches = F.interpolate(patches, size=new_grid, mode=mode, align_corners=align, antialias=antialias)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)  # (1, H_new * W_new, D)
+    out = torch.cat([prefix, patches.to(table.dtype)], dim=1)
+    return out.squeeze(0) if squeeze else out
