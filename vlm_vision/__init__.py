@@ -4,17 +4,27 @@ Importing the package registers the encoder with transformers' Auto classes, so 
 `AutoModel.from_pretrained("./vit-b16")` works without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 from transformers.models.vit import ViTImageProcessorPil
 from transformers.utils import is_torchvision_available
 
+from .configuration_vlm import VisionLanguageConfig
 from .configuration_vlm_vit import PRESET_NAMES, PRESET_SIZES, VisionTransformerConfig
+from .modeling_vlm import VisionLanguageForConditionalGeneration
 from .modeling_vlm_vit import (
     VisionTransformerForImageClassification,
     VisionTransformerModel,
     VisionTransformerPreTrainedModel,
 )
 from .position_embeddings import resample_position_embeddings
+from .processing_vlm import VisionLanguageProcessor
 
 AutoConfig.register(VisionTransformerConfig.model_type, VisionTransformerConfig, exist_ok=True)
 AutoModel.register(VisionTransformerConfig, VisionTransformerModel, exist_ok=True)
@@ -29,6 +39,10 @@ if is_torchvision_available():
 
     _image_processors["torchvision"] = ViTImageProcessor
 AutoImageProcessor.register(VisionTransformerConfig, image_processor_classes=_image_processors, exist_ok=True)
+# The vision-language model loads after `import vlm_vision` (like LLaVA, it carries no remote code).
+AutoConfig.register(VisionLanguageConfig.model_type, VisionLanguageConfig, exist_ok=True)
+AutoModelForImageTextToText.register(VisionLanguageConfig, VisionLanguageForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(VisionLanguageConfig, VisionLanguageProcessor, exist_ok=True)
 # A saved folder carries `auto_map` and these classes' source files, for `trust_remote_code=True` users.
 VisionTransformerConfig.register_for_auto_class()
 VisionTransformerModel.register_for_auto_class("AutoModel")
@@ -39,6 +53,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESET_NAMES",
     "PRESET_SIZES",
+    "VisionLanguageConfig",
+    "VisionLanguageForConditionalGeneration",
+    "VisionLanguageProcessor",
     "VisionTransformerConfig",
     "VisionTransformerForImageClassification",
     "VisionTransformerModel",

@@ -1,0 +1,273 @@
+"""The vision-language model: vision tower -> projection adapter -> `<image>` positions of a causal LM.
+
+    pixel_values (I, C, H, W) --tower--> (I, T, D_v) --drop prefix--> (I, N, D_v) --adapter--> (I, N', D_lm)
+    input_ids (B, S) --embed--> (B, S, D_lm), the N' placeholders of each image replaced in order (masked_scatter)
+    --language model--> logits (B, S, V), loss on the supervised (answer/caption) tokens only
+
+Images are flattened over the batch in the order their `<image>` placeholders appear (as LLaVA does), so a sample may
+hold any number of images, and text-only samples can share a batch with image samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .adapters import build_adapter
+from .configuration_vlm import VisionLanguageConfig, vision_patch_size
+from .modeling_vlm_vit import VisionTransformerModel
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def num_image_tokens_for(config: VisionLanguageConfig, adapter: nn.Module | None = None) -> int:
+    """Placeholder tokens per image: the adapter's `num_output_tokens` for the tower's grid, plus the prefix tokens
+    when they are kept. The processor and the model both count through here."""
+    if adapter is None:
+        with torch.device("meta"):  # only the count is needed, not the weights
+            adapter = build_adapter(config.adapter_config)
+    tokens = adapter.num_output_tokens(*config.grid_size)
+    return tokens + (config.prefix_tokens if config.keep_prefix_tokens else 0)
+
+
+class VisionLanguagePreTrainedModel(PreTrainedModel):
+    config_class = VisionLanguageConfig
+    config: VisionLanguageConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # the tower and the LM are PreTrainedModels that initialise themselves; the adapter has its own rule
+        if module is getattr(self, "adapter", None):
+            module.reset_parameters()
+
+
+class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, GenerationMixin):
+    """Vision tower + adapter + causal LM, for captioning and VQA (training and `generate`).
+
+    Submodules: `vision_tower` (an `AutoModel`), `adapter` (`vlm_vision.adapters`), `language_model` (an
+    `AutoModelForCausalLM`, with its own head).
+    """
+
+    def __init__(self, config: VisionLanguageConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.adapter = build_adapter(config.adapter_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._no_split_modules = sorted(
+            set(self.vision_tower._no_split_modules or []) | set(self.language_model._no_split_modules or [])
+        )
+        if config.tie_word_embeddings:
+            self._tied_weights_keys = {
+                f"language_model.{k}": f"language_model.{v}"
+                for k, v in (self.language_model._tied_weights_keys or {}).items()
+            }
+        self.post_init()
+        if isinstance(self.vision_tower, VisionTransformerModel):
+            self.freeze_unused_vision_parameters()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image (see `num_image_tokens_for`)."""
+        return num_image_tokens_for(self.config, self.adapter)
+
+    @classmethod
+    def from_parts(
+        cls,
+        vision_tower: PreTrainedModel,
+        language_model: PreTrainedModel,
+        *,
+        image_token_id: int,
+        adapter_config: dict | None = None,
+        **config_kwargs,
+    ) -> VisionLanguageForConditionalGeneration:
+        """Assemble a VLM from a (pretrained) tower and causal LM, with a freshly initialised adapter.
+
+        The parts are used as they are (no copy); resize the LM's embeddings to the tokenizer first if `<image>` was
+        added to it.
+        """
+        config = cls.config_class(
+            vision_config=vision_tower.config,
+            text_config=language_model.config,
+            adapter_config=adapter_config,
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        with torch.device("meta"):  # the random parts are replaced below: don't spend time initialising them
+            model = cls(config)
+        model.vision_tower = vision_tower
+        model.language_model = language_model
+        model.adapter = build_adapter(config.adapter_config).to(next(language_model.parameters()).dtype)
+        model.freeze_unused_vision_parameters()
+        return model
+
+    def freeze_unused_vision_parameters(self) -> list[str]:
+        """Freeze the tower parameters that never reach the image features, and return their names.
+
+        VLMs read an intermediate layer, so the blocks after it, the final norm and any pooling head never get a
+        gradient; left trainable, they would make DDP wait for gradients that never come. Our tower's are known from
+        the config; for other towers, one blank image is run forward and backward to find them.
+        """
+        tower = self.vision_tower
+        if isinstance(tower, VisionTransformerModel):
+            deepest = max(i % (tower.config.num_hidden_layers + 1) for i in self.config.feature_layers)
+            unused = [tower.layers[deepest:], tower.layernorm, tower.head]
+            names = {id(p) for module in unused if module is not None for p in module.parameters()}
+        else:
+            config = self.config.vision_config
+            probe = torch.zeros(1, config.num_channels, *_image_size(config), device=self.device, dtype=self.dtype)
+            saved = {n: (p.requires_grad, p.grad) for n, p in tower.named_parameters()}
+            with torch.enable_grad():
+                for parameter in tower.parameters():
+                    parameter.requires_grad_(True)
+                    parameter.grad = None
+                self.vision_features(probe).sum().backward()
+            names = {id(p) for p in tower.parameters() if p.grad is None}
+            for name, parameter in tower.named_parameters():  # leave trainability and gradients as they were
+                parameter.requires_grad_(saved[name][0])
+                parameter.grad = saved[name][1]
+        frozen = [name for name, p in tower.named_parameters() if id(p) in names]
+        for parameter in tower.parameters():
+            if id(parameter) in names:
+                parameter.requires_grad_(False)
+        if frozen:
+            logger.info("froze %d vision-tower tensors the feature layers never use", len(frozen))
+        return frozen
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The selected tower layers, concatenated on channels: (I, C, H, W) -> (I, T, D_v * len(layers))."""
+        layers = self.config.feature_layers
+        if isinstance(self.vision_tower, VisionTransformerModel):
+            states = self.vision_tower.get_intermediate_layers(pixel_values, layers)  # stops at the deepest layer
+        else:
+            hidden_states = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            states = [hidden_states[i] for i in layers]
+        return torch.cat(states, dim=-1)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens in the LM's embedding space: (I, C, H, W) -> (I, num_image_tokens, D_lm)."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        features = self.vision_features(pixel_values.to(dtype))
+        prefix = self.config.prefix_tokens
+        patch_h, patch_w = vision_patch_size(self.config.vision_config)
+        grid = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
+        projected = self.adapter(features[:, prefix:].to(_dtype_of(self.adapter, features)), grid)
+        if self.config.keep_prefix_tokens and prefix:
+            projected = torch.cat([self.adapter(features[:, :prefix], (1, prefix)), projected], dim=1)
+        return projected
+
+    def check_image_placeholders(self, input_ids: torch.Tensor, num_images: int, tokens_per_image: int) -> None:
+        """Refuse a batch whose `<image>` placeholders don't match its images, naming the sample and both counts."""
+        per_sample = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        for index, count in enumerate(per_sample):
+            if count % tokens_per_image:
+                raise ValueError(
+                    f"Sample {index} has {count} <image> placeholder tokens, which is not a multiple of the "
+                    f"{tokens_per_image} tokens each image takes: its image span was cut (truncation?) or built for "
+                    "another adapter. Build inputs with the VisionLanguageProcessor saved with this model."
+                )
+        if sum(per_sample) != num_images * tokens_per_image:
+            counts = ", ".join(f"sample {i}: {c // tokens_per_image}" for i, c in enumerate(per_sample))
+            raise ValueError(
+                f"The batch has placeholders for {sum(per_sample) // tokens_per_image} images ({counts}) but "
+                f"pixel_values holds {num_images} images ({num_images * tokens_per_image} image features). Pass one "
+                "image per <image> tag, in order."
+            )
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The LM's input embeddings with every image's features scattered into its placeholder positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values needs input_ids, to find the <image> placeholder positions.")
+            if pixel_values.dim() != 4:
+                raise ValueError(
+                    f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}: "
+                    "images of all samples are concatenated along the first axis."
+                )
+            tokens_per_image = self.num_image_tokens
+            self.check_image_placeholders(input_ids, pixel_values.shape[0], tokens_per_image)
+            if pixel_values.shape[0]:
+                image_features = self.get_image_features(pixel_values)
+                mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+                inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+        elif self.training and torch.is_grad_enabled():
+            # A batch without images still runs the tower (on one blank image, contributing zero): under DDP every
+            # rank must produce gradients for the same parameters, or the all-reduce waits forever.
+            config = self.config.vision_config
+            height, width = _image_size(config)
+            blank = inputs_embeds.new_zeros(1, config.num_channels, height, width)
+            inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum()
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: `(B, S)` with `num_image_tokens` `<image>` placeholders per image (the processor inserts them).
+            pixel_values: `(I, C, H, W)`, the images of all samples in placeholder order; None for text only.
+            attention_mask: `(B, S)`.
+            labels: `(B, S)`, -100 where no loss is taken (prompt, image tokens, padding); shifted inside the LM.
+            kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
+        """
+        has_cache = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+        no_images = pixel_values is None and input_ids is not None and not has_cache
+        if no_images and (input_ids == self.config.image_token_id).any():
+            raise ValueError("input_ids contain <image> placeholders but no pixel_values were given: pass the images.")
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds)
+        if labels is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+            if not (labels[:, 1:] != IGNORE_INDEX).any():
+                logger.warning(
+                    "This batch has no supervised token (all labels are -100): its loss is undefined. Check the "
+                    "label masking (answers truncated away?)."
+                )
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def _image_size(vision_config) -> tuple[int, int]:
+    size = vision_config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _dtype_of(module: nn.Module, fallback: torch.Tensor) -> torch.dtype:
+    parameter = next(module.parameters(), None)
+    return parameter.dtype if parameter is not None else fallback.dtype
+
+
+__all__ = ["VisionLanguageForConditionalGeneration", "VisionLanguagePreTrainedModel"]

@@ -1,0 +1,55 @@
+"""A sentencepiece tokenizer trained on the data's own text, loaded through transformers' Llama tokenizer class.
+
+The tiny default language model has no pretrained tokenizer: training one on the training text (seconds) gives a
+real subword tokenizer with a small vocabulary, saved with the checkpoint like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+
+import sentencepiece as spm
+from transformers import LlamaTokenizer
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+
+
+def train_sentencepiece_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, model_type: str = "bpe", seed_sentencepiece_size: int = 100_000
+) -> LlamaTokenizer:
+    """Train a sentencepiece model on `texts` and load it as a `LlamaTokenizer` (fast, tokenizers backend).
+
+    Ids 0-3 are <unk>, <s>, </s>, <pad>; byte fallback keeps any character encodable. `vocab_size` is a soft limit
+    (sentencepiece lowers it when the text is too small).
+    """
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_sentencepiece_tokenizer needs at least one non-empty text.")
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "spm")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            byte_fallback=True,
+            hard_vocab_limit=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            minloglevel=2,
+        )
+        folder = os.path.join(tmp, "tokenizer")
+        os.makedirs(folder)
+        os.replace(prefix + ".model", os.path.join(folder, "tokenizer.model"))
+        tokenizer = LlamaTokenizer.from_pretrained(folder, pad_token=SPECIAL_TOKENS["pad"], add_bos_token=False)
+    logger.info("trained a sentencepiece tokenizer: %d tokens on %d texts", len(tokenizer), len(texts))
+    return tokenizer
