@@ -40,6 +40,8 @@ PRESET_NAMES = ("vit-ti16", "vit-s16", "vit-b16", "vit-b32", "vit-l16", "vit-l32
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_pytorch_tanh", "gelu_new")
 POOLING_TYPES = ("cls", "mean", "map")
+FINAL_NORMS = ("all", "pooled")
+POOLER_ACTIVATIONS = ("tanh", *ACTIVATIONS)
 CLASSIFIER_HEADS = ("linear", "mlp")
 
 
@@ -78,6 +80,14 @@ class VisionTransformerConfig(PretrainedConfig):
             to this value (CaiT / DINOv2 LayerScale).
         pooling: what `pooler_output` is: `"cls"` = LN(z_L^0) (Eq. 4), `"mean"` = mean of the normalised patch
             tokens, `"map"` = a multi-head attention-pooling head with a learned probe (SigLIP, big_vision "map").
+        final_norm: where the final LayerNorm goes: `"all"` (the paper, DINOv2, SigLIP) normalises every token, so
+            `last_hidden_state` is LN(z_L); `"pooled"` (CLIP's `post_layernorm`, timm's `fc_norm`) normalises only the
+            pooled vector, so `last_hidden_state` is the raw last block output z_L and `pooler_output` is
+            LN(z_L^0) (`cls`) or LN(mean of the patch tokens) (`mean`). Not with `pooling="map"`.
+        pooler_act: when set (e.g. `"tanh"`), `pooler_output` goes through one more D x D dense layer and this
+            activation: transformers' `ViTModel` pooler, which holds the pre-logits layer of the ImageNet-21k
+            checkpoints. None (default): no such layer.
+        patch_embedding_bias: bias in the patch projection E (CLIP's has none).
         classifier_head: for image classification: `"mlp"` is the pre-training head (hidden layer of
             `representation_size` with tanh, then linear), `"linear"` the fine-tuning head (one zero-initialised
             D x K layer).
@@ -108,6 +118,9 @@ class VisionTransformerConfig(PretrainedConfig):
     pre_norm: bool = False
     layer_scale_init_value: float | None = None
     pooling: str = "cls"
+    final_norm: str = "all"
+    pooler_act: str | None = None
+    patch_embedding_bias: bool = True
     classifier_head: str = "linear"
     representation_size: int | None = None
     backbone_config: dict | None = None
@@ -138,6 +151,17 @@ class VisionTransformerConfig(PretrainedConfig):
             raise ValueError(f"pooling={self.pooling!r} is not supported; use one of {POOLING_TYPES}.")
         if self.pooling == "cls" and not self.use_class_token:
             raise ValueError('pooling="cls" needs use_class_token=True; use pooling="mean" or "map" without it.')
+        if self.final_norm not in FINAL_NORMS:
+            raise ValueError(f"final_norm={self.final_norm!r} is not supported; use one of {FINAL_NORMS}.")
+        if self.final_norm == "pooled" and self.pooling == "map":
+            raise ValueError(
+                'final_norm="pooled" normalises the pooled vector of pooling="cls" or "mean"; the attention-pooling '
+                'head ("map") reads normalised tokens: use final_norm="all" with it.'
+            )
+        if self.pooler_act is not None and self.pooler_act not in POOLER_ACTIVATIONS:
+            raise ValueError(
+                f"pooler_act={self.pooler_act!r} is not supported; use None or one of {POOLER_ACTIVATIONS}."
+            )
         if self.classifier_head not in CLASSIFIER_HEADS:
             raise ValueError(f"classifier_head={self.classifier_head!r} is not supported; use {CLASSIFIER_HEADS}.")
         if self.representation_size is not None and self.representation_size <= 0:

@@ -133,7 +133,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         tower = self.vision_tower
         if isinstance(tower, VisionTransformerModel):
             deepest = max(i % (tower.config.num_hidden_layers + 1) for i in self.config.feature_layers)
-            unused = [tower.layers[deepest:], tower.layernorm, tower.head]
+            unused = [tower.layers[deepest:], tower.layernorm, tower.head, tower.pooler]
             names = {id(p) for module in unused if module is not None for p in module.parameters()}
         else:
             config = self.config.vision_config

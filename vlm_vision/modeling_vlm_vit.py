@@ -14,7 +14,9 @@ Deviations and additions, all off by default unless stated:
 - Other resolutions (Sec. 3.2): the position embeddings are 2-D interpolated (`interpolate_pos_encoding=True` at run
   time; automatically when loading a checkpoint into a config of another image size).
 - Switches for other towers: no class token, register tokens (no position embedding), a pre-encoder LayerNorm,
-  LayerScale, the activation, and the pooling (`cls`, `mean`, attention pooling `map`).
+  LayerScale, the activation, the pooling (`cls`, `mean`, attention pooling `map`), the final LayerNorm on the pooled
+  vector only (`final_norm="pooled"`: CLIP, timm's `fc_norm`), a dense pooler (`pooler_act`: transformers' ViTModel
+  pooler) and a patch projection without bias (CLIP). The package's `conversion` module maps checkpoints onto them.
 - MSA runs through transformers' attention interface (sdpa by default; eager when attention weights are asked for).
 
 Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid.
@@ -72,7 +74,9 @@ class VisionTransformerPatchEmbeddings(nn.Module):
         else:
             self.backbone = None
             in_channels, kernel = config.num_channels, self.patch_size
-        self.projection = nn.Conv2d(in_channels, config.hidden_size, kernel_size=kernel, stride=kernel)
+        self.projection = nn.Conv2d(
+            in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=config.patch_embedding_bias
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.backbone(pixel_values).feature_maps[-1] if self.backbone is not None else pixel_values
@@ -234,6 +238,19 @@ class VisionTransformerAttentionPoolingHead(nn.Module):
         return pooled[:, 0]
 
 
+class VisionTransformerPooler(nn.Module):
+    """A dense layer and an activation on the pooled vector (`config.pooler_act`): transformers' ViTModel pooler, where
+    the ImageNet-21k checkpoints keep their pre-logits layer."""
+
+    def __init__(self, config: VisionTransformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.pooler_act]
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(pooled))
+
+
 class VisionTransformerPreTrainedModel(PreTrainedModel):
     config_class = VisionTransformerConfig
     config: VisionTransformerConfig
@@ -378,8 +395,10 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
     """The ViT encoder: per-patch tokens and the pooled ([CLS]) representation.
 
     Outputs (`BaseModelOutputWithPooling`):
-        last_hidden_state: `(B, num_prefix_tokens + N, D)`, after the final LayerNorm.
-        pooler_output: `(B, D)`: LN(z_L^0) for `pooling="cls"` (Eq. 4), else the mean or attention pool.
+        last_hidden_state: `(B, num_prefix_tokens + N, D)`, after the final LayerNorm (before it with
+            `final_norm="pooled"`, as CLIP's `last_hidden_state`).
+        pooler_output: `(B, D)`: LN(z_L^0) for `pooling="cls"` (Eq. 4), else the mean or attention pool; then the
+            dense pooler when `pooler_act` is set.
         hidden_states (with `output_hidden_states=True`): L + 1 tensors `(B, T, D)` in transformers' convention:
             index 0 is the input of the first block (embeddings, after `pre_norm` if any), index i the output of
             block i, index -1 the last block's output *before* the final LayerNorm, and -2 the penultimate block's
@@ -397,6 +416,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         self.layers = nn.ModuleList([VisionTransformerLayer(config) for _ in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = VisionTransformerAttentionPoolingHead(config) if config.pooling == "map" else None
+        self.pooler = VisionTransformerPooler(config) if config.pooler_act is not None else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -440,12 +460,19 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         return self.pre_layernorm(hidden_states) if self.pre_layernorm is not None else hidden_states
 
     def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """pooler_output from the normalised tokens (B, T, D) -> (B, D)."""
+        """pooler_output from `last_hidden_state` (B, T, D) -> (B, D).
+
+        With `final_norm="all"` the tokens are already normalised; with `"pooled"` the final LayerNorm is applied to
+        the pooled vector here (CLIP: LN(z_L^0); timm `fc_norm`: LN(mean of the patch tokens))."""
         if self.config.pooling == "cls":
-            return last_hidden_state[:, 0]  # y = LN(z_L^0), Eq. 4
-        if self.config.pooling == "mean":
-            return last_hidden_state[:, self.num_prefix_tokens :].mean(dim=1)
-        return self.head(last_hidden_state)
+            pooled = last_hidden_state[:, 0]  # y = LN(z_L^0), Eq. 4
+        elif self.config.pooling == "mean":
+            pooled = last_hidden_state[:, self.num_prefix_tokens :].mean(dim=1)
+        else:
+            pooled = self.head(last_hidden_state)
+        if self.config.final_norm == "pooled":
+            pooled = self.layernorm(pooled)
+        return self.pooler(pooled) if self.pooler is not None else pooled
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -462,7 +489,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)
-        last_hidden_state = self.layernorm(hidden_states)
+        last_hidden_state = self.layernorm(hidden_states) if self.config.final_norm == "all" else hidden_states
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state, pooler_output=self.pool(last_hidden_state)
         )

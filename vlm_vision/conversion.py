@@ -1,0 +1,978 @@
+"""Convert the vision towers people already have into `VisionTransformerModel` checkpoints, with exact parity.
+
+One loader per source layout; each is a key map (data) plus the few tensor transforms it needs:
+
+    hf      transformers ViTModel / ViTForImageClassification, v5 names (`layers.N.attention.q_proj`) and the v4-era
+            names on disk (`encoder.layer.N.attention.attention.query`, `intermediate.dense`, ...)
+    clip    transformers CLIPVisionModel, or the vision tower of a CLIPModel folder
+    siglip  transformers SiglipVisionModel, or the vision tower of a SiglipModel folder (no [CLS]; MAP head)
+    dinov2  transformers Dinov2Model and Dinov2WithRegistersModel (LayerScale, register tokens)
+    timm    timm VisionTransformer state dicts (fused qkv split into q/k/v)
+    npz     the original JAX checkpoints: google-research/vision_transformer and big_vision layouts
+
+Strict, like nanoGPT's loader: every source key is used (or explicitly declared as not part of the vision tower),
+every parameter of the target model is filled, shapes agree; otherwise a ValueError lists the leftovers.
+Safe with untrusted files: safetensors first, PyTorch files with `torch.load(weights_only=True)`, `.npz` with
+`allow_pickle=False`. Nothing is downloaded: the source is a local folder or file. What is written is safetensors.
+
+Prefix tokens: a converted tower keeps its own layout, so `config.num_prefix_tokens` is 1 for ViT/CLIP/DINOv2
+([CLS]), 1 + R with R registers, and 0 for SigLIP (no [CLS]: a VLM keeps all its tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PILImageResampling,
+)
+
+from .configuration_vlm_vit import VisionTransformerConfig
+from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from .position_embeddings import infer_square_grid, resample_position_embeddings
+
+logger = logging.getLogger(__name__)
+
+SOURCE_FORMATS = ("hf", "clip", "siglip", "dinov2", "timm", "npz")
+
+# A rule maps a source key (regex, full match) to one target key (template with \1 ...) or several (a tuple, when
+# the transform splits the tensor, e.g. a fused qkv). Keys are relative to the encoder (`VisionTransformerModel`);
+# a classifier's keys get the `vit.` prefix later.
+Rule = tuple[str, "str | tuple[str, ...]", "Callable[[torch.Tensor], object] | None"]
+
+# Preprocessing of each source when its folder has no preprocessor_config.json: (mean, std, resampling).
+DEFAULT_PREPROCESSING = {
+    "hf": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BILINEAR),
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling.BICUBIC),
+    "siglip": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BILINEAR),
+    "dinov2": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling.BICUBIC),
+    # timm's vision_transformer `_cfg`: the Inception mean/std (0.5), bicubic
+    "timm": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BICUBIC),
+    # the reference input pipeline: bilinear resize, x / 127.5 - 1
+    "npz": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BILINEAR),
+}
+
+# How each source resamples position embeddings to another grid (run time and `image_size=`): (mode, antialias).
+# transformers' ViT/CLIP/SigLIP/DINOv2 interpolate bicubic without antialias; timm's `resample_abs_pos_embed` uses
+# bicubic with antialias; big_vision's `resample_posemb` uses `jax.image.resize(..., "bilinear")`, which antialiases
+# when down-sampling. (The original DINOv2 repository interpolates with a +0.1 offset in the scale factor; at the
+# native size nothing is interpolated, so parity is exact there, and at other sizes we follow transformers' DINOv2.)
+INTERPOLATION = {
+    "hf": ("bicubic", False),
+    "clip": ("bicubic", False),
+    "siglip": ("bicubic", False),
+    "dinov2": ("bicubic", False),
+    "timm": ("bicubic", True),
+    "npz": ("bilinear", True),
+}
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """The result of a conversion: the loaded model, its preprocessing and what to say about the source."""
+
+    model: VisionTransformerModel | VisionTransformerForImageClassification
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    resample: PILImageResampling
+    source_format: str
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading files safely
+
+
+def _find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: safetensors (possibly sharded) first, then PyTorch files, then .npz."""
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
+        indices = sorted(folder.glob(pattern))
+        if indices:
+            shards = json.loads(indices[0].read_text())["weight_map"].values()
+            return [folder / name for name in sorted(set(shards))]
+    for name in ("model.safetensors", "pytorch_model.bin"):  # the standard names win over any other file
+        if (folder / name).is_file():
+            return [folder / name]
+    for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt", "*.npz"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            if len(files) > 1:
+                raise ValueError(
+                    f"{folder} holds several weight files {[f.name for f in files]} and no index: pass the file to "
+                    "convert instead of the folder."
+                )
+            return files
+    raise FileNotFoundError(
+        f"No weights in {folder}: expected model.safetensors (or a sharded index), pytorch_model.bin, *.pth or *.npz."
+    )
+
+
+def _unwrap_torch_checkpoint(obj, path: Path) -> dict[str, torch.Tensor]:
+    # training checkpoints nest the weights: {"model": ...} (DeiT, timm train scripts) or {"state_dict": ...}
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = [k for k in ("model", "state_dict", "module") if isinstance(obj.get(k), dict)]
+        if not inner:
+            break
+        obj = obj[inner[0]]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = type(obj).__name__ if not isinstance(obj, dict) else sorted(obj)[:10]
+        raise ValueError(f"{path} is not a state dict of tensors (found {found}).")
+    return obj
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the tensors of a weight file or folder without executing anything from it.
+
+    safetensors are read directly, PyTorch pickles with `weights_only=True` (plain tensors and containers only), and
+    `.npz` archives with `allow_pickle=False`; keys of an `.npz` keep their `/`-separated JAX names.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: pass a local checkpoint folder or file (nothing is downloaded)."
+        )
+    files = _find_weight_files(path) if path.is_dir() else [path]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        suffix = file.name.rsplit(".", 1)[-1]
+        if suffix == "safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(file)))
+        elif suffix in ("bin", "pt", "pth"):
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise ValueError(
+                    f"Refusing to load {file}: it pickles objects other than tensors, and unpickling them could run "
+                    f"arbitrary code ({str(error).splitlines()[0]}). Re-save its state dict with safetensors."
+                ) from error
+            state.update(_unwrap_torch_checkpoint(obj, file))
+        elif suffix == "npz":
+            try:
+                with np.load(file, allow_pickle=False) as archive:
+                    state.update({k: torch.from_numpy(np.array(archive[k])) for k in archive.files})
+            except ValueError as error:
+                raise ValueError(
+                    f"Refusing to load {file} ({error}): pickled objects are not loaded (allow_pickle=False); a JAX "
+                    "checkpoint holds only arrays."
+                ) from error
+        else:
+            raise ValueError(f"Unknown weight file type {file.name}: use .safetensors, .bin/.pt/.pth or .npz.")
+    return state
+
+
+def _read_json(folder: Path, name: str) -> dict | None:
+    file = folder / name
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The strict key-mapping engine
+
+
+def map_keys(source: dict[str, torch.Tensor], rules: list[Rule], ignore: dict[str, str] | None = None):
+    """Apply `rules` to every source key. Returns (target state dict, source keys no rule matched).
+
+    `ignore` maps a regex to the reason the matching keys are not part of the vision tower (e.g. a text tower);
+    they are dropped and logged, never silently.
+    """
+    target: dict[str, torch.Tensor] = {}
+    unused, ignored = [], {}
+    for key, value in source.items():
+        reason = next((why for pattern, why in (ignore or {}).items() if re.fullmatch(pattern, key)), None)
+        if reason is not None:
+            ignored.setdefault(reason, []).append(key)
+            continue
+        for pattern, template, transform in rules:
+            match = re.fullmatch(pattern, key)
+            if match is None:
+                continue
+            out = transform(value) if transform is not None else value
+            names, values = (template, out) if isinstance(template, tuple) else ((template,), (out,))
+            for name, tensor in zip(names, values, strict=True):
+                name = match.expand(name)
+                if name in target:
+                    raise ValueError(f"Two source keys map to {name} (the second is {key}): ambiguous checkpoint.")
+                target[name] = tensor
+            break
+        else:
+            unused.append(key)
+    for reason, keys in ignored.items():
+        logger.info("Not converted (%s): %d keys, e.g. %s", reason, len(keys), keys[0])
+    return target, unused
+
+
+def load_strictly(model: torch.nn.Module, target: dict[str, torch.Tensor], unused: list[str], source: str) -> None:
+    """Load `target` into `model` if it fills every parameter with the right shape and no source key is left over."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(target))
+    unexpected = sorted(set(target) - set(expected))
+    mismatched = sorted(
+        f"{k}: source {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in target.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if unused:
+        problems.append(f"source keys no rule uses ({len(unused)}): {sorted(unused)}")
+    if unexpected:
+        problems.append(f"converted keys the model does not have ({len(unexpected)}): {unexpected}")
+    if missing:
+        problems.append(f"model keys the source does not fill ({len(missing)}): {missing}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    if problems:
+        raise ValueError(
+            f"Cannot convert {source} exactly:\n  " + "\n  ".join(problems) + "\nCheck that --from names the right "
+            "source layout and that the folder's config.json belongs to these weights."
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype).contiguous() for k, v in target.items()}, strict=True)
+
+
+def _block_rules(block: str, leaves: dict[str, str], params: str = r"(weight|bias)") -> list[Rule]:
+    """Rules for the per-block leaves: `block` is a regex with one group for the block index."""
+    return [(block + re.escape(src) + r"\." + params, rf"layers.\1.{dst}.\2", None) for src, dst in leaves.items()]
+
+
+def _as_token(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, 1, -1)  # (D,) -> (1, 1, D)
+
+
+def _as_table(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0)  # nn.Embedding (T, D) -> (1, T, D)
+
+
+@dataclass
+class _Plan:
+    """What a loader decided: config fields, key rules, keys declared as not part of the tower, notes, the source."""
+
+    fields: dict
+    rules: list[Rule]
+    ignore: dict[str, str]
+    notes: list[str]
+    source: dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers sources: hf (ViT), clip, siglip, dinov2
+
+
+def _detect(source: dict[str, torch.Tensor], layouts: dict[str, str], source_format: str) -> str:
+    """The name of the first layout whose marker regex matches a key, or a ValueError saying what was found."""
+    for name, marker in layouts.items():
+        if any(re.fullmatch(marker, k) for k in source):
+            return name
+    sample = sorted(source)[:8]
+    raise ValueError(
+        f"The weights do not look like a --from {source_format} checkpoint (layouts tried: {sorted(layouts)}). "
+        f"Found keys such as {sample}. Pick the --from that matches the source ({', '.join(SOURCE_FORMATS)})."
+    )
+
+
+def _transformers_vision_config(folder: Path | None, config_class, composite_class, source_format: str):
+    """The source's transformers config (the vision part of a composite CLIP/SigLIP config)."""
+    raw = _read_json(folder, "config.json") if folder is not None else None
+    if raw is None:
+        raise FileNotFoundError(
+            f"--from {source_format} needs the source folder's config.json (hyper-parameters such as the number of "
+            "heads, eps and the activation are not in the weights). Pass the folder, not the weight file."
+        )
+    if "vision_config" in raw and composite_class is not None:
+        return composite_class.from_dict(raw).vision_config
+    return config_class.from_dict(raw)
+
+
+def _common_fields(cfg) -> dict:
+    return {
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.num_channels,
+    }
+
+
+# v4-era (and on-disk v5) names of ViT blocks, and the v5 in-memory names, which are ours.
+HF_VIT_V4_LEAVES = {
+    "layernorm_before": "layernorm_before",
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+    "layernorm_after": "layernorm_after",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+HF_VIT_V5_LEAVES = {name: name for name in HF_VIT_V4_LEAVES.values()}
+HF_VIT_STEM = [
+    (r"(?:vit\.)?embeddings\.(cls_token|position_embeddings)", r"embeddings.\1", None),
+    (
+        r"(?:vit\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)",
+        r"embeddings.patch_embeddings.projection.\1",
+        None,
+    ),
+    (r"(?:vit\.)?layernorm\.(weight|bias)", r"layernorm.\1", None),
+    (r"(?:vit\.)?pooler\.dense\.(weight|bias)", r"pooler.dense.\1", None),
+    (r"classifier\.(weight|bias)", r"classifier.\1", None),
+]
+HF_VIT_LAYOUTS = {
+    "v4": r"(?:vit\.)?encoder\.layer\.\d+\.attention\.attention\.query\.weight",
+    "v5": r"(?:vit\.)?layers\.\d+\.attention\.q_proj\.weight",
+}
+# ViTForMaskedImageModeling's [MASK] embedding: an input for masked pre-training, not used on images.
+MASK_TOKEN = {r"(?:vit\.)?embeddings\.mask_token": "masked-image-modelling [MASK] token, unused on real images"}
+
+
+def _convert_hf(source, folder, overrides):
+    from transformers import ViTConfig
+
+    cfg = _transformers_vision_config(folder, ViTConfig, None, "hf")
+    layout = _detect(source, HF_VIT_LAYOUTS, "hf")
+    block = r"(?:vit\.)?encoder\.layer\.(\d+)\." if layout == "v4" else r"(?:vit\.)?layers\.(\d+)\."
+    rules = HF_VIT_STEM + _block_rules(block, HF_VIT_V4_LEAVES if layout == "v4" else HF_VIT_V5_LEAVES)
+    fields = {**_common_fields(cfg), "qkv_bias": cfg.qkv_bias}
+    if any(k.endswith("pooler.dense.weight") for k in source):
+        if getattr(cfg, "pooler_output_size", cfg.hidden_size) != cfg.hidden_size:
+            raise ValueError(
+                f"The source pooler projects to pooler_output_size={cfg.pooler_output_size} != hidden_size="
+                f"{cfg.hidden_size}; only a D x D pooler converts exactly."
+            )
+        fields["pooler_act"] = getattr(cfg, "pooler_act", "tanh")
+    if "classifier.weight" in source:
+        fields.update(num_labels=source["classifier.weight"].shape[0], id2label=cfg.id2label)
+    return _Plan(fields, rules, MASK_TOKEN, [f"transformers ViT checkpoint ({layout} parameter names)."], source)
+
+
+CLIP_LEAVES = {
+    "layer_norm1": "layernorm_before",
+    "self_attn.q_proj": "attention.q_proj",
+    "self_attn.k_proj": "attention.k_proj",
+    "self_attn.v_proj": "attention.v_proj",
+    "self_attn.out_proj": "attention.o_proj",
+    "layer_norm2": "layernorm_after",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_VM = r"(?:vision_model\.)?"
+CLIP_RULES = [
+    (_VM + r"embeddings\.class_embedding", "embeddings.cls_token", _as_token),
+    (_VM + r"embeddings\.position_embedding\.weight", "embeddings.position_embeddings", _as_table),
+    (_VM + r"embeddings\.patch_embedding\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1", None),
+    (_VM + r"pre_layrnorm\.(weight|bias)", r"pre_layernorm.\1", None),
+    (_VM + r"post_layernorm\.(weight|bias)", r"layernorm.\1", None),
+    # SigLIP's attention-pooling head has our head's names already
+    (_VM + r"head\.(probe|attention\.in_proj_(?:weight|bias))", r"head.\1", None),
+    (_VM + r"head\.(attention\.out_proj|layernorm|mlp\.fc1|mlp\.fc2)\.(weight|bias)", r"head.\1.\2", None),
+    *_block_rules(_VM + r"encoder\.layers\.(\d+)\.", CLIP_LEAVES),
+]
+# A full CLIPModel / SiglipModel folder also holds the text tower and the contrastive projections.
+NOT_THE_VISION_TOWER = {
+    r"text_model\..*": "text tower",
+    r"(visual_projection|text_projection)\.weight": "contrastive projection (not part of the vision tower)",
+    r"logit_(scale|bias)": "contrastive temperature / bias",
+    # checkpoints written before transformers 4.31 saved this arange buffer
+    _VM + r"embeddings\.position_ids": "position-index buffer (an arange), not a weight",
+}
+CLIP_LAYOUTS = {"clip": _VM + r"encoder\.layers\.\d+\.self_attn\.q_proj\.weight"}
+
+
+def _convert_clip(source, folder, overrides):
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    cfg = _transformers_vision_config(folder, CLIPVisionConfig, CLIPConfig, "clip")
+    _detect(source, {**CLIP_LAYOUTS, "clip [CLS]": _VM + r"embeddings\.class_embedding"}, "clip")
+    if not any(k.endswith("embeddings.class_embedding") for k in source):
+        raise ValueError("These weights have no class_embedding: a SigLIP tower? Use --from siglip.")
+    # CLIP: pre-LN on the embeddings; `post_layernorm` only on the pooled [CLS], last_hidden_state is un-normalised;
+    # the patch projection has no bias.
+    fields = {
+        **_common_fields(cfg),
+        "pre_norm": True,
+        "final_norm": "pooled",
+        "patch_embedding_bias": False,
+    }
+    return _Plan(
+        fields, CLIP_RULES, NOT_THE_VISION_TOWER, ["CLIP vision tower (transformers CLIPVisionModel)."], source
+    )
+
+
+def _convert_siglip(source, folder, overrides):
+    from transformers import SiglipConfig, SiglipVisionConfig
+
+    cfg = _transformers_vision_config(folder, SiglipVisionConfig, SiglipConfig, "siglip")
+    _detect(source, CLIP_LAYOUTS, "siglip")
+    if any(k.endswith("embeddings.class_embedding") for k in source):
+        raise ValueError("These weights have a class_embedding: a CLIP tower? Use --from clip.")
+    has_head = any(k.endswith("head.probe") for k in source)
+    # SigLIP: no [CLS] (num_prefix_tokens = 0: a VLM keeps every token), post_layernorm on every token, then the
+    # attention-pooling head. Without the head (vision_use_head=False) pooler_output is the mean of the tokens,
+    # which has no weights and which the source does not define.
+    fields = {**_common_fields(cfg), "use_class_token": False, "pooling": "map" if has_head else "mean"}
+    notes = ["SigLIP vision tower (transformers SiglipVisionModel); no [CLS] token."]
+    return _Plan(fields, CLIP_RULES, NOT_THE_VISION_TOWER, notes, source)
+
+
+DINOV2_LEAVES = {
+    "norm1": "layernorm_before",
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+    "attention.q_proj": "attention.q_proj",
+    "attention.k_proj": "attention.k_proj",
+    "attention.v_proj": "attention.v_proj",
+    "attention.o_proj": "attention.o_proj",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+DINOV2_RULES = [
+    (r"embeddings\.(cls_token|position_embeddings|register_tokens)", r"embeddings.\1", None),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1", None),
+    (r"layernorm\.(weight|bias)", r"layernorm.\1", None),
+    *_block_rules(r"encoder\.layer\.(\d+)\.", DINOV2_LEAVES),
+    *_block_rules(
+        r"encoder\.layer\.(\d+)\.", {"layer_scale1": "layer_scale1", "layer_scale2": "layer_scale2"}, r"(lambda1)"
+    ),
+]
+DINOV2_LAYOUTS = {"dinov2": r"encoder\.layer\.\d+\.norm1\.weight"}
+
+
+def _convert_dinov2(source, folder, overrides):
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig
+
+    raw = _read_json(folder, "config.json") if folder is not None else None
+    registers = raw is not None and raw.get("model_type") == "dinov2_with_registers"
+    cfg = _transformers_vision_config(folder, Dinov2WithRegistersConfig if registers else Dinov2Config, None, "dinov2")
+    _detect(source, DINOV2_LAYOUTS, "dinov2")
+    if getattr(cfg, "use_swiglu_ffn", False):
+        raise ValueError("use_swiglu_ffn=True (DINOv2 giant) has a SwiGLU MLP, which this model does not implement.")
+    fields = {
+        **_common_fields(cfg),
+        "qkv_bias": cfg.qkv_bias,
+        # transformers' DINOv2 sizes its MLP by mlp_ratio and ignores intermediate_size
+        "intermediate_size": int(cfg.hidden_size * cfg.mlp_ratio),
+        "layer_scale_init_value": float(cfg.layerscale_value),
+        "num_register_tokens": getattr(cfg, "num_register_tokens", 0),
+    }
+    variant = "WithRegisters" if registers else ""
+    notes = [f"DINOv2{' with registers' if registers else ''} (transformers Dinov2{variant}Model)."]
+    return _Plan(fields, DINOV2_RULES, MASK_TOKEN, notes, source)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# timm VisionTransformer state dicts
+
+TIMM_LEAVES = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.o_proj",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+TIMM_RULES = [
+    (r"cls_token", "embeddings.cls_token", None),
+    (r"reg_token", "embeddings.register_tokens", None),
+    (r"pos_embed", "embeddings.position_embeddings", None),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1", None),
+    (r"norm_pre\.(weight|bias)", r"pre_layernorm.\1", None),
+    # timm has one of `norm` (every token) and `fc_norm` (the pooled vector, final_norm="pooled")
+    (r"(?:norm|fc_norm)\.(weight|bias)", r"layernorm.\1", None),
+    # the fused projection holds [q; k; v] along the output dimension
+    (
+        r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)",
+        (r"layers.\1.attention.q_proj.\2", r"layers.\1.attention.k_proj.\2", r"layers.\1.attention.v_proj.\2"),
+        lambda t: t.chunk(3, dim=0),
+    ),
+    (r"blocks\.(\d+)\.ls([12])\.gamma", r"layers.\1.layer_scale\2.lambda1", None),
+    *_block_rules(r"blocks\.(\d+)\.", TIMM_LEAVES),
+    # AttentionPoolLatent ("map"): its q and kv projections are fused into in_proj_* beforehand (_fold_timm)
+    (r"attn_pool\.latent", "head.probe", None),
+    (r"attn_pool\.(in_proj_weight|in_proj_bias)", r"head.attention.\1", None),
+    (r"attn_pool\.proj\.(weight|bias)", r"head.attention.out_proj.\1", None),
+    (r"attn_pool\.norm\.(weight|bias)", r"head.layernorm.\1", None),
+    (r"attn_pool\.mlp\.(fc1|fc2)\.(weight|bias)", r"head.mlp.\1.\2", None),
+    (r"head\.(weight|bias)", r"classifier.\1", None),
+]
+# timm model names decode to a width; the head count is not in the weights.
+TIMM_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16, "gigantic": 16}
+
+
+def _timm_heads(config_json: dict | None, overrides: dict) -> int:
+    if "num_attention_heads" in overrides:
+        return overrides["num_attention_heads"]
+    model_args = (config_json or {}).get("model_args") or {}
+    if "num_heads" in model_args:
+        return int(model_args["num_heads"])
+    architecture = (config_json or {}).get("architecture", "")
+    size = re.match(r"vit_([a-z]+)_", architecture)
+    if size and size[1] in TIMM_HEADS:
+        return TIMM_HEADS[size[1]]
+    raise ValueError(
+        "The number of attention heads of a timm checkpoint is not in its weights and could not be read from a "
+        f"config.json (architecture={architecture!r}). Pass it: num_attention_heads=... (--num-heads on the CLI)."
+    )
+
+
+def _fold_timm(source: dict[str, torch.Tensor], grid: tuple[int, int] | None) -> tuple[dict, tuple[int, int], str]:
+    """Bring timm's position-embedding conventions to ours (which are exact re-parameterisations).
+
+    Ours: [CLS] + E_pos[0], registers without E_pos, patches + E_pos[1:]. timm either adds `pos_embed` to
+    [CLS], registers and patches (the default), or only to the patches (`no_embed_class=True`, DINOv2/`reg` models).
+    A register's position embedding is a constant added to a constant, so it is folded into the register token; a
+    missing [CLS] row becomes a zero row. Returns the source in our convention, the patch grid and a note.
+    """
+    source = dict(source)
+    pos = source["pos_embed"]
+    has_cls = "cls_token" in source
+    num_reg = source["reg_token"].shape[1] if "reg_token" in source else 0
+    prefix = int(has_cls) + num_reg
+    rows = pos.shape[1]
+    if grid is not None:
+        with_prefix = rows == grid[0] * grid[1] + prefix
+    else:  # no image size given: the square reading wins
+        with_prefix = prefix > 0 and _is_square(rows - prefix)
+        grid = infer_square_grid(rows - prefix if with_prefix else rows)
+    if rows - (prefix if with_prefix else 0) != grid[0] * grid[1]:
+        raise ValueError(
+            f"pos_embed has {rows} rows, which fits neither {grid} patches nor them plus {prefix} prefix rows."
+        )
+    note = (
+        "timm `pos_embed` covers the prefix tokens"
+        if with_prefix
+        else "timm `no_embed_class`: no E_pos on prefix tokens"
+    )
+    patches = pos[:, prefix:] if with_prefix else pos
+    cls_row = pos[:, :1] if with_prefix and has_cls else torch.zeros_like(pos[:, :1])
+    if num_reg and with_prefix:
+        source["reg_token"] = source["reg_token"] + pos[:, int(has_cls) : prefix]
+    source["pos_embed"] = torch.cat([cls_row, patches], dim=1) if has_cls else patches
+    if "attn_pool.q.weight" in source:  # nn.MultiheadAttention packs [q; k; v]; timm's kv is [k; v]
+        for kind in ("weight", "bias"):
+            q, kv = source.pop(f"attn_pool.q.{kind}"), source.pop(f"attn_pool.kv.{kind}")
+            source[f"attn_pool.in_proj_{kind}"] = torch.cat([q, kv], dim=0)
+    return source, grid, note
+
+
+def _size(height: int, width: int) -> int | list[int]:
+    return int(height) if height == width else [int(height), int(width)]
+
+
+def _is_square(n: int) -> bool:
+    try:
+        infer_square_grid(n)
+    except ValueError:
+        return False
+    return n > 0
+
+
+def _convert_timm(source, folder, overrides):
+    _detect(source, {"timm": r"blocks\.\d+\.attn\.qkv\.weight"}, "timm")
+    config_json = _read_json(folder, "config.json") if folder is not None else None
+    if config_json is not None and "architecture" not in config_json:
+        config_json = None  # a config.json of another library
+    pretrained = (config_json or {}).get("pretrained_cfg") or {}
+    patch_weight = source["patch_embed.proj.weight"]  # (D, C, P, P)
+    size = overrides.get("image_size") or (pretrained.get("input_size") or [None, None, None])[1:]
+    grid = None
+    if size and size[0]:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        grid = (size[0] // patch_weight.shape[2], size[1] // patch_weight.shape[3])
+    source, grid, note = _fold_timm(source, grid)
+    depth = 1 + max(int(k.split(".")[1]) for k in source if k.startswith("blocks."))
+    model_args = (config_json or {}).get("model_args") or {}
+    global_pool = model_args.get("global_pool", (config_json or {}).get("global_pool"))
+    if "fc_norm.weight" in source:
+        pooling, final_norm = "mean", "pooled"
+    elif "attn_pool.latent" in source:
+        pooling, final_norm = "map", "all"
+    elif global_pool == "avg" or "cls_token" not in source:
+        pooling, final_norm = "mean", "all"
+    else:
+        pooling, final_norm = "cls", "all"
+    num_prefix = int("cls_token" in source) + (source["reg_token"].shape[1] if "reg_token" in source else 0)
+    include_prefix = bool(model_args.get("pool_include_prefix", False))
+    if num_prefix and pooling != "cls" and include_prefix != (pooling == "map"):
+        # ours: the MAP head reads every token, the mean skips the prefix tokens
+        raise ValueError(
+            f"This timm model pools {pooling!r} with pool_include_prefix={include_prefix} over {num_prefix} prefix "
+            "tokens; only a MAP head over all tokens or a mean over the patch tokens converts exactly."
+        )
+    fields = {
+        "hidden_size": patch_weight.shape[0],
+        "num_hidden_layers": depth,
+        "num_attention_heads": _timm_heads(config_json, overrides),
+        "intermediate_size": source["blocks.0.mlp.fc1.weight"].shape[0],
+        "hidden_act": TIMM_ACTIVATIONS.get(model_args.get("act_layer", "gelu"), model_args.get("act_layer")),
+        "layer_norm_eps": 1e-6,  # timm's ViT: partial(nn.LayerNorm, eps=1e-6)
+        "image_size": _size(grid[0] * patch_weight.shape[2], grid[1] * patch_weight.shape[3]),
+        "patch_size": _size(*patch_weight.shape[2:]),
+        "num_channels": patch_weight.shape[1],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in source,
+        "use_class_token": "cls_token" in source,
+        "num_register_tokens": source["reg_token"].shape[1] if "reg_token" in source else 0,
+        "pre_norm": "norm_pre.weight" in source,
+        "layer_scale_init_value": 1.0 if "blocks.0.ls1.gamma" in source else None,
+        "pooling": pooling,
+        "final_norm": final_norm,
+        "patch_embedding_bias": "patch_embed.proj.bias" in source,
+    }
+    if "head.weight" in source:
+        fields["num_labels"] = source["head.weight"].shape[0]
+    return _Plan(fields, TIMM_RULES, {}, [f"timm VisionTransformer state dict; {note}."], source)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# JAX .npz: google-research/vision_transformer (vit_jax) and big_vision
+#
+# Checkpoint history, as big_vision's `vit.fix_old_checkpoints` tells it:
+# - the paper's checkpoints (vit_jax) keep the position embedding in `Transformer/posembed_input/pos_embedding`, with
+#   a row for [CLS]: [CLS] is concatenated first, then E_pos added. That is our convention, so it maps as is.
+# - "widely used before 2022": `Transformer/pos_embedding`, same content.
+# - big_vision since 2022: a top-level `pos_embedding` added to the patches only, then [CLS] concatenated: [CLS]
+#   has no E_pos, which is a zero row in ours.
+# - blocks are `encoderblock_N`, or one `encoderblock` with a leading depth axis (lax.scan); we unstack.
+# - pre-linen names count modules of all types (`LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
+#   MlpBlock_3`), linen ones count per type (`LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0`).
+# - MAP-head variants of the ViT-G era had the head's parameters inlined at the top level.
+# Flax's `nn.gelu` is the tanh approximation, so these towers use hidden_act="gelu_pytorch_tanh".
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.T  # flax (in, out) -> torch (out, in)
+
+
+def _qkv_kernel(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).T  # DenseGeneral (D, heads, head_dim) -> (heads * head_dim, D)
+
+
+def _out_kernel(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).T  # (heads, head_dim, D) -> (D, heads * head_dim)
+
+
+def _flatten(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)  # (heads, head_dim) -> (D,)
+
+
+_BLOCK = r"Transformer/encoderblock_(\d+)/"
+_QKV = (("query", "q"), ("key", "k"), ("value", "v"))
+_MHA = r"MultiHeadDotProductAttention_\d"
+NPZ_RULES = [
+    (r"cls", "embeddings.cls_token", None),
+    (r"pos_embedding", "embeddings.position_embeddings", None),
+    (r"embedding/kernel", "embeddings.patch_embeddings.projection.weight", lambda t: t.permute(3, 2, 0, 1)),  # HWIO
+    (r"embedding/bias", "embeddings.patch_embeddings.projection.bias", None),
+    (r"Transformer/encoder_norm/scale", "layernorm.weight", None),
+    (r"Transformer/encoder_norm/bias", "layernorm.bias", None),
+    (_BLOCK + r"LayerNorm_0/scale", r"layers.\1.layernorm_before.weight", None),
+    (_BLOCK + r"LayerNorm_0/bias", r"layers.\1.layernorm_before.bias", None),
+    (_BLOCK + r"LayerNorm_[12]/scale", r"layers.\1.layernorm_after.weight", None),
+    (_BLOCK + r"LayerNorm_[12]/bias", r"layers.\1.layernorm_after.bias", None),
+    *[(_BLOCK + _MHA + f"/{name}/kernel", rf"layers.\1.attention.{x}_proj.weight", _qkv_kernel) for name, x in _QKV],
+    *[(_BLOCK + _MHA + f"/{name}/bias", rf"layers.\1.attention.{x}_proj.bias", _flatten) for name, x in _QKV],
+    (_BLOCK + _MHA + r"/out/kernel", r"layers.\1.attention.o_proj.weight", _out_kernel),
+    (_BLOCK + _MHA + r"/out/bias", r"layers.\1.attention.o_proj.bias", None),
+    *[(_BLOCK + rf"MlpBlock_\d/Dense_{i}/kernel", rf"layers.\1.mlp.fc{i + 1}.weight", _dense) for i in (0, 1)],
+    *[(_BLOCK + rf"MlpBlock_\d/Dense_{i}/bias", rf"layers.\1.mlp.fc{i + 1}.bias", None) for i in (0, 1)],
+    (r"MAPHead_0/probe", "head.probe", None),
+    (r"MAPHead_0/in_proj_(weight|bias)", r"head.attention.in_proj_\1", None),
+    (r"MAPHead_0/" + _MHA + r"/out/kernel", "head.attention.out_proj.weight", _out_kernel),
+    (r"MAPHead_0/" + _MHA + r"/out/bias", "head.attention.out_proj.bias", None),
+    (r"MAPHead_0/LayerNorm_0/scale", "head.layernorm.weight", None),
+    (r"MAPHead_0/LayerNorm_0/bias", "head.layernorm.bias", None),
+    *[(rf"MAPHead_0/MlpBlock_0/Dense_{i}/kernel", f"head.mlp.fc{i + 1}.weight", _dense) for i in (0, 1)],
+    *[(rf"MAPHead_0/MlpBlock_0/Dense_{i}/bias", f"head.mlp.fc{i + 1}.bias", None) for i in (0, 1)],
+    (r"pre_logits/kernel", "pre_logits.0.weight", _dense),
+    (r"pre_logits/bias", "pre_logits.0.bias", None),
+    (r"head/kernel", "classifier.weight", _dense),
+    (r"head/bias", "classifier.bias", None),
+]
+
+
+def _normalise_npz(source: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The checkpoint in the vit_jax naming with a top-level `pos_embedding`; see the history above."""
+    source = {k.removeprefix("params/"): v for k, v in source.items()}
+    if any(k.startswith("ResNet/") or k.startswith("conv_root") for k in source):
+        raise ValueError(
+            "This .npz is a hybrid (ResNet stem + ViT) checkpoint; converting its ResNet into transformers' BiT "
+            "backbone exactly is not implemented yet (weight standardisation and GroupNorm eps differ)."
+        )
+    layout = "big_vision"
+    for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
+        if old in source:
+            source["pos_embedding"], layout = source.pop(old), "vision_transformer"
+    if "pos_embedding" not in source:
+        raise ValueError(
+            f"No position embedding in this .npz (found keys such as {sorted(source)[:8]}): not a ViT checkpoint of "
+            "the google-research/vision_transformer or big_vision layouts."
+        )
+    stacked = [k for k in source if k.startswith("Transformer/encoderblock/")]
+    for key in stacked:  # lax.scan: one block with a leading depth axis
+        value = source.pop(key)
+        for depth in range(value.shape[0]):
+            source[key.replace("encoderblock/", f"encoderblock_{depth}/")] = value[depth]
+    if "probe" in source:  # ViT-G era: MAP head inlined
+        for name in [k for k in source if k.split("/")[0] in ("probe", "MlpBlock_0", _MHA_0, "LayerNorm_0")]:
+            source[f"MAPHead_0/{name}"] = source.pop(name)
+    if "MAPHead_0/probe" in source:  # the head's q, k, v as nn.MultiheadAttention's packed in_proj
+        mha = next(k.rsplit("/", 2)[0] for k in source if re.fullmatch(r"MAPHead_0/" + _MHA + r"/query/kernel", k))
+        for kind, fn in (("kernel", _qkv_kernel), ("bias", _flatten)):
+            parts = [fn(source.pop(f"{mha}/{name}/{kind}")) for name in ("query", "key", "value")]
+            source[f"MAPHead_0/in_proj_{'weight' if kind == 'kernel' else 'bias'}"] = torch.cat(parts, dim=0)
+    return source, layout
+
+
+_MHA_0 = "MultiHeadDotProductAttention_0"
+
+
+def _first(source: dict[str, torch.Tensor], pattern: str) -> torch.Tensor:
+    key = next((k for k in source if re.fullmatch(pattern, k)), None)
+    if key is None:
+        raise ValueError(f"No key matching {pattern!r} in this .npz (found keys such as {sorted(source)[:8]}).")
+    return source[key]
+
+
+def _convert_npz(source, folder, overrides):
+    source, layout = _normalise_npz(source)
+    if "embedding/kernel" not in source:
+        raise ValueError(f"No patch embedding `embedding/kernel` in this .npz (found {sorted(source)[:8]}).")
+    kernel = source["embedding/kernel"]  # (P, P, C, D)
+    query = _first(source, r"Transformer/encoderblock_0/" + _MHA + r"/query/kernel")  # (D, heads, head_dim)
+    has_cls = "cls" in source
+    pos = source["pos_embedding"]
+    size = overrides.get("image_size")
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        grid = (size[0] // kernel.shape[0], size[1] // kernel.shape[1])
+        cls_row = has_cls and pos.shape[1] == grid[0] * grid[1] + 1
+    else:
+        cls_row = has_cls and _is_square(pos.shape[1] - 1) and not _is_square(pos.shape[1])
+        grid = infer_square_grid(pos.shape[1] - int(cls_row))
+    if has_cls and not cls_row:  # big_vision: [CLS] without position embedding
+        source["pos_embedding"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    depth = 1 + max(int(m[1]) for k in source if (m := re.match(_BLOCK, k)))
+    fields = {
+        "hidden_size": kernel.shape[3],
+        "num_hidden_layers": depth,
+        "num_attention_heads": query.shape[1],
+        "intermediate_size": _first(source, r"Transformer/encoderblock_0/MlpBlock_\d/Dense_0/bias").shape[0],
+        "hidden_act": "gelu_pytorch_tanh",  # flax nn.gelu(approximate=True)
+        "layer_norm_eps": 1e-6,  # flax nn.LayerNorm
+        "image_size": _size(grid[0] * kernel.shape[0], grid[1] * kernel.shape[1]),
+        "patch_size": _size(kernel.shape[0], kernel.shape[1]),
+        "num_channels": kernel.shape[2],
+        "use_class_token": has_cls,
+        "pooling": "map" if "MAPHead_0/probe" in source else ("cls" if has_cls else "mean"),
+    }
+    if "head/kernel" in source and source["head/kernel"].shape[-1] > 0:
+        fields["num_labels"] = source["head/kernel"].shape[-1]
+        if "pre_logits/kernel" in source:
+            fields.update(classifier_head="mlp", representation_size=source["pre_logits/kernel"].shape[-1])
+    elif "head/kernel" in source:  # a 0-class head: an empty array, nothing to convert
+        source = {k: v for k, v in source.items() if not k.startswith("head/")}
+    convention = "[CLS] with its E_pos row" if cls_row else ("[CLS] without E_pos" if has_cls else "no [CLS]")
+    notes = [f"JAX .npz checkpoint, {layout} layout ({convention})."]
+    return _Plan(fields, NPZ_RULES, {}, notes, source)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+LOADERS = {
+    "hf": _convert_hf,
+    "clip": _convert_clip,
+    "siglip": _convert_siglip,
+    "dinov2": _convert_dinov2,
+    "timm": _convert_timm,
+    "npz": _convert_npz,
+}
+
+
+def _preprocessing(source_format: str, folder: Path | None):
+    """(mean, std, resampling) from the source folder's preprocessor_config.json (or timm's pretrained_cfg)."""
+    mean, std, resample = DEFAULT_PREPROCESSING[source_format]
+    if folder is None:
+        return tuple(mean), tuple(std), resample
+    processor = _read_json(folder, "preprocessor_config.json") or {}
+    pretrained = (
+        ((_read_json(folder, "config.json") or {}).get("pretrained_cfg") or {}) if source_format == "timm" else {}
+    )
+    mean = processor.get("image_mean") or pretrained.get("mean") or mean
+    std = processor.get("image_std") or pretrained.get("std") or std
+    if "resample" in processor:
+        resample = PILImageResampling(processor["resample"])
+    elif pretrained.get("interpolation") in ("bilinear", "bicubic", "nearest"):
+        resample = PILImageResampling[pretrained["interpolation"].upper()]
+    return tuple(mean), tuple(std), resample
+
+
+def _at_image_size(model, image_size):
+    """The model at another input size: the position embedding resampled (Sec. 3.2), every other weight as is."""
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "image_size": image_size})
+    if config.grid_size == model.config.grid_size:
+        return model
+    resized = type(model)(config).eval()
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith("embeddings.position_embeddings")]:
+        state[key] = resample_position_embeddings(
+            state[key],
+            new_grid=config.grid_size,
+            old_grid=model.config.grid_size,
+            num_prefix_tokens=int(config.use_class_token),
+            mode=config.interpolation_mode,
+            antialias=config.interpolation_antialias,
+        )
+    resized.load_state_dict(state, strict=True)
+    return resized
+
+
+def convert_checkpoint(
+    source_format: str, src: str | os.PathLike, *, image_size: int | list[int] | None = None, **overrides
+) -> ConvertedCheckpoint:
+    """Load a checkpoint of `source_format` from the local folder or file `src` into our model, strictly.
+
+    Args:
+        source_format: one of `SOURCE_FORMATS`.
+        src: a folder (with config.json for the transformers sources) or a weight file.
+        image_size: convert to this input size by resampling the position embedding (Sec. 3.2 of the paper).
+        overrides: config fields the weights cannot tell (timm: `num_attention_heads`, `hidden_act`, `image_size` of
+            the weights if not square); for every source they take precedence over what was read.
+
+    Returns:
+        A `ConvertedCheckpoint` with the model (`VisionTransformerForImageClassification` when the source has a
+        classifier head, else `VisionTransformerModel`) in eval mode and the source's preprocessing.
+    """
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"Unknown source format {source_format!r}; use one of {SOURCE_FORMATS}.")
+    path = Path(src)
+    source = read_state_dict(path)
+    folder = path if path.is_dir() else path.parent
+    plan = LOADERS[source_format](source, folder, overrides)
+    mode, antialias = INTERPOLATION[source_format]
+    fields = {"interpolation_mode": mode, "interpolation_antialias": antialias, **plan.fields, **overrides}
+    config = VisionTransformerConfig(**fields)
+    target, unused = map_keys(plan.source, plan.rules, plan.ignore)
+    if "classifier.weight" in target:
+        model = VisionTransformerForImageClassification(config)
+        target = {k if k.startswith(("classifier.", "pre_logits.")) else f"vit.{k}": v for k, v in target.items()}
+    else:
+        model = VisionTransformerModel(config)
+    load_strictly(model, target, unused, f"{path} (--from {source_format})")
+    model = model.eval()
+    if image_size is not None:
+        model = _at_image_size(model, image_size)
+    mean, std, resample = _preprocessing(source_format, folder)
+    return ConvertedCheckpoint(model, mean, std, resample, source_format, str(path), plan.notes)
+
+
+def convert(
+    source_format: str,
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int | list[int] | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    **overrides,
+) -> Path:
+    """Convert and write a complete checkpoint folder (config, safetensors, preprocessing, code, model card).
+
+    `base_model` is the Hub id of the source (e.g. "openai/clip-vit-base-patch16") for the card's metadata.
+    """
+    from .checkpoint import image_processor_for, save_checkpoint
+
+    converted = convert_checkpoint(source_format, src, image_size=image_size, **overrides)
+    model, config = converted.model, converted.model.config
+    processor = image_processor_for(config, converted.image_mean, converted.image_std, converted.resample)
+    source_name = base_model or Path(src).name
+    conversion = "\n".join(
+        [
+            f"Converted from `{source_name}` (`--from {source_format}`) by `vlm_vision.conversion`.",
+            "",
+            *(f"- {note}" for note in converted.notes),
+            f"- Prefix tokens: {config.num_prefix_tokens} ({int(config.use_class_token)} [CLS] + "
+            f"{config.num_register_tokens} registers); `model.patch_tokens(...)` drops them"
+            + (" (this tower has none: a VLM keeps every token)." if config.num_prefix_tokens == 0 else "."),
+            f"- `final_norm={config.final_norm!r}`, `pooling={config.pooling!r}`, `hidden_act={config.hidden_act!r}`.",
+            f"- Preprocessing: resize to {config.image_size_hw} ({converted.resample.name.lower()}), mean "
+            f"{list(converted.image_mean)}, std {list(converted.image_std)}.",
+            *(
+                [f"- Resampled to image size {image_size} ({config.interpolation_mode} E_pos interpolation)."]
+                if image_size is not None
+                else []
+            ),
+        ]
+    )
+    return save_checkpoint(
+        model,
+        out_dir,
+        image_processor=processor,
+        title=f"{source_name} (vlm-vision)",
+        summary=f"The vision tower of `{source_name}` converted into vlm-vision's `VisionTransformerModel` with exact "
+        "numerical parity.",
+        sections={"Conversion": conversion},
+        base_model=base_model,
+        overwrite=overwrite,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Convert a local ViT/CLIP/SigLIP/DINOv2/timm/JAX checkpoint into a vlm-vision checkpoint folder."
+    )
+    parser.add_argument("--from", dest="source_format", required=True, choices=SOURCE_FORMATS, help="source layout")
+    parser.add_argument("src", help="local source folder or weight file (nothing is downloaded)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--image-size", type=int, nargs="+", default=None, help="convert to this size: H or H W")
+    parser.add_argument("--num-heads", type=int, default=None, help="attention heads, when the source cannot tell")
+    parser.add_argument("--hidden-act", default=None, help="override the activation (e.g. quick_gelu for timm CLIP)")
+    parser.add_argument("--base-model", default=None, help="Hub id of the source, for the model card")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {}
+    if args.num_heads is not None:
+        overrides["num_attention_heads"] = args.num_heads
+    if args.hidden_act is not None:
+        overrides["hidden_act"] = args.hidden_act
+    image_size = (
+        None if args.image_size is None else (args.image_size[0] if len(args.image_size) == 1 else args.image_size)
+    )
+    out = convert(
+        args.source_format,
+        args.src,
+        args.out,
+        image_size=image_size,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+        **overrides,
+    )
+    logger.info("wrote %s: %s", out, ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+__all__ = ["SOURCE_FORMATS", "ConvertedCheckpoint", "convert", "convert_checkpoint", "main", "read_state_dict"]
