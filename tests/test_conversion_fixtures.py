@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm_vision.conversion import convert_checkpoint, read_state_dict
+from vlm_vision.conversion import convert_checkpoint, fold_weight_standardization, read_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ATOL = RTOL = 1e-5
@@ -112,10 +112,52 @@ def test_npz_pre_linen_names_and_old_position_embedding_place(tmp_path):
         )
 
 
-def test_npz_hybrid_and_foreign_archives_are_refused_clearly(tmp_path):
-    np.savez(tmp_path / "hybrid.npz", **{"conv_root/kernel": np.zeros((7, 7, 3, 8), np.float32)})
-    with pytest.raises(ValueError, match=r"hybrid \(ResNet stem \+ ViT\) checkpoint"):
-        convert_checkpoint("npz", tmp_path / "hybrid.npz")
+@pytest.mark.parametrize(("name", "depths", "patch_size"), [("vit_jax_r_hybrid", [2, 1], 8), ("vit_jax_r_root", [], 8)])
+def test_npz_hybrid_matches_the_jax_reference(name, depths, patch_size):
+    """The ResNet + ViT hybrids of vit_jax: the ResNet feature map, the tokens, block 1 and the logits. The fixture's
+    filters and activations are small enough that JAX's standardisation and GroupNorm epsilons change the outputs
+    far beyond 1e-5, so this fails without the fold or without backbone_norm_eps (see make_npz_hybrid_fixture.py)."""
+    expected = _expected_npz(name)
+    converted = convert_checkpoint("npz", FIXTURES / "npz" / f"{name}.npz")
+    model = converted.model
+    config = model.config
+    assert config.backbone_config["depths"] == depths and config.patch_size == patch_size
+    assert config.backbone_norm_eps == 1e-6 and "Hybrid" in converted.notes[1]
+    x = expected["pixel_values"]
+    with torch.no_grad():
+        feature_map = model.vit.embeddings.patch_embeddings.backbone(x).feature_maps[-1]
+        out = model.vit(x, output_hidden_states=True)
+        close(feature_map, expected["feature_map"])
+        close(out.last_hidden_state, expected["features"])
+        close(out.hidden_states[1], expected["block1"])
+        close(model(x).logits, expected["logits"])
+
+
+def test_folded_weight_standardization_is_jax_standardization():
+    """BiT's standardisation (transformers' own module, eps 1e-8) of the folded weight equals JAX's
+    (w - mean) / (std + 1e-5) per output channel, for filter stds from 0 (a constant filter) to 10."""
+    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+
+    rng = np.random.default_rng(0)
+    scales = np.array([0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0])
+    kernel = rng.standard_normal((3, 3, 4, len(scales))) * scales + 0.3  # HWIO, a non-zero mean too
+    mean = kernel.mean(axis=(0, 1, 2))
+    jax_standardized = (kernel - mean) / (kernel.std(axis=(0, 1, 2)) + 1e-5)  # vit_jax weight_standardize, float64
+    conv = WeightStandardizedConv2d(4, len(scales), 3, eps=1e-8)
+    with torch.no_grad():
+        conv.weight.copy_(fold_weight_standardization(torch.from_numpy(kernel)))
+        x = torch.zeros(1, 4, 3, 3)
+        x[0, :, 1, 1] = 1.0  # the centre tap of each input channel: reads the standardised weights
+        got = conv(x)[0, :, 1, 1]
+    expected = torch.from_numpy(jax_standardized[1, 1].sum(axis=0)).float()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    unfolded = WeightStandardizedConv2d(4, len(scales), 3, eps=1e-8)
+    with torch.no_grad():
+        unfolded.weight.copy_(torch.from_numpy(kernel).permute(3, 2, 0, 1))
+        assert not torch.allclose(unfolded(x)[0, :, 1, 1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_foreign_archives_are_refused_clearly(tmp_path):
     np.savez(tmp_path / "other.npz", weights=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match=r"No position embedding in this .npz \(found keys such as \['weights'\]"):
         convert_checkpoint("npz", tmp_path / "other.npz")

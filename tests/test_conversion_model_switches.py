@@ -74,3 +74,47 @@ def test_switches_round_trip_through_save_and_load(tmp_path, pixel_values):
         False,
     )
     torch.testing.assert_close(loaded(pixel_values).pooler_output, model(pixel_values).pooler_output)
+
+
+TINY_BACKBONE = {
+    "layer_type": "bottleneck",
+    "depths": [1],
+    "hidden_sizes": [128],
+    "embedding_size": 32,
+    "global_padding": "SAME",
+    "embedding_dynamic_padding": True,
+    "out_features": ["stage1"],
+}
+
+
+def _group_norm_eps(model) -> set[float]:
+    return {m.eps for m in model.embeddings.patch_embeddings.backbone.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
+def test_backbone_norm_eps_sets_every_group_norm_of_the_backbone(tmp_path):
+    hybrid = {"image_size": 16, "patch_size": 4, "backbone_config": TINY_BACKBONE}
+    assert _group_norm_eps(build(**hybrid)) == {1e-5}  # default: BiT's own
+    model = build(**hybrid, backbone_norm_eps=1e-6)
+    assert _group_norm_eps(model) == {1e-6}
+    x = 0.01 * torch.randn(1, 3, 16, 16)  # small activations: the epsilon shows
+    with torch.no_grad():
+        assert not torch.allclose(model(x).pooler_output, build(**hybrid)(x).pooler_output, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = VisionTransformerModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.backbone_norm_eps == 1e-6 and _group_norm_eps(loaded) == {1e-6}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"backbone_norm_eps": 1e-6}, r"backbone_norm_eps=1e-06 sets the GroupNorm epsilon .* backbone_config is None"),
+        ({"backbone_norm_eps": 0.0, "backbone_config": TINY_BACKBONE}, r"backbone_norm_eps must be None or a positive"),
+        (
+            {"backbone_norm_eps": True, "backbone_config": TINY_BACKBONE},
+            r"backbone_norm_eps must be None or a positive",
+        ),
+    ],
+)
+def test_invalid_backbone_norm_eps_names_the_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)

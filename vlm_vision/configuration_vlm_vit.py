@@ -94,6 +94,9 @@ class VisionTransformerConfig(PretrainedConfig):
         representation_size: width of the pre-training head's hidden layer (defaults to `hidden_size`).
         backbone_config: keyword arguments of a transformers `BitConfig` for the hybrid (Sec. 3.1); None for the
             plain patch embedding. See `R50_BACKBONE_CONFIG`.
+        backbone_norm_eps: when set, the epsilon of every GroupNorm of the hybrid's backbone (transformers' BiT uses
+            1e-5; the reference JAX ResNet, flax `nn.GroupNorm`, 1e-6: the converted `.npz` hybrids set 1e-6). None
+            (default): BiT's own. Only with `backbone_config`.
         interpolation_mode, interpolation_antialias: how position embeddings are resampled to another grid, at run
             time and when a checkpoint is loaded at another `image_size` (see `resample_position_embeddings`).
     """
@@ -124,6 +127,7 @@ class VisionTransformerConfig(PretrainedConfig):
     classifier_head: str = "linear"
     representation_size: int | None = None
     backbone_config: dict | None = None
+    backbone_norm_eps: float | None = None
     interpolation_mode: str = "bicubic"
     interpolation_antialias: bool = False
 
@@ -166,6 +170,16 @@ class VisionTransformerConfig(PretrainedConfig):
             raise ValueError(f"classifier_head={self.classifier_head!r} is not supported; use {CLASSIFIER_HEADS}.")
         if self.representation_size is not None and self.representation_size <= 0:
             raise ValueError(f"representation_size must be positive, got {self.representation_size}.")
+        if self.backbone_norm_eps is not None:
+            if isinstance(self.backbone_norm_eps, bool) or not (
+                isinstance(self.backbone_norm_eps, (int, float)) and self.backbone_norm_eps > 0
+            ):
+                raise ValueError(f"backbone_norm_eps must be None or a positive float, got {self.backbone_norm_eps!r}.")
+            if self.backbone_config is None:
+                raise ValueError(
+                    f"backbone_norm_eps={self.backbone_norm_eps} sets the GroupNorm epsilon of the hybrid's backbone, "
+                    "but backbone_config is None (no backbone): set backbone_config or leave backbone_norm_eps None."
+                )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")

@@ -8,7 +8,7 @@ One loader per source layout; each is a key map (data) plus the few tensor trans
     siglip  transformers SiglipVisionModel, or the vision tower of a SiglipModel folder (no [CLS]; MAP head)
     dinov2  transformers Dinov2Model and Dinov2WithRegistersModel (LayerScale, register tokens)
     timm    timm VisionTransformer state dicts (fused qkv split into q/k/v)
-    npz     the original JAX checkpoints: google-research/vision_transformer and big_vision layouts
+    npz     the original JAX checkpoints: google-research/vision_transformer (also the ResNet hybrids) and big_vision
 
 Strict, like nanoGPT's loader: every source key is used (or explicitly declared as not part of the vision tower),
 every parameter of the target model is filled, shapes agree; otherwise a ValueError lists the leftovers.
@@ -711,14 +711,101 @@ NPZ_RULES = [
 ]
 
 
+# The hybrids (Sec. 3.1: R50+ViT-B/16, R26+ViT-B/32, R50+ViT-L/32, and R+ViT-Ti/16, the root alone) run the ResNet of
+# vit_jax/models_resnet.py before the patch embedding. It is transformers' BiT backbone with layer_type="bottleneck"
+# (conv1x1-GN-ReLU, conv3x3 with the stride-GN-ReLU, conv1x1-GN, ReLU(shortcut + y); a projection conv1x1-GN on the
+# first unit of each stage), global_padding="SAME" and a dynamically padded 3x3/2 max-pool after the 7x7/2 root conv,
+# GN and ReLU. Two things differ, and both are made exact here:
+# - weight standardisation: JAX's `StdConv` uses (w - mean) / (std + 1e-5), BiT's `WeightStandardizedConv2d`
+#   (w - mean) / sqrt(var + 1e-8); it is a fixed function of the stored weight, so it is folded into the weight
+#   (`fold_weight_standardization`);
+# - GroupNorm epsilon: flax's `nn.GroupNorm` 1e-6, BiT's 1e-5: the config's `backbone_norm_eps`.
+# The max-pool pads with 0 in BiT and with -inf in flax; it follows a ReLU, so every window's maximum is the same.
+JAX_WS_EPS = 1e-5  # vit_jax models_resnet.StdConv: weight_standardize(kernel, axis=[0, 1, 2], eps=1e-5)
+BIT_WS_EPS = 1e-8  # transformers' BiT builds every WeightStandardizedConv2d of the hybrid with eps=1e-8
+JAX_GROUP_NORM_EPS = 1e-6  # flax nn.GroupNorm's default epsilon (32 groups, as BiT's num_groups)
+
+
+def fold_weight_standardization(kernel: torch.Tensor) -> torch.Tensor:
+    """A flax `StdConv` kernel (H, W, I, O) as the torch weight (O, I, H, W) whose BiT standardisation is JAX's.
+
+    Per output channel, JAX uses J(w) = (w - mean) / (std + 1e-5), whose std is r = std / (std + 1e-5) < 1; BiT
+    computes (v - mean) / sqrt(var + 1e-8) of its stored v. Storing v = k J(w) with k = sqrt(1e-8 / (1 - r^2))
+    gives var(v) = k^2 r^2 and k / sqrt(k^2 r^2 + 1e-8) = 1, so BiT's standardised filter is J(w) exactly (up to
+    the float32 rounding of v). A constant filter (std 0) has J = 0 and gives v = 0, which BiT also maps to 0. In
+    float64, with 1 - r = 1e-5 / (std + 1e-5) formed directly so nothing cancels. Training the converted model
+    further differentiates BiT's standardisation, not JAX's: only the function at conversion is the same.
+    """
+    weight = kernel.permute(3, 2, 0, 1).to(torch.float64)  # HWIO -> OIHW
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"A ResNet kernel of shape {tuple(kernel.shape)} holds NaN or inf: a corrupt checkpoint.")
+    flat = weight.reshape(weight.shape[0], -1)  # (O, H * W * I): JAX reduces over axes (0, 1, 2)
+    std = flat.std(dim=1, unbiased=False, keepdim=True)  # jnp.std: the population std
+    standardized = (flat - flat.mean(dim=1, keepdim=True)) / (std + JAX_WS_EPS)
+    r, one_minus_r = std / (std + JAX_WS_EPS), JAX_WS_EPS / (std + JAX_WS_EPS)
+    scale = torch.sqrt(BIT_WS_EPS / (one_minus_r * (1 + r)))  # k = sqrt(eps_bit / (1 - r^2))
+    return (scale * standardized).reshape(weight.shape)
+
+
+_BIT = "embeddings.patch_embeddings.backbone.bit."
+_UNIT = r"ResNet/stages\.(\d+)\.layers\.(\d+)/"  # block{i}/unit{j} after `_normalise_npz`: 0-based
+_GN = (("scale", "weight"), ("bias", "bias"))
+NPZ_HYBRID_RULES = [
+    (r"conv_root/kernel", _BIT + "embedder.convolution.weight", fold_weight_standardization),
+    *[(rf"gn_root/{src}", _BIT + f"embedder.norm.{dst}", None) for src, dst in _GN],
+    (_UNIT + r"conv([123])/kernel", _BIT + r"encoder.stages.\1.layers.\2.conv\3.weight", fold_weight_standardization),
+    *[(_UNIT + rf"gn([123])/{src}", _BIT + rf"encoder.stages.\1.layers.\2.norm\3.{dst}", None) for src, dst in _GN],
+    (
+        _UNIT + r"conv_proj/kernel",
+        _BIT + r"encoder.stages.\1.layers.\2.downsample.conv.weight",
+        fold_weight_standardization,
+    ),
+    *[
+        (_UNIT + rf"gn_proj/{src}", _BIT + rf"encoder.stages.\1.layers.\2.downsample.norm.{dst}", None)
+        for src, dst in _GN
+    ],
+]
+
+
+def _hybrid_backbone(source: dict[str, torch.Tensor]) -> dict:
+    """The BiT backbone config of a hybrid `.npz` (keys normalised): units per stage and widths, from the weights."""
+    units: dict[int, int] = {}
+    for key in source:
+        if match := re.match(_UNIT, key):
+            stage, unit = int(match[1]), int(match[2])
+            units[stage] = max(units.get(stage, 0), unit + 1)
+    if sorted(units) != list(range(len(units))):
+        raise ValueError(f"The ResNet stages of this hybrid .npz are not block1..blockN (found {sorted(units)}).")
+    stages = range(len(units))
+    return {
+        "layer_type": "bottleneck",
+        "depths": [units[i] for i in stages],
+        "hidden_sizes": [int(_first(source, rf"ResNet/stages\.{i}\.layers\.0/conv3/kernel").shape[-1]) for i in stages],
+        "embedding_size": int(source["conv_root/kernel"].shape[-1]),
+        "global_padding": "SAME",
+        "embedding_dynamic_padding": True,
+        "out_features": [f"stage{len(units)}" if units else "stem"],
+    }
+
+
+def _check_bit_standardization(model: torch.nn.Module) -> None:
+    """The fold assumes BiT's eps; refuse rather than convert inexactly if transformers ever changes it."""
+    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+
+    eps = {m.eps for m in model.modules() if isinstance(m, WeightStandardizedConv2d)}
+    if eps != {BIT_WS_EPS}:
+        raise ValueError(
+            f"transformers' BiT standardises with eps {sorted(eps)}, but the hybrid conversion folds JAX's weight "
+            f"standardisation for eps={BIT_WS_EPS}: update BIT_WS_EPS in vlm_vision/conversion.py."
+        )
+
+
 def _normalise_npz(source: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """The checkpoint in the vit_jax naming with a top-level `pos_embedding`; see the history above."""
     source = {k.removeprefix("params/"): v for k, v in source.items()}
-    if any(k.startswith("ResNet/") or k.startswith("conv_root") for k in source):
-        raise ValueError(
-            "This .npz is a hybrid (ResNet stem + ViT) checkpoint; converting its ResNet into transformers' BiT "
-            "backbone exactly is not implemented yet (weight standardisation and GroupNorm eps differ)."
-        )
+    for key in [k for k in source if re.match(r"block\d+/unit\d+/", k)]:  # the hybrid's ResNet stages, 0-based
+        block, unit, rest = re.match(r"block(\d+)/unit(\d+)/(.*)", key).groups()
+        source[f"ResNet/stages.{int(block) - 1}.layers.{int(unit) - 1}/{rest}"] = source.pop(key)
     layout = "big_vision"
     for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
         if old in source:
@@ -758,14 +845,18 @@ def _convert_npz(source, folder, overrides):
     source, layout = _normalise_npz(source)
     if "embedding/kernel" not in source:
         raise ValueError(f"No patch embedding `embedding/kernel` in this .npz (found {sorted(source)[:8]}).")
-    kernel = source["embedding/kernel"]  # (P, P, C, D)
+    kernel = source["embedding/kernel"]  # (P, P, C, D); for a hybrid, on the ResNet's feature map
+    backbone = _hybrid_backbone(source) if "conv_root/kernel" in source else None
+    # the pixel stride of one feature-map cell: the root is /4, each stage after the first /2
+    stride = 4 * 2 ** max(len(backbone["depths"]) - 1, 0) if backbone is not None else 1
+    patch = (kernel.shape[0] * stride, kernel.shape[1] * stride)
     query = _first(source, r"Transformer/encoderblock_0/" + _MHA + r"/query/kernel")  # (D, heads, head_dim)
     has_cls = "cls" in source
     pos = source["pos_embedding"]
     size = overrides.get("image_size")
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
-        grid = (size[0] // kernel.shape[0], size[1] // kernel.shape[1])
+        grid = (size[0] // patch[0], size[1] // patch[1])
         cls_row = has_cls and pos.shape[1] == grid[0] * grid[1] + 1
     else:
         cls_row = has_cls and _is_square(pos.shape[1] - 1) and not _is_square(pos.shape[1])
@@ -780,12 +871,20 @@ def _convert_npz(source, folder, overrides):
         "intermediate_size": _first(source, r"Transformer/encoderblock_0/MlpBlock_\d/Dense_0/bias").shape[0],
         "hidden_act": "gelu_pytorch_tanh",  # flax nn.gelu(approximate=True)
         "layer_norm_eps": 1e-6,  # flax nn.LayerNorm
-        "image_size": _size(grid[0] * kernel.shape[0], grid[1] * kernel.shape[1]),
-        "patch_size": _size(kernel.shape[0], kernel.shape[1]),
-        "num_channels": kernel.shape[2],
+        "image_size": _size(grid[0] * patch[0], grid[1] * patch[1]),
+        "patch_size": _size(*patch),
+        "num_channels": kernel.shape[2] if backbone is None else source["conv_root/kernel"].shape[2],
         "use_class_token": has_cls,
         "pooling": "map" if "MAPHead_0/probe" in source else ("cls" if has_cls else "mean"),
     }
+    rules, notes = NPZ_RULES, []
+    if backbone is not None:
+        fields.update(backbone_config=backbone, backbone_norm_eps=JAX_GROUP_NORM_EPS)
+        rules = NPZ_RULES + NPZ_HYBRID_RULES
+        notes.append(
+            f"Hybrid: the JAX ResNet (root + stages {backbone['depths']}) as transformers' BiT backbone, its weight "
+            f"standardisation folded into the weights and GroupNorm eps {JAX_GROUP_NORM_EPS} (backbone_norm_eps)."
+        )
     if "head/kernel" in source and source["head/kernel"].shape[-1] > 0:
         fields["num_labels"] = source["head/kernel"].shape[-1]
         if "pre_logits/kernel" in source:
@@ -793,8 +892,8 @@ def _convert_npz(source, folder, overrides):
     elif "head/kernel" in source:  # a 0-class head: an empty array, nothing to convert
         source = {k: v for k, v in source.items() if not k.startswith("head/")}
     convention = "[CLS] with its E_pos row" if cls_row else ("[CLS] without E_pos" if has_cls else "no [CLS]")
-    notes = [f"JAX .npz checkpoint, {layout} layout ({convention})."]
-    return _Plan(fields, NPZ_RULES, {}, notes, source)
+    notes.insert(0, f"JAX .npz checkpoint, {layout} layout ({convention}).")
+    return _Plan(fields, rules, {}, notes, source)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -880,6 +979,8 @@ def convert_checkpoint(
         target = {k if k.startswith(("classifier.", "pre_logits.")) else f"vit.{k}": v for k, v in target.items()}
     else:
         model = VisionTransformerModel(config)
+    if config.backbone_config is not None:
+        _check_bit_standardization(model)
     load_strictly(model, target, unused, f"{path} (--from {source_format})")
     model = model.eval()
     if image_size is not None:

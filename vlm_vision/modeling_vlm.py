@@ -157,22 +157,33 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         return frozen
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The selected tower layers, concatenated on channels: (I, C, H, W) -> (I, T, D_v * len(layers))."""
-        layers = self.config.feature_layers
-        if isinstance(self.vision_tower, VisionTransformerModel):
-            states = self.vision_tower.get_intermediate_layers(pixel_values, layers)  # stops at the deepest layer
-        else:
-            hidden_states = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-            states = [hidden_states[i] for i in layers]
-        return torch.cat(states, dim=-1)
+        """The selected tower layers, concatenated on channels: (I, C, H, W) -> (I, T, D_v * len(layers)).
+
+        A frozen tower (no parameter requiring grad, e.g. the `align` stage) runs without autograd: nothing upstream
+        of the features could receive a gradient, so recording the graph would only cost memory and time.
+        """
+        frozen = not pixel_values.requires_grad and not any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            layers = self.config.feature_layers
+            if isinstance(self.vision_tower, VisionTransformerModel):
+                states = self.vision_tower.get_intermediate_layers(pixel_values, layers)  # stops at the deepest
+            else:
+                hidden_states = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+                states = [hidden_states[i] for i in layers]
+            return torch.cat(states, dim=-1)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tokens in the LM's embedding space: (I, C, H, W) -> (I, num_image_tokens, D_lm)."""
         dtype = next(self.vision_tower.parameters()).dtype
         features = self.vision_features(pixel_values.to(dtype))
-        prefix = self.config.prefix_tokens
         patch_h, patch_w = vision_patch_size(self.config.vision_config)
-        grid = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
+        return self.project_vision_features(
+            features, (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
+        )
+
+    def project_vision_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tower features to image tokens: (I, T, D_v * len(layers)) on a `grid` of patches -> (I, N', D_lm)."""
+        prefix = self.config.prefix_tokens
         projected = self.adapter(features[:, prefix:].to(_dtype_of(self.adapter, features)), grid)
         if self.config.keep_prefix_tokens and prefix:
             projected = torch.cat([self.adapter(features[:, :prefix], (1, prefix)), projected], dim=1)
@@ -196,26 +207,53 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 "image per <image> tag, in order."
             )
 
+    def check_vision_features(self, vision_features: torch.Tensor) -> None:
+        """Refuse precomputed tower features whose shape is not `vision_features(pixel_values)`'s at the tower's
+        configured image size: (num_images, T, D_v * len(feature_layers))."""
+        grid_h, grid_w = self.config.grid_size
+        expected = (self.config.prefix_tokens + grid_h * grid_w, self.config.adapter_config["vision_hidden_size"])
+        if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
+            raise ValueError(
+                f"vision_features must be (num_images, {expected[0]}, {expected[1]}) (the output of "
+                f"model.vision_features at the tower's {grid_h}x{grid_w} grid), got {tuple(vision_features.shape)}: "
+                "cache features with the same tower, feature layers and image size, or pass pixel_values."
+            )
+
     def embed_inputs(
-        self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The LM's input embeddings with every image's features scattered into its placeholder positions."""
+        """The LM's input embeddings with every image's features scattered into its placeholder positions.
+
+        `vision_features` (precomputed `vision_features(pixel_values)`, e.g. from `vlm_vision.feature_cache`) replaces
+        `pixel_values`: the tower does not run.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
+        images = pixel_values if vision_features is None else vision_features
+        if images is not None:
+            if pixel_values is not None and vision_features is not None:
+                raise ValueError("Pass pixel_values or precomputed vision_features, not both.")
             if input_ids is None:
-                raise ValueError("pixel_values needs input_ids, to find the <image> placeholder positions.")
-            if pixel_values.dim() != 4:
+                raise ValueError("Images need input_ids, to find the <image> placeholder positions.")
+            if vision_features is not None:
+                self.check_vision_features(vision_features)
+            elif pixel_values.dim() != 4:
                 raise ValueError(
                     f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}: "
                     "images of all samples are concatenated along the first axis."
                 )
-            tokens_per_image = self.num_image_tokens
-            self.check_image_placeholders(input_ids, pixel_values.shape[0], tokens_per_image)
-            if pixel_values.shape[0]:
-                image_features = self.get_image_features(pixel_values)
+            self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens)
+            if images.shape[0]:
+                if vision_features is None:
+                    image_features = self.get_image_features(pixel_values)
+                else:
+                    image_features = self.project_vision_features(vision_features, self.config.grid_size)
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
         elif self.training and torch.is_grad_enabled():
@@ -234,6 +272,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -242,13 +281,15 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             pixel_values: `(I, C, H, W)`, the images of all samples in placeholder order; None for text only.
             attention_mask: `(B, S)`.
             labels: `(B, S)`, -100 where no loss is taken (prompt, image tokens, padding); shifted inside the LM.
+            vision_features: `(I, T, D_v * len(feature_layers))`, precomputed `vision_features(pixel_values)` of a
+                frozen tower (a feature cache), instead of `pixel_values`.
             kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
         """
         has_cache = kwargs.get("cache", kwargs.get("past_key_values")) is not None
-        no_images = pixel_values is None and input_ids is not None and not has_cache
+        no_images = pixel_values is None and vision_features is None and input_ids is not None and not has_cache
         if no_images and (input_ids == self.config.image_token_id).any():
             raise ValueError("input_ids contain <image> placeholders but no pixel_values were given: pass the images.")
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, vision_features)
         if labels is not None:
             if input_ids is not None:
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)

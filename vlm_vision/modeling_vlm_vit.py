@@ -10,7 +10,8 @@ Read top-down, this file is the paper's Eq. 1-4:
 Deviations and additions, all off by default unless stated:
 - The patch embedding E is a Conv2d with kernel = stride = P, which is the same linear map as flattening patches.
 - Hybrid (Sec. 3.1): with `config.backbone_config`, the patches come from a CNN feature map (transformers' BiT
-  backbone), projected by a 1x1 convolution.
+  backbone), projected by a 1x1 convolution (P / stride wide in general). `backbone_norm_eps` sets the GroupNorm
+  epsilon of the backbone (the reference JAX ResNet's 1e-6 instead of BiT's 1e-5).
 - Other resolutions (Sec. 3.2): the position embeddings are 2-D interpolated (`interpolate_pos_encoding=True` at run
   time; automatically when loading a checkpoint into a config of another image size).
 - Switches for other towers: no class token, register tokens (no position embedding), a pre-encoder LayerNorm,
@@ -62,7 +63,11 @@ class VisionTransformerPatchEmbeddings(nn.Module):
         self.patch_size = config.patch_size_hw
         if config.backbone_config is not None:
             self.backbone = BitBackbone(BitConfig(num_channels=config.num_channels, **config.backbone_config))
-            stride = 2 ** (len(self.backbone.config.depths) + 1)  # stem /4, then /2 per stage after the first
+            if config.backbone_norm_eps is not None:  # nn.GroupNorm reads `eps` in forward
+                for module in self.backbone.modules():
+                    if isinstance(module, nn.GroupNorm):
+                        module.eps = config.backbone_norm_eps
+            stride = 4 * 2 ** max(len(self.backbone.config.depths) - 1, 0)  # stem /4, then /2 per stage after the first
             if self.patch_size[0] % stride or self.patch_size[1] % stride:
                 raise ValueError(
                     f"patch_size={config.patch_size} must be a multiple of the backbone's feature stride {stride}."

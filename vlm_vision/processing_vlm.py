@@ -189,6 +189,16 @@ class VisionLanguageProcessor(ProcessorMixin):
                 f"The conversations have {sum(tags)} {self.image_token} tags ({per_sample}) but {len(flat_images)} "
                 "images were given: pass one image per tag, in order."
             )
+        batch = self.pad_encoded(encoded, return_tensors=return_tensors)
+        if flat_images:
+            batch["pixel_values"] = self.image_processor(images=flat_images, return_tensors=return_tensors)[
+                "pixel_values"
+            ]
+        return batch
+
+    def pad_encoded(self, encoded: Sequence[dict[str, list[int]]], return_tensors: str = "pt") -> BatchFeature:
+        """Pad conversations already encoded by `encode_conversation` (so a data set can encode each one once):
+        input_ids, attention_mask and labels (-100 on padding), on the tokenizer's padding side."""
         padded = self.tokenizer.pad({"input_ids": [e["input_ids"] for e in encoded]}, return_tensors=return_tensors)
         labels = torch.full_like(padded["input_ids"], IGNORE_INDEX)
         left = self.tokenizer.padding_side == "left"
@@ -196,12 +206,7 @@ class VisionLanguageProcessor(ProcessorMixin):
             length = len(sample["labels"])
             columns = slice(labels.shape[1] - length, None) if left else slice(0, length)
             labels[row, columns] = torch.tensor(sample["labels"])
-        data = {**padded, "labels": labels}
-        if flat_images:
-            data["pixel_values"] = self.image_processor(images=flat_images, return_tensors=return_tensors)[
-                "pixel_values"
-            ]
-        return BatchFeature(data=data)
+        return BatchFeature(data={**padded, "labels": labels})
 
     def prompt(self, messages: Sequence[Message]) -> str:
         """The text to generate the next assistant turn from (expanded `<image>` tags not included)."""
