@@ -1,0 +1,184 @@
+"""VLM training from recipes: all stages on tiny sizes, artefacts, frozen parts, exact resume, 2 processes = 1."""
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "vision": {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    "language_model": {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+    },
+    "adapter": {"adapter_type": "pixel_shuffle", "scale_factor": 2},
+    "vision_feature_layer": -1,
+    "data": {"name": "easy-vqa", "questions_per_sample": 4, "train_subset": 48, "eval_subset": 24},
+    "tokenizer": {"vocab_size": 400},
+    "max_length": 256,
+    "eval_batch_size": 24,
+}
+ALIGN = {"name": "align", "kind": "align", "max_steps": 4, "batch_size": 8, "optimizer": {"learning_rate": 0.01}}
+
+
+def recipe(*stages) -> VLMRecipe:
+    return VLMRecipe(**json.loads(json.dumps(TINY)), stages=[dict(s) for s in stages])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_all_stages_run_and_write_the_artefacts(tmp_path):
+    stages = (
+        {
+            "name": "vision_pretrain",
+            "kind": "vision_pretrain",
+            "classifier": {"task": "shape_color", "image_size": 32, "head": "mlp", "max_steps": 2, "batch_size": 16},
+        },
+        ALIGN,
+        {
+            "name": "finetune",
+            "kind": "finetune",
+            "lora": "both",
+            "max_steps": 2,
+            "batch_size": 8,
+            "aux_classification_weight": 0.5,
+            "horizontal_flip": True,
+        },
+    )
+    results = run_vlm_recipe(recipe(*stages), str(tmp_path), progress_bar=False)
+    assert [row["stage"] for row in results["stages"]] == ["vision_pretrain", "align", "finetune"]
+    assert set(results["evaluation"]["accuracy"]) >= {"overall"} and results["evaluation"]["num_samples"] == 24
+
+    # align trained the adapter only: the tower is the pre-trained classifier's, unchanged
+    pretrained = weights(tmp_path / "vision_pretrain" / "model")
+    aligned = weights(tmp_path / "align" / "model")
+    for key, value in aligned.items():
+        if key.startswith("vision_tower."):
+            torch.testing.assert_close(value, pretrained["vit." + key.removeprefix("vision_tower.")], msg=key)
+    finetuned = weights(tmp_path / "finetune" / "model")
+    assert not torch.equal(finetuned["adapter.linear_1.weight"], aligned["adapter.linear_1.weight"])
+    assert not any("lora" in key for key in finetuned)  # merged
+
+    # the final folder loads through the Auto classes, with its processor, LoRA saved separately, a model card
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm")
+    processor = AutoProcessor.from_pretrained(tmp_path / "vlm")
+    assert processor.num_image_tokens == model.num_image_tokens == 4
+    assert (tmp_path / "lora" / "finetune" / "adapter_config.json").is_file()
+    card = (tmp_path / "vlm" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and '"kind": "finetune"' in card and "| overall |" in card
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["evaluation"]["accuracy"] == results["evaluation"]["accuracy"]
+
+    # the evaluation script on the saved folder: batched greedy answers, exact match by question type
+    evaluate = runpy.run_path(str(ROOT / "scripts" / "evaluate_vlm.py"), run_name="evaluate_vlm")["main"]
+    evaluate([str(tmp_path / "vlm"), "--limit", "8", "--batch-size", "4", "--output", str(tmp_path / "eval.json")])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["num_samples"] == 8 and len(report["predictions"]) == 8 and "overall" in report["accuracy"]
+
+
+def test_vqa_and_exact_match_scoring_of_generated_answers(monkeypatch):
+    from vlm_vision.data.conversations import VLMSample
+    from vlm_vision.training import vlm
+
+    samples = [
+        VLMSample(
+            [], [{"role": "user", "content": "q"}], "a", {"answers": ["2"] * 4 + ["3"] * 6, "answer_type": "number"}
+        ),
+        VLMSample([], [{"role": "user", "content": "q"}], "b", {"qa": [{"answer": "blue", "question_type": "color"}]}),
+    ]
+    answers = {"a": "two", "b": "Blue"}  # stands in for the model's greedy answers
+    monkeypatch.setattr(vlm, "generate_answers", lambda model, processor, batch, **k: [answers[s.id] for s in batch])
+    assert vlm.evaluate_samples(None, None, samples[:1], "vqa")["accuracy"] == {"overall": 1.0, "number": 1.0}
+    assert vlm.evaluate_samples(None, None, samples[1:], "exact_match")["accuracy"] == {"overall": 1.0, "color": 1.0}
+    with pytest.raises(ValueError, match="metric='bleu'"):
+        vlm.evaluate_samples(None, None, samples, "bleu")
+
+
+def test_stop_and_resume_gives_the_uninterrupted_weights(tmp_path):
+    run_vlm_recipe(recipe(ALIGN), str(tmp_path / "straight"), progress_bar=False, evaluate=False)
+    stopped = run_vlm_recipe(
+        recipe(ALIGN), str(tmp_path / "resumed"), progress_bar=False, save_every_steps=1, stop_after_steps=2
+    )
+    assert stopped["stopped_in"] == "align" and not (tmp_path / "resumed" / "align" / "model").exists()
+    run_vlm_recipe(
+        recipe(ALIGN), str(tmp_path / "resumed"), progress_bar=False, save_every_steps=1, resume=True, evaluate=False
+    )
+    straight = weights(tmp_path / "straight" / "align" / "model")
+    resumed = weights(tmp_path / "resumed" / "align" / "model")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({**TINY, "stages": [ALIGN]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "scripts" / "train_vlm.py"),
+        "--recipe",
+        str(path),
+        "--output-dir",
+        str(tmp_path / "two"),
+        "--no-progress-bar",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes x 4 per device" in done.stderr
+    run_vlm_recipe(VLMRecipe.from_json(path), str(tmp_path / "one"), progress_bar=False, evaluate=False)
+    one, two = weights(tmp_path / "one" / "align" / "model"), weights(tmp_path / "two" / "align" / "model")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_recipe_errors():
+    with pytest.raises(ValueError, match="finetune stage needs lora"):
+        recipe({"name": "f", "kind": "finetune"})
+    with pytest.raises(ValueError, match="unique names"):
+        recipe(ALIGN, ALIGN)
+    with pytest.raises(ValueError, match="kind='pretrain'"):
+        recipe({"name": "p", "kind": "pretrain"})
+    with pytest.raises(ValueError, match="vision_pretrain needs a 'classifier' section"):
+        recipe({"name": "p", "kind": "vision_pretrain"})
+
+
+def test_the_default_recipe_parses():
+    default = VLMRecipe.from_json(ROOT / "configs" / "vlm" / "easy_vqa.json")
+    assert default.stages[0].kind == "vision_pretrain" and default.data["name"] == "easy-vqa"

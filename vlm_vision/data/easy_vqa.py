@@ -1,0 +1,105 @@
+"""The built-in data set with no download: easy-VQA's 64x64 images (PyPI `easy-vqa`, MIT), labelled by shape and colour.
+
+Each easy-VQA image holds one shape (circle, rectangle or triangle) in one of 8 colours; the package gives questions,
+not labels. An image's labels are read off its questions: the answer of a "what ..." question ("what color is the
+shape?" -> blue) and the attribute words it names ("what is the blue shape?" -> rectangle, and blue), and the
+attributes that yes/no questions assert ("is there a triangle?" yes, "is there not a red shape?" no). Across the
+package's questions this never gives an image two shapes or two colours (checked on load); images whose questions do
+not determine the attribute a task needs (about 11% for `shape_color`) are left out, with their number logged.
+
+Tasks: `shape` (3 classes), `color` (8), `shape_color` (24 joint classes, "blue circle", ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import cache
+
+from .images import LabelledImages
+
+logger = logging.getLogger(__name__)
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+EASY_VQA_TASKS = ("shape", "color", "shape_color")
+SPLITS = ("train", "test")
+_NEGATIONS = {"not", "no"}
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError as error:
+        raise ImportError(
+            "The built-in data set needs the easy-vqa package: pip install 'vlm-vision[data]' (or easy-vqa)."
+        ) from error
+    return easy_vqa
+
+
+@cache
+def easy_vqa_image_labels(split: str = "train") -> dict[int, dict[str, str]]:
+    """`{image_id: {"path": png, "shape": ..., "color": ...}}` for a split; an attribute is absent when the image's
+    questions do not determine it.
+
+    Raises:
+        ValueError: unknown split, or questions that give one image two shapes or two colours.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; easy-VQA has {SPLITS}.")
+    easy_vqa = _easy_vqa()
+    questions, answers, image_ids = (
+        easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    )
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    found: dict[int, dict[str, set[str]]] = {i: {"shape": set(), "color": set()} for i in paths}
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        if answer in ("yes", "no"):
+            if (answer == "yes") == bool(words & _NEGATIONS):
+                continue  # "is there a X?" no / "is there not a X?" yes: says what is absent, not what is there
+        else:
+            words.add(answer)
+        found[image_id]["shape"] |= words & set(EASY_VQA_SHAPES)
+        found[image_id]["color"] |= words & set(EASY_VQA_COLORS)
+    labels = {}
+    for image_id, attributes in found.items():
+        entry = {"path": paths[image_id]}
+        for attribute, values in attributes.items():
+            if len(values) > 1:
+                raise ValueError(
+                    f"easy-VQA {split} image {image_id} has questions naming several {attribute}s {sorted(values)}: "
+                    "this labelling assumes one shape per image; check the installed easy-vqa version."
+                )
+            if values:
+                entry[attribute] = next(iter(values))
+        labels[image_id] = entry
+    return labels
+
+
+def task_class_names(task: str) -> tuple[str, ...]:
+    if task == "shape":
+        return EASY_VQA_SHAPES
+    if task == "color":
+        return EASY_VQA_COLORS
+    if task == "shape_color":
+        return tuple(f"{color} {shape}" for shape in EASY_VQA_SHAPES for color in EASY_VQA_COLORS)
+    raise ValueError(f"task={task!r}; easy-VQA image tasks are {EASY_VQA_TASKS}.")
+
+
+def load_easy_vqa(split: str = "train", task: str = "shape_color") -> LabelledImages:
+    """easy-VQA's images of `split` labelled for `task` (see the module docstring), in image-id order."""
+    class_names = task_class_names(task)
+    index = {name: i for i, name in enumerate(class_names)}
+    needed = ("shape", "color") if task == "shape_color" else (task,)
+    paths, labels, missing = [], [], 0
+    for _, entry in sorted(easy_vqa_image_labels(split).items()):
+        if not all(a in entry for a in needed):
+            missing += 1
+            continue
+        name = f"{entry['color']} {entry['shape']}" if task == "shape_color" else entry[task]
+        paths.append(entry["path"])
+        labels.append(index[name])
+    if missing:
+        logger.info("easy-VQA %s/%s: %d images left out (their questions do not give the label).", split, task, missing)
+    return LabelledImages(tuple(paths), tuple(labels), class_names)

@@ -1,0 +1,248 @@
+"""Images for training: decode any file to RGB, labelled image sets, and the classification data set.
+
+Every image goes through :func:`load_image` (Pillow): grayscale, RGBA, palette and CMYK files all come out as RGB
+(transparent pixels composited on white), and a missing or undecodable file raises :class:`ImageLoadError` with the
+file named. Pixel values are prepared as the checkpoints' image processor does (transformers' ViT processor: bilinear
+resize, scale to [0, 1], normalise with mean = std = 0.5), so a model trained here sees at training time what
+`AutoImageProcessor.from_pretrained(folder)` gives it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ON_ERROR_CHOICES = ("raise", "skip")
+IMAGE_MEAN = IMAGE_STD = 0.5  # the reference ViT preprocessing, as vlm_vision.checkpoint.image_processor_for
+
+
+class ImageLoadError(ValueError):
+    """An image file that is missing or cannot be decoded; `path` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        super().__init__(
+            f"Cannot read image {self.path}: {reason}. Replace or remove the file, or pass on_error='skip' "
+            "(--on-bad-image skip) to leave unreadable images out with a warning."
+        )
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as an RGB Pillow image, fully decoded.
+
+    Modes other than RGB are converted; images with transparency (RGBA, LA, palette with a transparent colour) are
+    composited on a white background first, so transparent areas do not turn into arbitrary colours.
+
+    Raises:
+        ImageLoadError: the file does not exist or is not a decodable image (truncated, corrupt, not an image).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            if image.mode in ("RGBA", "LA", "PA"):
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error={on_error!r}; choose 'raise' (stop at the first bad image) or 'skip'.")
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Image files with one integer label each, and the class names the labels index.
+
+    Attributes:
+        paths: image files.
+        labels: `labels[i]` is the class of `paths[i]`, in `range(len(class_names))`.
+        class_names: the name of each class, in label order.
+    """
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        object.__setattr__(self, "labels", tuple(int(x) for x in self.labels))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels: give one label per image.")
+        if not self.class_names:
+            raise ValueError("class_names is empty: a classification data set needs at least one class.")
+        bad = [x for x in self.labels if not 0 <= x < len(self.class_names)]
+        if bad:
+            raise ValueError(
+                f"labels {sorted(set(bad))[:5]} are outside range(len(class_names)) = range({len(self.class_names)})."
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.class_names))
+
+    def subset(self, num_images: int, seed: int = 0) -> LabelledImages:
+        """A seeded random subset of `num_images` images (in their original order)."""
+        if not 0 < num_images <= len(self):
+            raise ValueError(f"num_images={num_images} must be in 1..{len(self)} (the number of images).")
+        chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+        return self._take(chosen.tolist())
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+        """A seeded random split into (rest, held out), the held-out part `fraction` of the images (at least 1)."""
+        if not 0.0 < fraction < 1.0 or len(self) < 2:
+            raise ValueError(f"cannot hold out fraction={fraction} of {len(self)} images: need 0 < fraction < 1.")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        held = max(1, round(fraction * len(self)))
+        return self._take(sorted(order[held:])), self._take(sorted(order[:held]))
+
+    def readable(self) -> LabelledImages:
+        """The images that :func:`load_image` can decode; the others are left out with a warning naming them."""
+        keep, bad = [], []
+        for index, path in enumerate(self.paths):
+            try:
+                load_image(path)
+                keep.append(index)
+            except ImageLoadError as error:
+                bad.append(error.path)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            logger.warning("Skipped %d of %d images that cannot be read: %s", len(bad), len(self), shown)
+        return self._take(keep)
+
+    def _take(self, indices: Sequence[int]) -> LabelledImages:
+        return LabelledImages(
+            tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.class_names
+        )
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}.")
+    return pair
+
+
+def _flip_bit(seed: int, epoch: int, index: int) -> bool:
+    """A fair coin from (seed, epoch, index) alone (splitmix64): the same flips whatever the number of processes,
+    the batch order or a resume."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return bool((x ^ (x >> 31)) & 1)
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """`LabelledImages` as model inputs: `{"pixel_values": (3, H, W) float32, "labels": int64}` per item.
+
+    Args:
+        images: the files and labels.
+        image_size: `S` or `(H, W)`: every image is resized to it (bilinear, as the checkpoints' image processor).
+        horizontal_flip: flip each image with probability 1/2; the coin depends only on (`seed`, epoch, index), so
+            augmentation is identical under any number of processes and after a resume. Call `set_epoch` per epoch.
+        seed: the augmentation seed.
+        on_error: `"raise"`: an unreadable image raises :class:`ImageLoadError` (naming it) when it is read;
+            `"skip"`: every image is decoded once up front and unreadable ones are left out with a warning, so that
+            the data set's length is fixed before training starts (never a crash mid-epoch).
+        cache: keep the resized images in memory (uint8) after their first read; good for small images.
+    """
+
+    def __init__(
+        self,
+        images: LabelledImages,
+        image_size: int | Sequence[int],
+        *,
+        horizontal_flip: bool = False,
+        seed: int = 0,
+        on_error: str = "raise",
+        cache: bool = True,
+    ):
+        _check_on_error(on_error)
+        if not isinstance(images, LabelledImages):
+            raise TypeError(f"images must be LabelledImages, got {type(images).__name__}.")
+        self.images = images.readable() if on_error == "skip" else images
+        if len(self.images) == 0:
+            raise ValueError("The data set has no (readable) images.")
+        self.image_size = _pair(image_size)
+        self.horizontal_flip = horizontal_flip
+        self.seed = seed
+        self.on_error = on_error
+        self.epoch = 0
+        self._cache: dict[tuple[int, int], dict[int, torch.Tensor]] | None = {} if cache else None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.images.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.num_classes
+
+    def with_options(
+        self, *, image_size: int | Sequence[int] | None = None, horizontal_flip: bool | None = None
+    ) -> ImageClassificationDataset:
+        """The same images at another size or augmentation (the resized-image cache is shared)."""
+        other = object.__new__(ImageClassificationDataset)
+        other.__dict__.update(self.__dict__)
+        if image_size is not None:
+            other.image_size = _pair(image_size)
+        if horizontal_flip is not None:
+            other.horizontal_flip = horizontal_flip
+        return other
+
+    def subset(self, num_images: int, seed: int = 0) -> ImageClassificationDataset:
+        """The same options on a seeded random subset of the images (see `LabelledImages.subset`)."""
+        other = self.with_options()
+        other.images = self.images.subset(num_images, seed)
+        other._cache = None if self._cache is None else {}  # cached by index, which the subset renumbers
+        return other
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _pixels(self, index: int) -> torch.Tensor:
+        """(3, H, W) uint8 at `image_size`."""
+        cache = None if self._cache is None else self._cache.setdefault(self.image_size, {})
+        if cache is not None and index in cache:
+            return cache[index]
+        height, width = self.image_size
+        image = load_image(self.images.paths[index])
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        pixels = pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
+        if cache is not None:
+            cache[index] = pixels
+        return pixels
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixels = self._pixels(index)
+        if self.horizontal_flip and _flip_bit(self.seed, self.epoch, index):
+            pixels = pixels.flip(-1)
+        pixel_values = (pixels.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
+        return {"pixel_values": pixel_values, "labels": torch.tensor(self.images.labels[index])}

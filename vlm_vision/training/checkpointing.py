@@ -1,0 +1,141 @@
+"""Training-state checkpoints that are complete or absent: `accelerator.save_state` into a temporary folder, renamed.
+
+Layout under a run's `checkpoints/` folder:
+
+    checkpoint-00000100/        accelerate's state (model, optimizer, scheduler, RNG of every process, ...) and
+        trainer_state.json      the loop's position (step, epoch, batches consumed) plus the run's fingerprint
+    .checkpoint-00000200.tmp/   a save in progress (or interrupted): never taken for a checkpoint
+
+Every process writes its part into the temporary folder (accelerate saves per-process RNG states, and sharded
+optimizers under FSDP/DeepSpeed); then the main process writes `trainer_state.json` last and renames the folder,
+which is atomic on one file system. A run killed mid-save leaves only a `.tmp` folder, which the next save of that
+step replaces. With several machines the folder must be on a file system they share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+RESUME_LATEST = ("latest", "auto")
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: optimizer steps done, the epoch, and the micro-batches (per process) consumed in it."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    fingerprint: str = ""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def save_state_atomically(accelerator, checkpoints_dir: str | os.PathLike, state: TrainerState, keep_last=None) -> Path:
+    """`accelerator.save_state` into `checkpoints_dir/checkpoint-<step>`, all or nothing. Call on every process.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator`.
+        checkpoints_dir: the folder of the run's checkpoints.
+        state: the loop's position, written as `trainer_state.json`.
+        keep_last: delete all but the newest `keep_last` complete checkpoints after this one is in place.
+
+    Returns:
+        The checkpoint folder.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    final = checkpoints_dir / checkpoint_name(state.global_step)
+    staging = checkpoints_dir / f".{final.name}.tmp"  # the same path on every process
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(staging / STATE_FILE, "w") as f:
+            json.dump(asdict(state), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)  # the same step saved again (e.g. at the end of a resumed, finished run)
+        os.replace(staging, final)
+        logger.info("Saved checkpoint %s", final)
+        if keep_last:
+            for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `checkpoints_dir`, oldest first (temporary and incomplete folders are ignored)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoints_dir.iterdir():
+        match = _CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match[1]), path))
+    return [path for _, path in sorted(found)]
+
+
+def find_latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `checkpoints_dir`, or None."""
+    checkpoints = list_checkpoints(checkpoints_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(resume: str | os.PathLike | None, checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: None for a fresh start; "latest"/"auto": the newest complete one in
+    `checkpoints_dir` (None when there is none yet); otherwise a checkpoint folder, which must be complete."""
+    if resume is None or str(resume) == "":
+        return None
+    if str(resume) in RESUME_LATEST:
+        latest = find_latest_checkpoint(checkpoints_dir)
+        if latest is None:
+            logger.info("No complete checkpoint in %s yet: starting from the beginning.", checkpoints_dir)
+        return latest
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(
+            f"{path} is not a complete checkpoint (no {STATE_FILE}); a save that was interrupted leaves such a "
+            f"folder. Pass a checkpoint-<step> folder, or --resume latest to take the newest complete one."
+        )
+    return path
+
+
+def load_state(accelerator, checkpoint: str | os.PathLike, fingerprint: str | None = None) -> TrainerState:
+    """Restore everything `save_state_atomically` saved; return the loop's position.
+
+    Raises:
+        ValueError: the checkpoint is incomplete, or was written by a run with another `fingerprint` (a different
+            recipe, data set or number of processes would not continue the same run).
+    """
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+    state = TrainerState(**json.loads(state_file.read_text()))
+    if fingerprint is not None and state.fingerprint and state.fingerprint != fingerprint:
+        raise ValueError(
+            f"{checkpoint} was saved by a run with another configuration:\n  saved:   {state.fingerprint}\n"
+            f"  current: {fingerprint}\nResume with the same recipe, data and number of processes, or start a new "
+            "run in another output folder."
+        )
+    accelerator.load_state(str(checkpoint))
+    logger.info("Resumed from %s (step %d, epoch %d)", checkpoint, state.global_step, state.epoch)
+    return state

@@ -1,0 +1,390 @@
+"""A small training loop on accelerate, shared by every training script (classifier, VLM stages).
+
+What it guarantees:
+
+- The same run on 1 process and under `accelerate launch --num_processes N`: `batch_size` is the *global* batch of
+  one optimizer step; each process takes `batch_size / (N * gradient_accumulation_steps)` samples per micro-batch.
+  The data order comes from :class:`EpochSampler` (a permutation seeded by (seed, epoch), cut into global batches
+  and dealt to processes by accelerate), so the samples of each step do not depend on N, and DDP's mean of the
+  per-process mean losses equals the one-process mean.
+- Exact resume: `save_every_steps` checkpoints (see :mod:`.checkpointing`) hold the model, optimizer, scheduler,
+  RNG states and the loop's position; a resumed run skips the batches already consumed in the epoch (without
+  reading them) and continues with the same data order, augmentation and schedule.
+- Gradient accumulation (`accelerator.accumulate`), gradient clipping, mixed precision (`"auto"`: bf16 on a GPU
+  that supports it, fp32 on CPU), a progress bar with loss, samples/s and ETA, and accelerate trackers
+  (`report_to=["tensorboard"]` writes under `output_dir/logs`).
+
+The model's forward must return an object with `.loss` given `**batch`, or pass `compute_loss(model, batch)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpointing import TrainerState, load_state, resolve_resume, save_state_atomically
+from .optim import OptimizerConfig, build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainingArguments:
+    """How to run one training stage (what to optimise is an :class:`OptimizerConfig`).
+
+    Attributes:
+        output_dir: the stage's folder: `checkpoints/` and `logs/` go under it.
+        num_epochs: passes over the data (ignored when `max_steps` is set).
+        max_steps: optimizer steps in total; the schedule's length.
+        batch_size: global batch of one optimizer step, over all processes and accumulation micro-batches.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        max_grad_norm: clip the gradient norm to this (None: no clipping).
+        mixed_precision: "auto" (bf16 on a GPU that supports it, else fp32), "no", "bf16" or "fp16".
+        seed: seeds the model's initialisation (by the caller), the data order and the RNGs.
+        save_every_steps: save a resumable checkpoint every this many optimizer steps and at the end (None: never).
+        keep_last_checkpoints: keep only the newest checkpoints (None: all).
+        resume: None, "latest" (the newest complete checkpoint of `output_dir/checkpoints`, if any) or a folder.
+        stop_after_steps: stop after this many optimizer steps (saving a checkpoint if `save_every_steps` is set)
+            without changing the schedule, as if the run were killed there; for time budgets and tests.
+        log_every_steps: progress-bar and tracker updates.
+        report_to: accelerate trackers, e.g. ["tensorboard"] (needs the tensorboard package).
+        num_workers: DataLoader workers.
+        progress_bar: show a tqdm bar on the main process.
+    """
+
+    output_dir: str = "outputs/train"
+    num_epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"
+    seed: int = 0
+    save_every_steps: int | None = None
+    keep_last_checkpoints: int | None = 2
+    resume: str | None = None
+    stop_after_steps: int | None = None
+    log_every_steps: int = 10
+    report_to: list[str] = field(default_factory=list)
+    num_workers: int = 0
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive int.")
+        for name in ("max_steps", "save_every_steps", "keep_last_checkpoints", "stop_after_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive int or None.")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of {MIXED_PRECISION_CHOICES}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 or None.")
+
+
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """ "auto" -> "bf16" on a CUDA GPU with bf16, else "no" (fp32: CPUs gain nothing from bf16 autocast here)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def use_cpu_processes() -> bool:
+    """Whether this process is one of several CPU processes (gloo) rather than a GPU process.
+
+    accelerate makes launched processes CPU processes only when ACCELERATE_USE_CPU is set, which its multi-process
+    launcher does not set (and `accelerate launch --cpu --num_processes 2` starts one process without MPI). Launched
+    processes (WORLD_SIZE > 1) on a machine without CUDA are therefore made CPU processes here.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (rank, world size), set up as `make_accelerator` does: use it instead of a bare
+    `PartialState()`, which would make every launched CPU process a single, unconnected process."""
+    return PartialState(cpu=use_cpu_processes())
+
+
+def make_accelerator(args: TrainingArguments) -> Accelerator:
+    """An Accelerator for one stage: its mixed precision, accumulation and trackers."""
+    log_with = list(args.report_to) or None
+    if log_with and "tensorboard" in log_with:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "report_to=['tensorboard'] needs the tensorboard package: pip install tensorboard, or drop it."
+            ) from error
+    return Accelerator(
+        cpu=use_cpu_processes(),
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=str(Path(args.output_dir) / "logs") if log_with else None,
+    )
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation of `range(num_samples)` seeded by (seed, epoch), optionally without its first samples.
+
+    accelerate cuts this stream into per-process batches, so every process agrees on it without communicating.
+    `set_epoch` is called by accelerate's data loader each epoch; `skip(n)` drops the first `n` samples of the
+    current epoch only (a resumed run's consumed batches, never read).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._skip = epoch, 0
+
+    def skip(self, num_samples: int) -> None:
+        self._skip = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[self._skip :].tolist()
+        self._skip = 0
+        yield from order
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the unwrapped model and the run's figures."""
+
+    model: nn.Module
+    state: TrainerState
+    num_training_steps: int
+    last_loss: float = float("nan")
+    train_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    finished: bool = True
+
+
+def default_compute_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def run_fingerprint(
+    args: TrainingArguments, optimizer: OptimizerConfig, num_samples: int, num_processes: int, extra: dict | None = None
+) -> str:
+    """A short digest of what must not change between a run and its resume."""
+    keep = {
+        k: v
+        for k, v in asdict(args).items()
+        if k
+        not in (
+            "resume",
+            "stop_after_steps",
+            "progress_bar",
+            "output_dir",
+            "report_to",
+            "num_workers",
+            "log_every_steps",
+            "keep_last_checkpoints",
+        )
+    }
+    payload = {
+        "args": keep,
+        "optimizer": asdict(optimizer),
+        "num_samples": num_samples,
+        "num_processes": num_processes,
+        **(extra or {}),
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:16]} ({num_samples} samples, {num_processes} processes)"
+
+
+def train(
+    model: nn.Module,
+    train_dataset: torch.utils.data.Dataset,
+    args: TrainingArguments,
+    optimizer_config: OptimizerConfig,
+    *,
+    collate_fn: Callable | None = None,
+    compute_loss: Callable[[nn.Module, dict], torch.Tensor] = default_compute_loss,
+    accelerator: Accelerator | None = None,
+    fingerprint_extra: dict | None = None,
+    tracker_config: dict | None = None,
+) -> TrainResult:
+    """Train `model` on `train_dataset` as `args` says; returns the unwrapped model (on `accelerator.device`).
+
+    Args:
+        model: any `nn.Module`; with the default `compute_loss`, `model(**batch).loss` must be the loss.
+        train_dataset: a map-style data set; items are collated by `collate_fn` (PyTorch's default if None). If it
+            has `set_epoch(epoch)` (augmentation), it is called at the start of each epoch.
+        args: see :class:`TrainingArguments`.
+        optimizer_config: AdamW, its parameter groups and the cosine schedule (see :mod:`.optim`).
+        compute_loss: `(model, batch) -> scalar loss`, for models whose loss is not `outputs.loss` (e.g. a VLM with
+            an auxiliary classification loss).
+        accelerator: reuse one (its `gradient_accumulation_steps` must match); default: a new one for this stage.
+        fingerprint_extra: more things that identify the run (e.g. the model config), checked on resume.
+        tracker_config: hyper-parameters logged to the trackers.
+    """
+    accelerator = accelerator or make_accelerator(args)
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise ValueError(
+            f"The accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+            f"args.gradient_accumulation_steps={args.gradient_accumulation_steps}: make them agree."
+        )
+    num_processes = accelerator.num_processes
+    micro_batches = num_processes * args.gradient_accumulation_steps
+    if args.batch_size % micro_batches:
+        raise ValueError(
+            f"batch_size={args.batch_size} (global) is not divisible by num_processes ({num_processes}) x "
+            f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) = {micro_batches}: choose a multiple."
+        )
+    per_device_batch = args.batch_size // micro_batches
+    num_samples = len(train_dataset)
+    batches_per_epoch = num_samples // (per_device_batch * num_processes)  # per process, full batches only
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError(
+            f"The data set has {num_samples} samples, fewer than one global batch of {args.batch_size}: lower "
+            "batch_size or add data."
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    num_training_steps = args.max_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(num_training_steps / steps_per_epoch)
+
+    sampler = EpochSampler(num_samples, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=per_device_batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.num_workers,
+        collate_fn=collate_fn,
+        # Its own generator: each new iterator draws a worker seed from it, which would otherwise shift the global
+        # RNG (dropout) at every epoch start, and a run resumed mid-epoch would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    optimizer = build_optimizer(model, optimizer_config)
+    scheduler = build_scheduler(optimizer, optimizer_config, num_training_steps)
+    # The scheduler is not prepared: accelerate would step it once per process; here it steps once per update.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    fingerprint = run_fingerprint(args, optimizer_config, num_samples, num_processes, fingerprint_extra)
+    checkpoints_dir = Path(args.output_dir) / "checkpoints"
+    state = TrainerState(fingerprint=fingerprint)
+    checkpoint = resolve_resume(args.resume, checkpoints_dir)
+    if checkpoint is not None:
+        state = load_state(accelerator, checkpoint, fingerprint)
+    if args.report_to:
+        accelerator.init_trackers(Path(args.output_dir).name, config=tracker_config or {})
+
+    main = accelerator.is_main_process
+    if main:
+        logger.info(
+            "Training: %d samples, %d epochs, %d optimizer steps of %d samples (%d processes x %d per device x %d "
+            "accumulation), %s precision",
+            num_samples,
+            num_epochs,
+            num_training_steps,
+            args.batch_size,
+            num_processes,
+            per_device_batch,
+            args.gradient_accumulation_steps,
+            "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
+        )
+    bar = tqdm(
+        total=num_training_steps,
+        initial=state.global_step,
+        desc=Path(args.output_dir).name,
+        unit="step",
+        disable=not (args.progress_bar and accelerator.is_local_main_process),
+        dynamic_ncols=True,
+    )
+    stop_at = min(num_training_steps, args.stop_after_steps or num_training_steps)
+    running_loss, running_count, last_loss = 0.0, 0, float("nan")
+    samples_done, started = 0, time.perf_counter()
+    model.train()
+    while state.global_step < stop_at and state.epoch < num_epochs:
+        loader.set_epoch(state.epoch)
+        if hasattr(train_dataset, "set_epoch"):
+            train_dataset.set_epoch(state.epoch)
+        sampler.skip(state.batches_in_epoch * per_device_batch * num_processes)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            running_loss += loss.detach().float().item()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.global_step += 1
+            samples_done += args.batch_size
+            if state.batches_in_epoch >= batches_per_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            bar.update(1)
+            if state.global_step % args.log_every_steps == 0 or state.global_step == stop_at:
+                mean_loss = accelerator.reduce(
+                    torch.tensor(running_loss / running_count, device=accelerator.device), "mean"
+                ).item()
+                last_loss, running_loss, running_count = mean_loss, 0.0, 0
+                speed = samples_done / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(
+                    loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{speed:.0f}"
+                )
+                if args.report_to:
+                    accelerator.log(
+                        {
+                            "train/loss": mean_loss,
+                            "train/lr": scheduler.get_last_lr()[0],
+                            "train/samples_per_second": speed,
+                        },
+                        step=state.global_step,
+                    )
+            if args.save_every_steps and (
+                state.global_step % args.save_every_steps == 0 or state.global_step == stop_at
+            ):
+                save_state_atomically(accelerator, checkpoints_dir, state, args.keep_last_checkpoints)
+            if state.global_step >= stop_at:
+                break
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if args.report_to:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    finished = state.global_step >= num_training_steps
+    if main:
+        logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
+    return TrainResult(
+        model=accelerator.unwrap_model(model),
+        state=state,
+        num_training_steps=num_training_steps,
+        last_loss=last_loss,
+        train_seconds=elapsed,
+        samples_per_second=samples_done / elapsed if elapsed > 0 else 0.0,
+        finished=finished,
+    )
