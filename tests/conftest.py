@@ -31,3 +31,13 @@ def config() -> VisionTransformerConfig:
 def pixel_values() -> torch.Tensor:
     torch.manual_seed(0)
     return torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A sentencepiece tokenizer trained once per test session on the tiny VQA corpus (tests/vlm_helpers.py)."""
+    from tests.vlm_helpers import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer().save_pretrained(path)
+    return path

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
+from tests.launch import launch_two_processes
 from vlm_vision import VisionTransformerForImageClassification, VisionTransformerModel, resample_position_embeddings
 from vlm_vision.training import ClassifierStage, prepare_classifier
 from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
@@ -114,35 +111,21 @@ def test_recipe_validation_names_the_problem(tmp_path):
     assert default.stages[1].image_size == 2 * default.stages[0].image_size  # Sec. 3.2: fine-tune at 2x
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_and_resume_skips_finished_stages(tmp_path):
     data = write_image_folder(tmp_path / "images")
     recipe_path = tmp_path / "recipe.json"
     recipe_path.write_text(json.dumps(tiny_recipe(data)))
 
     # 2 processes (DDP over gloo), 4 images each per step, through the script and the shipped accelerate config
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "scripts" / "train_classifier.py"),
+    done = launch_two_processes(
+        "train_classifier.py",
         "--config",
         str(recipe_path),
         "--output-dir",
         str(tmp_path / "two"),
         "--no-progress",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes x 4 per device" in done.stderr
 

@@ -4,15 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, LlamaTokenizer
 
-from tests.vlm_helpers import build_vlm, shapes_image, train_tokenizer, vqa
+from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision.lora import LoraPreset, LoraSide, apply_lora, lora_config, parameter_table
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -1,11 +1,7 @@
 """VLM training from recipes: all stages on tiny sizes, artefacts, frozen parts, exact resume, 2 processes = 1."""
 
 import json
-import os
 import runpy
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from tests.launch import launch_two_processes
 from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,32 +130,12 @@ def test_stop_and_resume_gives_the_uninterrupted_weights(tmp_path):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps({**TINY, "stages": [ALIGN]}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "scripts" / "train_vlm.py"),
-        "--recipe",
-        str(path),
-        "--output-dir",
-        str(tmp_path / "two"),
-        "--no-progress-bar",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = launch_two_processes(
+        "train_vlm.py", "--recipe", str(path), "--output-dir", str(tmp_path / "two"), "--no-progress-bar", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes x 4 per device" in done.stderr
     run_vlm_recipe(VLMRecipe.from_json(path), str(tmp_path / "one"), progress_bar=False, evaluate=False)

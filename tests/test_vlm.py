@@ -4,16 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlamaTokenizer
 
-from tests.vlm_helpers import build_vlm, shapes_image, train_tokenizer, vqa
+from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision import VisionLanguageForConditionalGeneration, VisionTransformerModel
 from vlm_vision.processing_vlm import IGNORE_INDEX
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -80,15 +80,7 @@ class ClassifierStage:
 
     def training_arguments(self, output_dir: str, **overrides) -> TrainingArguments:
         """This stage's `TrainingArguments` (run-level settings such as `resume` or `save_every_steps` as overrides)."""
-        return TrainingArguments(
-            output_dir=output_dir,
-            num_epochs=self.num_epochs,
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            max_grad_norm=self.max_grad_norm,
-            **overrides,
-        )
+        return TrainingArguments.for_stage(self, output_dir, **overrides)
 
 
 def prepare_classifier(

@@ -97,6 +97,13 @@ class TrainingArguments:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 or None.")
 
+    @classmethod
+    def for_stage(cls, stage, output_dir: str, **overrides) -> TrainingArguments:
+        """The arguments of a stage (classifier or VLM): its schedule fields, plus run-level `overrides` such as
+        `resume` or `save_every_steps`."""
+        schedule = ("num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_grad_norm")
+        return cls(output_dir=output_dir, **{name: getattr(stage, name) for name in schedule}, **overrides)
+
 
 def resolve_mixed_precision(mixed_precision: str) -> str:
     """ "auto" -> "bf16" on a CUDA GPU with bf16, else "no" (fp32: CPUs gain nothing from bf16 autocast here)."""

@@ -96,15 +96,7 @@ class VLMStage:
             self.optimizer.parts = dict(VLM_PARTS)
 
     def training_arguments(self, output_dir: str, **overrides) -> TrainingArguments:
-        return TrainingArguments(
-            output_dir=output_dir,
-            num_epochs=self.num_epochs,
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            max_grad_norm=self.max_grad_norm,
-            **overrides,
-        )
+        return TrainingArguments.for_stage(self, output_dir, **overrides)
 
 
 def stage_optimizer(stage: VLMStage, model: nn.Module) -> OptimizerConfig:
