@@ -205,7 +205,7 @@ def run_vlm_recipe(
     set_seed(recipe.seed)
     train_samples, eval_samples = load_samples(recipe.data, recipe.seed)
     tokenizer = build_tokenizer(recipe, train_samples, out / "tokenizer")
-    rows, tower, aux_head, aux_labels, model, processor = [], None, None, None, None, None
+    rows, tower, aux_head, aux_labels, aux_task, model, processor = [], None, None, None, None, None, None
     run_args = {
         "seed": recipe.seed,
         "save_every_steps": save_every_steps,
@@ -266,6 +266,7 @@ def run_vlm_recipe(
             tower = classifier.vit
             aux_head = nn.Sequential(*(m for m in (classifier.pre_logits, classifier.classifier) if m is not None))
             aux_labels = [classifier.config.id2label[i] for i in range(classifier.config.num_labels)]
+            aux_task = classifier_stage.task
             continue
 
         if model is None:
@@ -289,7 +290,7 @@ def run_vlm_recipe(
         use_aux = stage.aux_classification_weight > 0 and aux_head is not None
         if use_aux:
             trainable = WithAuxiliaryClassifier(trainable, aux_head, stage.aux_classification_weight)
-            label_key, label_names = "shape_color", aux_labels
+            label_key, label_names = aux_task, aux_labels
         dataset = EncodedConversations(
             [_with_label(s, label_key) for s in train_samples] if use_aux else train_samples,
             processor,
@@ -342,13 +343,16 @@ def run_vlm_recipe(
     return {"stages": rows, "evaluation": evaluation, "total_seconds": round(time.perf_counter() - started, 1)}
 
 
-def _with_label(sample: VLMSample, key: str) -> VLMSample:
-    """Attach the easy-VQA image's joint shape/colour label (for the auxiliary loss) to its sample's meta."""
+def _with_label(sample: VLMSample, task: str) -> VLMSample:
+    """Attach the easy-VQA image's label for the classifier `task` (`shape`, `color` or `shape_color`, as the
+    vision_pretrain stage's classes) to the sample's meta, for the auxiliary loss."""
     from ..data.easy_vqa import easy_vqa_image_labels
 
     labels = easy_vqa_image_labels("train").get(sample.meta.get("image_id"), {})
-    if "shape" in labels and "color" in labels:
-        sample.meta[key] = f"{labels['color']} {labels['shape']}"
+    if task == "shape_color" and "shape" in labels and "color" in labels:
+        sample.meta[task] = f"{labels['color']} {labels['shape']}"
+    elif task in labels:
+        sample.meta[task] = labels[task]
     return sample
 
 
