@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from ..checkpoint import image_processor_for
+from ..checkpoint import image_processor_for, replace_directory_atomically
 from ..configuration_vlm_vit import VisionTransformerConfig
 from ..data.conversations import VLMSample, read_easy_vqa, read_llava
 from ..modeling_vlm import VisionLanguageForConditionalGeneration
@@ -174,13 +175,15 @@ def write_vlm_card(folder: Path, recipe: VLMRecipe, rows: list[dict], evaluation
 
 def save_vlm(model, processor, folder: Path) -> None:
     """Save a VLM and its processor into `folder` atomically (a temporary sibling, then a rename)."""
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        replace_directory_atomically(staging, folder, overwrite=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_vlm_recipe(
