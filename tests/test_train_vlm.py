@@ -145,6 +145,23 @@ def test_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
+def test_vision_pretrain_stages_continue_the_same_tower(tmp_path):
+    def pretrain(name, task, learning_rate):
+        optimizer = {"learning_rate": learning_rate}
+        classifier = {"task": task, "image_size": 32, "max_steps": 2, "batch_size": 16, "optimizer": optimizer}
+        return {"name": name, "kind": "vision_pretrain", "classifier": classifier}
+
+    # the second stage barely moves (lr 1e-9): its tower must be the first stage's, not a fresh one
+    stages = (pretrain("shape", "shape", 1e-2), pretrain("joint", "shape_color", 1e-9), ALIGN)
+    results = run_vlm_recipe(recipe(*stages), str(tmp_path), progress_bar=False, evaluate=False)
+    assert [row["stage"] for row in results["stages"]] == ["shape", "joint", "align"]
+    first, second = weights(tmp_path / "shape" / "model"), weights(tmp_path / "joint" / "model")
+    assert second["classifier.weight"].shape[0] == 24 and first["classifier.weight"].shape[0] == 3
+    for key, value in first.items():
+        if key.startswith("vit."):
+            torch.testing.assert_close(second[key], value, atol=1e-6, rtol=0, msg=key)
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="finetune stage needs lora"):
         recipe({"name": "f", "kind": "finetune"})
@@ -154,6 +171,9 @@ def test_recipe_errors():
         recipe({"name": "p", "kind": "pretrain"})
     with pytest.raises(ValueError, match="vision_pretrain needs a 'classifier' section"):
         recipe({"name": "p", "kind": "vision_pretrain"})
+    late = {"name": "p", "kind": "vision_pretrain", "classifier": {"task": "shape", "image_size": 32}}
+    with pytest.raises(ValueError, match="vision_pretrain stages must come first"):
+        recipe(ALIGN, late)
 
 
 def test_the_default_recipe_parses():

@@ -32,6 +32,28 @@ def test_tokenizer_is_a_real_sentencepiece_model(tokenizer):
     assert tokenizer.decode(ids) == "what is the blue shape?"
 
 
+def test_a_tokenizer_trained_on_chat_texts_has_pieces_for_the_template_markup():
+    from vlm_vision.processing_vlm import DEFAULT_CHAT_TEMPLATE
+    from vlm_vision.tokenizer import chat_texts, train_sentencepiece_tokenizer
+
+    pairs = [(c, s) for c in ("red", "blue", "teal") for s in ("circle", "square")]
+    conversations = [vqa(f"what is the {c} shape?", f"a {c} {s}") for c, s in pairs]
+    texts = chat_texts(conversations * 10)
+    assert len(texts) == 6 and all("<image>" not in t and t.startswith("USER: ") for t in texts)
+    tokenizer = train_sentencepiece_tokenizer(texts * 20, vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})  # as the VLM's processor does
+    text = tokenizer.apply_chat_template(conversations[0], tokenize=False, chat_template=DEFAULT_CHAT_TEMPLATE)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+    markup = [p for p in pieces if p.startswith("<0x") and p != "<0x0A>"]  # byte fallback, newlines aside
+    assert not markup, pieces
+    # trained on the bare messages instead, "USER:" and "ASSISTANT:" fall back to one byte per character
+    bare = train_sentencepiece_tokenizer([m["content"] for c in conversations for m in c] * 20, vocab_size=300)
+    bare.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    bare_pieces = bare.convert_ids_to_tokens(bare(text, add_special_tokens=False).input_ids)
+    bare_markup = [p for p in bare_pieces if p.startswith("<0x") and p != "<0x0A>"]
+    assert len(bare_markup) == len("USER:") + len("ASSISTANT:"), bare_pieces
+
+
 def test_forward_loss_backward(vlm):
     model, processor = vlm
     batch = batch_of_two(processor)

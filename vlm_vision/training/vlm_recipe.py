@@ -1,7 +1,9 @@
 """A VLM recipe as data (`configs/vlm/*.json`) and the function that runs it, stage after stage.
 
-    recipe -> data (easy-VQA or a LLaVA JSON) -> tokenizer (sentencepiece trained on the text, or the LM's own)
-           -> vision_pretrain (the classifier code) -> VLM = tower + adapter + LM -> align / finetune / full stages
+    recipe -> data (easy-VQA or a LLaVA JSON) -> tokenizer (sentencepiece trained on the conversations as the
+              chat template renders them, or the LM's own)
+           -> vision_pretrain stage(s) (the classifier code) -> VLM = tower + adapter + LM
+           -> align / finetune / full stages
            -> evaluation (greedy answers, exact match by question type) -> final folders and model card
 
 Each stage's result is saved (`<out>/<stage>/model`); with `resume`, finished stages are loaded and the running one
@@ -29,7 +31,7 @@ from ..data.conversations import VLMSample, read_easy_vqa, read_llava
 from ..modeling_vlm import VisionLanguageForConditionalGeneration
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
 from ..processing_vlm import IMAGE_TOKEN, VisionLanguageProcessor
-from ..tokenizer import train_sentencepiece_tokenizer
+from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
 from .loop import process_state, train
 from .vlm import (
@@ -63,7 +65,8 @@ class VLMRecipe:
             "image_folder": dir, "eval": json}`; `train_subset`/`eval_subset` take seeded random subsets.
         tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer.
         max_length: longest conversation in tokens (longer ones are dropped, never truncated).
-        stages: `VLMStage`s, in order.
+        stages: `VLMStage`s, in order. `vision_pretrain` stages come first; each continues the tower of the one
+            before (e.g. shape first, then shape x colour), and the last one's head is the auxiliary classifier.
     """
 
     vision: dict = field(default_factory=dict)
@@ -82,8 +85,13 @@ class VLMRecipe:
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"A recipe needs stages with unique names (they are folders), got {names}.")
-        if any(s.kind == "vision_pretrain" for s in self.stages[1:]) and self.stages[0].kind != "vision_pretrain":
-            raise ValueError("vision_pretrain must be the first stage: the VLM is built from its tower.")
+        kinds = [s.kind for s in self.stages]
+        leading = next((i for i, kind in enumerate(kinds) if kind != "vision_pretrain"), len(kinds))
+        if "vision_pretrain" in kinds[leading:]:
+            raise ValueError(
+                f"Stage kinds {kinds}: vision_pretrain stages must come first (the VLM is built from their tower); "
+                "each one continues the tower of the one before."
+            )
 
     @classmethod
     def from_json(cls, path) -> VLMRecipe:
@@ -120,7 +128,7 @@ def build_tokenizer(recipe: VLMRecipe, samples: list[VLMSample], folder: Path):
         return AutoTokenizer.from_pretrained(recipe.language_model["path"])
     process = process_state()
     if process.is_main_process and not (folder / "tokenizer.json").is_file():
-        texts = sorted({m["content"].replace(IMAGE_TOKEN, "").strip() for s in samples for m in s.messages})
+        texts = chat_texts(s.messages for s in samples)  # what the LM reads, the chat template's markup included
         train_sentencepiece_tokenizer(texts, vocab_size=recipe.tokenizer.get("vocab_size", 512)).save_pretrained(folder)
     process.wait_for_everyone()
     return AutoTokenizer.from_pretrained(folder)
@@ -209,6 +217,7 @@ def run_vlm_recipe(
     train_samples, eval_samples = load_samples(recipe.data, recipe.seed)
     tokenizer = build_tokenizer(recipe, train_samples, out / "tokenizer")
     rows, tower, aux_head, aux_labels, aux_task, model, processor = [], None, None, None, None, None, None
+    classifier = None  # the tower as a classifier, from one vision_pretrain stage to the next
     run_args = {
         "seed": recipe.seed,
         "save_every_steps": save_every_steps,
@@ -230,7 +239,7 @@ def run_vlm_recipe(
                 train_data, eval_data = load_stage_data(classifier_stage, recipe.seed)
                 id2label = dict(enumerate(train_data.class_names))
                 classifier = prepare_classifier(
-                    VisionTransformerConfig(**recipe.vision),
+                    classifier if classifier is not None else VisionTransformerConfig(**recipe.vision),
                     image_size=classifier_stage.image_size,
                     head=classifier_stage.head,
                     num_labels=len(id2label),
