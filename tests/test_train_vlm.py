@@ -162,6 +162,25 @@ def test_vision_pretrain_stages_continue_the_same_tower(tmp_path):
             torch.testing.assert_close(second[key], value, atol=1e-6, rtol=0, msg=key)
 
 
+def test_separate_questions_train_with_the_auxiliary_loss(tmp_path):
+    pretrain = {"task": "shape_color", "image_size": 32, "max_steps": 1, "batch_size": 16}
+    stages = (
+        {"name": "pretrain", "kind": "vision_pretrain", "classifier": pretrain},
+        {"name": "full", "kind": "full", "max_steps": 2, "batch_size": 4, "aux_classification_weight": 0.5},
+    )
+    config = json.loads(json.dumps(TINY))
+    config["data"]["separate_questions"] = True
+    results = run_vlm_recipe(
+        VLMRecipe(**config, stages=list(stages)), str(tmp_path), progress_bar=False, evaluate=False
+    )
+    assert results["stages"][-1]["steps"] == 2 and results["stages"][-1]["last_loss"] > 0
+    before, after = weights(tmp_path / "pretrain" / "model"), weights(tmp_path / "full" / "model")
+    tower_keys = [k for k in after if k.startswith("vision_tower.")]
+    assert tower_keys and any(
+        not torch.equal(after[k], before["vit." + k.removeprefix("vision_tower.")]) for k in tower_keys
+    )  # the tower trained through the shared image encodings and the auxiliary loss
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="finetune stage needs lora"):
         recipe({"name": "f", "kind": "finetune"})

@@ -69,6 +69,36 @@ def test_forward_loss_backward(vlm):
         assert any(g is not None and g.abs().sum() > 0 for g in grads), type(part).__name__
 
 
+def test_sequences_sharing_an_image_through_image_index_match_repeated_images(vlm):
+    model, processor = vlm
+    questions = [vqa("what is the blue shape?", "circle"), vqa("what color?", "blue"), vqa("a square?", "no")]
+    images = [shapes_image(0), shapes_image(1)]
+    batch = processor.encode_conversations(questions, [[images[0]], [images[1]], [images[0]]])
+    model.train()
+    repeated = model(**batch)  # the tower encodes image 0 twice
+    repeated.loss.backward()
+    tower_grads = [p.grad.clone() for p in model.vision_tower.parameters() if p.grad is not None]
+    model.zero_grad()
+    calls = []
+    hook = model.vision_tower.embeddings.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    shared = model(**{**batch, "pixel_values": batch["pixel_values"][:2]}, image_index=torch.tensor([0, 1, 0]))
+    hook.remove()
+    assert calls == [2]  # each image encoded once
+    torch.testing.assert_close(shared.logits, repeated.logits)
+    shared.loss.backward()  # gradients from all three questions reach the tower, summed over the shared image
+    shared_grads = [p.grad for p in model.vision_tower.parameters() if p.grad is not None]
+    for ours, reference in zip(shared_grads, tower_grads, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-4)
+
+    two_images = {**batch, "pixel_values": batch["pixel_values"][:2]}
+    with pytest.raises(ValueError, match=r"image_index holds 0\.\.2 but there are 2 images"):
+        model(**two_images, image_index=torch.tensor([0, 2, 0]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        model(**two_images, image_index=torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="The batch has 3 <image> spans but image_index has 2 entries"):
+        model(**two_images, image_index=torch.tensor([0, 1]))  # 3 image spans, 2 indices
+
+
 def test_image_features_replace_the_placeholders_in_order(vlm):
     model, processor = vlm
     batch = batch_of_two(processor)

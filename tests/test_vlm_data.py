@@ -321,6 +321,30 @@ def test_dataset_decodes_every_mode_and_replaces_unreadable_images(processor, im
         strict[3]
 
 
+def test_separate_questions_share_their_image_in_the_batch(processor):
+    from vlm_vision.training.vlm import EncodedCollator, EncodedConversations, split_questions
+
+    samples, _ = read_easy_vqa("train", questions_per_sample=3)
+    samples = [s for s in samples if len(s.meta["qa"]) == 3][:2]
+    turns_of_first = split_questions(samples[0].messages)
+    assert [t[0]["content"] for t in turns_of_first] == [f"<image>\n{qa['question']}" for qa in samples[0].meta["qa"]]
+    assert [t[1]["content"] for t in turns_of_first] == [qa["answer"] for qa in samples[0].meta["qa"]]
+
+    dataset = EncodedConversations(samples, processor, max_length=512, separate_questions=True)
+    batch = EncodedCollator(processor)([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].shape[0] == 6
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    # every sequence shows its image once and supervises exactly its own answer
+    assert ((batch["input_ids"] == processor.image_token_id).sum(dim=1) == processor.num_image_tokens).all()
+    answers = [processor.tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch["labels"]]
+    expected = [qa["answer"] for s in samples for qa in s.meta["qa"]]
+    assert [a.replace("</s>", "").strip() for a in answers] == expected
+
+    two_images = VLMSample(["a.png", "b.png"], samples[0].messages, "two", {})
+    with pytest.raises(ValueError, match="separate_questions needs one image per sample; two has 2"):
+        EncodedConversations([two_images], processor, separate_questions=True)
+
+
 def test_collator_builds_the_padded_batch(processor, images, tmp_path):
     samples, _ = read_llava(write_llava(tmp_path), images)
     dataset = ConversationDataset(samples[:3], processor, max_length=512)  # 1 image, 2 images, text only

@@ -189,6 +189,27 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             projected = torch.cat([self.adapter(features[:, :prefix], (1, prefix)), projected], dim=1)
         return projected
 
+    def check_image_index(self, image_index: torch.Tensor, num_images: int, input_ids: torch.Tensor) -> int:
+        """Validate `image_index` against `num_images` images and the `<image>` spans of `input_ids`; returns the
+        number of spans."""
+        if image_index.dim() != 1 or image_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"image_index must be a 1-D integer tensor (one image number per <image> span, in placeholder order), "
+                f"got {image_index.dtype} of shape {tuple(image_index.shape)}."
+            )
+        if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
+            raise ValueError(
+                f"image_index holds {int(image_index.min())}..{int(image_index.max())} but there are {num_images} "
+                f"images: its values index pixel_values (or vision_features) along the first axis."
+            )
+        spans = int((input_ids == self.config.image_token_id).sum()) // self.num_image_tokens
+        if spans != image_index.numel():
+            raise ValueError(
+                f"The batch has {spans} <image> spans but image_index has {image_index.numel()} entries: give one "
+                "entry per span, in placeholder order."
+            )
+        return image_index.numel()
+
     def check_image_placeholders(self, input_ids: torch.Tensor, num_images: int, tokens_per_image: int) -> None:
         """Refuse a batch whose `<image>` placeholders don't match its images, naming the sample and both counts."""
         per_sample = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
@@ -225,11 +246,12 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         pixel_values: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
         vision_features: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM's input embeddings with every image's features scattered into its placeholder positions.
 
         `vision_features` (precomputed `vision_features(pixel_values)`, e.g. from `vlm_vision.feature_cache`) replaces
-        `pixel_values`: the tower does not run.
+        `pixel_values`: the tower does not run. `image_index` (see `forward`) maps placeholder spans to images.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -248,12 +270,19 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}: "
                     "images of all samples are concatenated along the first axis."
                 )
-            self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens)
-            if images.shape[0]:
+            num_spans = (
+                images.shape[0]
+                if image_index is None
+                else self.check_image_index(image_index, images.shape[0], input_ids)
+            )
+            self.check_image_placeholders(input_ids, num_spans, self.num_image_tokens)
+            if num_spans:
                 if vision_features is None:
                     image_features = self.get_image_features(pixel_values)
                 else:
                     image_features = self.project_vision_features(vision_features, self.config.grid_size)
+                if image_index is not None:
+                    image_features = image_features[image_index.to(image_features.device)]
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
         elif self.training and torch.is_grad_enabled():
@@ -273,6 +302,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         vision_features: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -283,13 +313,16 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             labels: `(B, S)`, -100 where no loss is taken (prompt, image tokens, padding); shifted inside the LM.
             vision_features: `(I, T, D_v * len(feature_layers))`, precomputed `vision_features(pixel_values)` of a
                 frozen tower (a feature cache), instead of `pixel_values`.
+            image_index: `(N,)`, for each `<image>` span in placeholder order, the image it shows (an index into
+                `pixel_values` or `vision_features`). Sequences that ask about the same image then share one encoding:
+                the tower runs once per image, and gradients from every sequence reach it. None: span i is image i.
             kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
         """
         has_cache = kwargs.get("cache", kwargs.get("past_key_values")) is not None
         no_images = pixel_values is None and vision_features is None and input_ids is not None and not has_cache
         if no_images and (input_ids == self.config.image_token_id).any():
             raise ValueError("input_ids contain <image> placeholders but no pixel_values were given: pass the images.")
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, vision_features)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, vision_features, image_index)
         if labels is not None:
             if input_ids is not None:
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)

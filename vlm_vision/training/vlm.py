@@ -32,7 +32,7 @@ from torch import nn
 from ..data.conversations import VLMSample
 from ..lora import apply_lora, parameter_table
 from ..modeling_vlm import VisionLanguageForConditionalGeneration
-from ..processing_vlm import IGNORE_INDEX, VisionLanguageProcessor
+from ..processing_vlm import IGNORE_INDEX, IMAGE_TOKEN, VisionLanguageProcessor
 from .loop import TrainingArguments
 from .optim import OptimizerConfig
 
@@ -132,11 +132,29 @@ def set_trainable(model: nn.Module, stage: VLMStage) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def split_questions(messages: list[dict]) -> list[list[dict]]:
+    """A one-image conversation of k question/answer turns -> k one-turn conversations, each showing the image.
+
+    Later turns of a conversation can read earlier answers ("what is the blue shape?" gives away the colour), a
+    text shortcut that evaluation on first turns never offers; separate conversations each have to look at the image.
+    """
+    turns, question = [], None
+    for message in messages:
+        if message["role"] == "user":
+            question = message["content"].replace(IMAGE_TOKEN, "").strip()
+        elif message["role"] == "assistant" and question is not None:
+            turns.append([{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}, message])
+            question = None
+    return turns
+
+
 class EncodedConversations(torch.utils.data.Dataset):
     """Conversations tokenised once (ids + labels) and their images processed once, for fast epochs.
 
-    Items: `{"encoded": {"input_ids", "labels"}, "pixel_values": (I, C, H, W), "image_labels": (I,)}`. Samples
-    longer than `max_length` are dropped (never truncated: that could cut an image span) and counted.
+    Items: `{"encoded": {"input_ids", "labels"} or a list of them, "images": [(C, H, W), ...], "image_label": int}`.
+    With `separate_questions`, each one-image sample becomes one single-question conversation per turn (see
+    :func:`split_questions`), all about its image: the collator encodes the image once for them. Samples longer
+    than `max_length` are dropped (never truncated: that could cut an image span) and counted.
     """
 
     def __init__(
@@ -146,19 +164,34 @@ class EncodedConversations(torch.utils.data.Dataset):
         max_length: int | None = None,
         image_label_key: str | None = None,
         label_names: list[str] | None = None,
+        separate_questions: bool = False,
     ):
         self.processor = processor
         self.items, self.too_long, cache = [], 0, {}
         encoded_by_text: dict[str, dict] = {}
-        for sample in samples:
-            key = json.dumps(sample.messages)
+
+        def encode(messages, sample_id):
+            key = json.dumps(messages)
             if key not in encoded_by_text:
                 try:
-                    encoded_by_text[key] = processor.encode_conversation(sample.messages, max_length=max_length)
+                    encoded_by_text[key] = processor.encode_conversation(messages, max_length=max_length)
                 except ValueError as error:
-                    logger.debug("dropping %s: %s", sample.id, error)
+                    logger.debug("dropping %s: %s", sample_id, error)
                     encoded_by_text[key] = None
-            if encoded_by_text[key] is None:
+            return encoded_by_text[key]
+
+        for sample in samples:
+            if separate_questions:
+                if len(sample.images) != 1:
+                    raise ValueError(
+                        f"separate_questions needs one image per sample; {sample.id} has {len(sample.images)}."
+                    )
+                encoded = [encode(turn, sample.id) for turn in split_questions(sample.messages)]
+                if not encoded or any(e is None for e in encoded):
+                    encoded = None
+            else:
+                encoded = encode(sample.messages, sample.id)
+            if encoded is None:
                 self.too_long += 1
                 continue
             images = []
@@ -170,7 +203,7 @@ class EncodedConversations(torch.utils.data.Dataset):
             label = -100
             if image_label_key and label_names is not None and image_label_key in sample.meta:
                 label = label_names.index(sample.meta[image_label_key])
-            self.items.append((encoded_by_text[key], images, label))
+            self.items.append((encoded, images, label))
         if self.too_long:
             logger.warning("dropped %d samples longer than max_length=%s tokens", self.too_long, max_length)
 
@@ -197,7 +230,13 @@ class EncodedCollator:
         self.horizontal_flip = horizontal_flip
 
     def __call__(self, items: list[dict]) -> dict:
-        batch = dict(self.processor.pad_encoded([item["encoded"] for item in items]))
+        # an item holds one conversation, or a list of separate questions about its one image
+        per_item = [item["encoded"] if isinstance(item["encoded"], list) else [item["encoded"]] for item in items]
+        batch = dict(self.processor.pad_encoded([encoded for group in per_item for encoded in group]))
+        if any(isinstance(item["encoded"], list) for item in items):
+            if any(len(item["images"]) != 1 for item in items):
+                raise ValueError("A batch with separated questions needs exactly one image per item.")
+            batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
         images = [image for item in items for image in item["images"]]
         if images:
             pixel_values = torch.stack(images)
@@ -384,6 +423,7 @@ __all__ = [
     "evaluate_samples",
     "generate_answers",
     "set_trainable",
+    "split_questions",
     "stage_optimizer",
     "vlm_loss",
     "vqa_exact_match",

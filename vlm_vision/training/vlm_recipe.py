@@ -62,7 +62,9 @@ class VLMRecipe:
         adapter: the adapter config (`vlm_vision.adapters`).
         vision_feature_layer: the tower layer(s) the adapter reads.
         data: `{"name": "easy-vqa", "questions_per_sample": k}` or `{"name": "llava", "train": json,
-            "image_folder": dir, "eval": json}`; `train_subset`/`eval_subset` take seeded random subsets.
+            "image_folder": dir, "eval": json}`; `train_subset`/`eval_subset` take seeded random subsets;
+            `"separate_questions": true` trains each question of a one-image sample as its own sequence, the image
+            encoded once for all of them (no question sees another's answer).
         tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer.
         max_length: longest conversation in tokens (longer ones are dropped, never truncated).
         stages: `VLMStage`s, in order. `vision_pretrain` stages come first; each continues the tower of the one
@@ -309,6 +311,7 @@ def run_vlm_recipe(
             max_length=recipe.max_length,
             image_label_key=label_key,
             label_names=label_names,
+            separate_questions=recipe.data.get("separate_questions", False),
         )
         args = stage.training_arguments(str(stage_dir), **run_args)
         result = train(
