@@ -4,9 +4,10 @@ An adapter maps vision tokens laid out row-major on a ``(grid_h, grid_w)`` patch
 
     image_features (B, N, D_vision), N == grid_h * grid_w   ->   (B, N', D_lm), N' == num_output_tokens(grid_h, grid_w)
 
-Prefix tokens (CLS, registers) are removed by the caller. A subclass implements two things: ``project(features,
-grid_h, grid_w)`` (the maths, on checked input) and, where N' != N, ``_count_output_tokens(grid_h, grid_w)``. This
-module does the rest once for all of them:
+Prefix tokens (CLS, registers) are removed by the caller (a VLM that keeps them projects them apart, with
+``forward_prefix_tokens``). A subclass implements two things: ``project(features, grid_h, grid_w)`` (the maths, on
+checked input) and, where N' != N, ``_count_output_tokens(grid_h, grid_w)``. This module does the rest once for all
+of them:
 
 - ``num_output_tokens(grid_h, grid_w)``: the one source of truth for N' (the processor uses it to expand ``<image>``
   into that many placeholders, the model to check the count); it also refuses grids the adapter cannot take, so a bad
@@ -180,6 +181,7 @@ class Adapter(nn.Module):
     """
 
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    supports_prefix_tokens: ClassVar[bool] = True  # see forward_prefix_tokens
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -274,7 +276,22 @@ class Adapter(nn.Module):
                 f"{grid_h}x{grid_w} needs {grid_h * grid_w}; drop prefix tokens (CLS, registers) before the adapter "
                 "and pass the patch grid of the image that was encoded"
             )
-        output = self.output_norm(self.project(image_features, grid_h, grid_w))
+        return self._output(self.project(image_features, grid_h, grid_w))
+
+    def forward_prefix_tokens(self, prefix_features: torch.Tensor) -> torch.Tensor:
+        """Projects the tower's prefix tokens ([CLS], registers) kept as image tokens: (B, P, D_vision) ->
+        (B, P, D_lm). A token-wise adapter projects each like a patch token; adapters that mix tokens (the
+        resampler) cannot, and say so; pixel_shuffle overrides this."""
+        if not self.supports_prefix_tokens:
+            raise ValueError(
+                f"The {self.config.adapter_type} adapter cannot project prefix tokens ([CLS], registers) on their own; "
+                "use keep_prefix_tokens=False, or a linear, mlp or pixel_shuffle adapter"
+            )
+        return self(prefix_features, (1, prefix_features.shape[1]))
+
+    def _output(self, projected: torch.Tensor) -> torch.Tensor:
+        """The shared tail: ``output_scale * output_norm(projected)``."""
+        output = self.output_norm(projected)
         if self.config.output_scale != 1.0:
             output = output * self.config.output_scale
         return output

@@ -12,6 +12,10 @@ Output tokens are row-major on the (grid_h/r, grid_w/r) grid. Within a token, ch
 ``[(dy * r + dx) * D, (dy * r + dx + 1) * D)``, i.e. the block read row-major. For square grids this is exactly
 transformers' ``Idefics3Connector.pixel_shuffle`` (InternVL's version transposes the block, ``(dx, dy, d)``).
 Parameters and init: as ``MLPAdapter`` (trunc-normal std 0.02 weights, zero biases), ``linear_1`` being D*r^2 wide.
+
+Prefix tokens ([CLS], registers; the VLM's ``keep_prefix_tokens``) have no place on the grid: each one is tiled r*r
+times, as if it filled a whole block, and goes through the same MLP (no parameters of its own), so
+``linear_1`` sees it through the sum of its r*r weight blocks.
 """
 
 from __future__ import annotations
@@ -81,6 +85,16 @@ class PixelShuffleAdapter(MLPAdapter):
         r = self.config.scale_factor
         check_grid_divisible(grid_h, grid_w, r)
         return (grid_h // r) * (grid_w // r)
+
+    def forward_prefix_tokens(self, prefix_features: torch.Tensor) -> torch.Tensor:
+        """(B, P, D_vision) -> (B, P, D_lm): each prefix token tiled over a block, then the MLP (module docstring)."""
+        if prefix_features.dim() != 3 or prefix_features.shape[-1] != self.config.vision_hidden_size:
+            raise ValueError(
+                f"prefix_features must be (batch, num_prefix_tokens, {self.config.vision_hidden_size}), got shape "
+                f"{tuple(prefix_features.shape)}"
+            )
+        tiled = prefix_features.repeat(1, 1, self.config.scale_factor**2)
+        return self._output(super().project(tiled, 1, prefix_features.shape[1]))
 
     def project(self, image_features: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         shuffled = pixel_shuffle(image_features, (grid_h, grid_w), self.config.scale_factor)  # (B, N', r*r*D)

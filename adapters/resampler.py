@@ -139,6 +139,7 @@ class ResamplerAdapter(Adapter):
     """K learned queries attending to the vision tokens: (B, N, D_vision) -> (B, K, D_lm) for any grid."""
 
     config_class = ResamplerAdapterConfig
+    supports_prefix_tokens = False  # its queries attend over the whole grid
 
     def __init__(self, config: ResamplerAdapterConfig) -> None:
         super().__init__(config)

@@ -130,6 +130,21 @@ def test_pixel_shuffle_adapter_is_shuffle_then_mlp():
     assert adapter.linear_1.in_features == 4 * VISION
 
 
+@pytest.mark.parametrize("output_norm", [None, "layernorm"])
+def test_prefix_tokens_through_each_adapter(output_norm):
+    cls = torch.randn(2, 1, VISION)
+    shuffle = tiny_adapter("pixel_shuffle", output_norm=output_norm, output_scale=2.0)
+    tiled = torch.cat([cls] * 4, dim=-1)  # the [CLS] fills all r*r = 4 positions of a block
+    hidden = shuffle.linear_2(torch.nn.functional.gelu(shuffle.linear_1(tiled)))
+    torch.testing.assert_close(shuffle.forward_prefix_tokens(cls), 2.0 * shuffle.output_norm(hidden))
+    mlp = tiny_adapter("mlp", output_norm=output_norm)
+    torch.testing.assert_close(mlp.forward_prefix_tokens(cls), mlp(cls, (1, 1)))  # token-wise: like a patch token
+    with pytest.raises(ValueError, match=r"prefix_features must be \(batch, num_prefix_tokens, 8\)"):
+        shuffle.forward_prefix_tokens(cls[0])
+    with pytest.raises(ValueError, match="The resampler adapter cannot project prefix tokens"):
+        tiny_adapter("resampler").forward_prefix_tokens(cls)
+
+
 @pytest.mark.parametrize("grid", [(5, 4), (4, 3), (1, 1)])
 def test_pixel_shuffle_refuses_grid_not_divisible(grid):
     adapter = tiny_adapter("pixel_shuffle")

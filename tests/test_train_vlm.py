@@ -162,7 +162,7 @@ def test_vision_pretrain_stages_continue_the_same_tower(tmp_path):
             torch.testing.assert_close(second[key], value, atol=1e-6, rtol=0, msg=key)
 
 
-def test_separate_questions_train_with_the_auxiliary_loss(tmp_path):
+def test_separate_questions_and_the_kept_cls_token_train_with_the_auxiliary_loss(tmp_path):
     pretrain = {"task": "shape_color", "image_size": 32, "max_steps": 1, "batch_size": 16}
     stages = (
         {"name": "pretrain", "kind": "vision_pretrain", "classifier": pretrain},
@@ -170,6 +170,7 @@ def test_separate_questions_train_with_the_auxiliary_loss(tmp_path):
     )
     config = json.loads(json.dumps(TINY))
     config["data"]["separate_questions"] = True
+    config["keep_prefix_tokens"] = True  # the [CLS] through the pixel-shuffle adapter, as one more image token
     results = run_vlm_recipe(
         VLMRecipe(**config, stages=list(stages)), str(tmp_path), progress_bar=False, evaluate=False
     )
@@ -179,6 +180,10 @@ def test_separate_questions_train_with_the_auxiliary_loss(tmp_path):
     assert tower_keys and any(
         not torch.equal(after[k], before["vit." + k.removeprefix("vision_tower.")]) for k in tower_keys
     )  # the tower trained through the shared image encodings and the auxiliary loss
+    saved = json.loads((tmp_path / "full" / "model" / "config.json").read_text())
+    assert saved["keep_prefix_tokens"] is True
+    processor = AutoProcessor.from_pretrained(tmp_path / "full" / "model")
+    assert processor.num_image_tokens == 1 + 4  # [CLS] + the 4x4 grid shuffled to 2x2
 
 
 def test_recipe_errors():

@@ -277,8 +277,20 @@ def test_several_feature_layers_and_kept_prefix_tokens(tokenizer):
     assert processor.num_image_tokens == 1 + 64
     batch = processor.encode_conversations([vqa("q", "yes")], [[shapes_image(0)]])
     assert torch.isfinite(model(**batch).loss)
-    with pytest.raises(ValueError, match=r"keep_prefix_tokens=True needs a token-wise adapter"):
+    with pytest.raises(ValueError, match=r"keep_prefix_tokens=True needs an adapter that projects prefix tokens"):
         build_vlm(tokenizer, adapter={"adapter_type": "resampler"}, keep_prefix_tokens=True)
+
+
+def test_kept_cls_token_through_the_pixel_shuffle_adapter(tokenizer):
+    shuffle = {"adapter_type": "pixel_shuffle", "scale_factor": 2}
+    model, processor = build_vlm(tokenizer, adapter=shuffle, keep_prefix_tokens=True)
+    assert processor.num_image_tokens == model.num_image_tokens == 1 + 16  # [CLS] + the 8x8 grid shuffled to 4x4
+    batch = processor.encode_conversations([vqa("q", "yes")], [[shapes_image(0)]])
+    assert torch.isfinite(model(**batch).loss)
+    features = model.vision_features(batch["pixel_values"])
+    tokens = model.get_image_features(batch["pixel_values"])
+    torch.testing.assert_close(tokens[:, :1], model.adapter.forward_prefix_tokens(features[:, :1]))
+    torch.testing.assert_close(tokens[:, 1:], model.adapter(features[:, 1:], (8, 8)))
 
 
 def test_config_errors(tokenizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -252,6 +253,42 @@ def test_easy_vqa_grouped_questions_share_one_image():
     assert [m["content"] for m in first.messages[1::2]] == [qa["answer"] for qa in first.meta["qa"]]
     with pytest.raises(ValueError, match="questions_per_sample=0"):
         read_easy_vqa("test", questions_per_sample=0)
+
+
+def test_easy_vqa_repeats_the_questions_that_name_what_is_shown():
+    from vlm_vision.data.easy_vqa import asks_about_what_is_shown, repeats_for_shown_fraction, yes_no_attribute
+    from vlm_vision.training.vlm_recipe import load_samples
+
+    assert asks_about_what_is_shown("is there a red shape?", "yes")
+    assert asks_about_what_is_shown("is there not a red shape?", "no")
+    assert not asks_about_what_is_shown("is there a red shape?", "no")
+    assert not asks_about_what_is_shown("is no circle present?", "yes")
+    assert not asks_about_what_is_shown("what color is the shape?", "red")
+
+    once, _ = read_easy_vqa("test", questions_per_sample=4)
+    qa = [qa for s in once for qa in s.meta["qa"]]
+    repeats = repeats_for_shown_fraction([q["question"] for q in qa], [q["answer"] for q in qa], 0.3)
+    assert repeats == {"color": 3, "shape": 1}  # 12% and 33% of their yes/no questions name what is shown
+    thrice, _ = read_easy_vqa("test", questions_per_sample=4, shown_fraction=0.3)
+    shown = [q for q in qa if asks_about_what_is_shown(q["question"], q["answer"])]
+    shown_colors = [q for q in shown if yes_no_attribute(q["question"]) == "color"]
+    assert 0 < len(shown_colors) < len(shown)
+    assert sum(len(s.meta["qa"]) for s in thrice) == 9_673 + 2 * len(shown_colors)
+
+    def counts(samples):
+        return Counter((s.meta["image_id"], qa["question"], qa["answer"]) for s in samples for qa in s.meta["qa"])
+
+    before, after = counts(once), counts(thrice)
+
+    def times(key):
+        return 3 if asks_about_what_is_shown(*key[1:]) and yes_no_attribute(key[1]) == "color" else 1
+
+    assert after == {key: n * times(key) for key, n in before.items()}
+    with pytest.raises(ValueError, match=r"shown_fraction=1\.5 must be between 0 and 1"):
+        read_easy_vqa("test", shown_fraction=1.5)
+    # a recipe's data option repeats them in training only: evaluation keeps the test split as it is
+    train, evaluation = load_samples({"name": "easy-vqa", "shown_fraction": 0.3}, seed=0)
+    assert sum(len(s.meta["qa"]) for s in train) > 38_575 and len(evaluation) == 9_673
 
 
 def test_easy_vqa_captions_from_the_answers():

@@ -5,12 +5,11 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .adapters import adapter_config_from_dict
+from .adapters import ADAPTER_CLASSES, adapter_config_from_dict
 
 # Tokens before the patch tokens in the sequences of towers that don't say so in their config. Our own tower reports
 # `num_prefix_tokens`; transformers' DINOv2 with registers reports `num_register_tokens` (plus its [CLS]).
 PREFIX_TOKENS_BY_MODEL_TYPE = {"clip_vision_model": 1, "siglip_vision_model": 0, "vit": 1, "dinov2": 1}
-TOKEN_WISE_ADAPTERS = ("linear", "mlp")
 
 
 def vision_prefix_tokens(vision_config: PretrainedConfig) -> int:
@@ -47,7 +46,8 @@ class VisionLanguageConfig(PretrainedConfig):
             one run (for our tower; other towers run whole).
         keep_prefix_tokens: keep the tower's [CLS]/register tokens as image tokens too (LLaVA's "full" strategy);
             by default only patch tokens are kept ("default"). A tower without prefix tokens keeps all its tokens
-            either way. Needs a token-wise adapter (linear or mlp).
+            either way. Needs an adapter that projects prefix tokens: linear, mlp (each token on its own) or
+            pixel_shuffle (each prefix token tiled over a block).
         num_vision_prefix_tokens: override for towers whose prefix-token count cannot be read from their config.
     """
 
@@ -83,10 +83,12 @@ class VisionLanguageConfig(PretrainedConfig):
         adapter["vision_hidden_size"] = self.vision_config.hidden_size * len(layers)
         adapter["text_hidden_size"] = self.text_config.hidden_size
         self.adapter_config = adapter_config_from_dict(adapter).to_dict()  # validates
-        if self.keep_prefix_tokens and self.adapter_config["adapter_type"] not in TOKEN_WISE_ADAPTERS:
+        adapter_type = self.adapter_config["adapter_type"]
+        if self.keep_prefix_tokens and not ADAPTER_CLASSES[adapter_type].supports_prefix_tokens:
+            able = sorted(name for name, cls in ADAPTER_CLASSES.items() if cls.supports_prefix_tokens)
             raise ValueError(
-                f"keep_prefix_tokens=True needs a token-wise adapter {TOKEN_WISE_ADAPTERS}, not "
-                f"{self.adapter_config['adapter_type']!r}: prefix tokens have no place on the patch grid."
+                f"keep_prefix_tokens=True needs an adapter that projects prefix tokens {able}, not {adapter_type!r}: "
+                "its queries read the patch grid as a whole."
             )
         if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
             raise ValueError(

@@ -184,14 +184,15 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     def project_vision_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Tower features to image tokens: (I, T, D_v * len(layers)) on a `grid` of patches -> (I, N', D_lm)."""
         prefix = self.config.prefix_tokens
-        projected = self.adapter(features[:, prefix:].to(_dtype_of(self.adapter, features)), grid)
+        features = features.to(_dtype_of(self.adapter, features))
+        projected = self.adapter(features[:, prefix:], grid)
         if self.config.keep_prefix_tokens and prefix:
-            projected = torch.cat([self.adapter(features[:, :prefix], (1, prefix)), projected], dim=1)
+            projected = torch.cat([self.adapter.forward_prefix_tokens(features[:, :prefix]), projected], dim=1)
         return projected
 
-    def check_image_index(self, image_index: torch.Tensor, num_images: int, input_ids: torch.Tensor) -> int:
-        """Validate `image_index` against `num_images` images and the `<image>` spans of `input_ids`; returns the
-        number of spans."""
+    def check_image_index(self, image_index: torch.Tensor, num_images: int) -> None:
+        """Validate `image_index` (one image number per `<image>` span) against `num_images` images; the number of
+        spans is checked with the placeholders (:meth:`check_image_placeholders`)."""
         if image_index.dim() != 1 or image_index.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"image_index must be a 1-D integer tensor (one image number per <image> span, in placeholder order), "
@@ -202,16 +203,16 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 f"image_index holds {int(image_index.min())}..{int(image_index.max())} but there are {num_images} "
                 f"images: its values index pixel_values (or vision_features) along the first axis."
             )
-        spans = int((input_ids == self.config.image_token_id).sum()) // self.num_image_tokens
-        if spans != image_index.numel():
-            raise ValueError(
-                f"The batch has {spans} <image> spans but image_index has {image_index.numel()} entries: give one "
-                "entry per span, in placeholder order."
-            )
-        return image_index.numel()
 
-    def check_image_placeholders(self, input_ids: torch.Tensor, num_images: int, tokens_per_image: int) -> None:
-        """Refuse a batch whose `<image>` placeholders don't match its images, naming the sample and both counts."""
+    def check_image_placeholders(
+        self,
+        input_ids: torch.Tensor,
+        num_images: int,
+        tokens_per_image: int,
+        image_index: torch.Tensor | None = None,
+    ) -> None:
+        """Refuse a batch whose `<image>` placeholders don't match its images (or its `image_index`, one entry per
+        span), naming the sample and both counts."""
         per_sample = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
         for index, count in enumerate(per_sample):
             if count % tokens_per_image:
@@ -220,10 +221,17 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     f"{tokens_per_image} tokens each image takes: its image span was cut (truncation?) or built for "
                     "another adapter. Build inputs with the VisionLanguageProcessor saved with this model."
                 )
-        if sum(per_sample) != num_images * tokens_per_image:
+        spans = sum(per_sample) // tokens_per_image
+        if image_index is not None:
+            if spans != image_index.numel():
+                raise ValueError(
+                    f"The batch has {spans} <image> spans but image_index has {image_index.numel()} entries: give "
+                    "one entry per span, in placeholder order."
+                )
+        elif spans != num_images:
             counts = ", ".join(f"sample {i}: {c // tokens_per_image}" for i, c in enumerate(per_sample))
             raise ValueError(
-                f"The batch has placeholders for {sum(per_sample) // tokens_per_image} images ({counts}) but "
+                f"The batch has placeholders for {spans} images ({counts}) but "
                 f"pixel_values holds {num_images} images ({num_images * tokens_per_image} image features). Pass one "
                 "image per <image> tag, in order."
             )
@@ -270,13 +278,10 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}: "
                     "images of all samples are concatenated along the first axis."
                 )
-            num_spans = (
-                images.shape[0]
-                if image_index is None
-                else self.check_image_index(image_index, images.shape[0], input_ids)
-            )
-            self.check_image_placeholders(input_ids, num_spans, self.num_image_tokens)
-            if num_spans:
+            if image_index is not None:
+                self.check_image_index(image_index, images.shape[0])
+            self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens, image_index)
+            if images.shape[0]:
                 if vision_features is None:
                     image_features = self.get_image_features(pixel_values)
                 else:

@@ -36,7 +36,16 @@ import torch
 from PIL import Image
 
 from ..processing_vlm import IMAGE_TOKEN
-from .easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, SPLITS, _easy_vqa, easy_vqa_image_labels
+from .easy_vqa import (
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
+    SPLITS,
+    _easy_vqa,
+    asks_about_what_is_shown,
+    easy_vqa_image_labels,
+    repeats_for_shown_fraction,
+    yes_no_attribute,
+)
 from .images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
@@ -465,7 +474,11 @@ def easy_vqa_question_type(answer: str) -> str:
 
 
 def read_easy_vqa(
-    split: str = "train", *, questions_per_sample: int = 1, on_error: str = "skip"
+    split: str = "train",
+    *,
+    questions_per_sample: int = 1,
+    shown_fraction: float | None = None,
+    on_error: str = "skip",
 ) -> tuple[list[VLMSample], DataReport]:
     """easy-VQA's questions as VQA samples (no download: the data ships in the `easy-vqa` package).
 
@@ -474,6 +487,12 @@ def read_easy_vqa(
         questions_per_sample: k > 1 groups k questions of one image into one multi-turn conversation (the image
             appears, and is encoded, once for k questions): `<image>\\nq1`, a1, q2, a2, ... The image's questions
             keep the package's order; its last group may be shorter.
+        shown_fraction: repeat the yes/no questions that name what the image shows ("is there a red shape?" yes;
+            :func:`vlm_vision.data.easy_vqa.asks_about_what_is_shown`) among their image's questions until they are
+            about this fraction of their attribute's yes/no questions (colour or shape; see
+            :func:`vlm_vision.data.easy_vqa.repeats_for_shown_fraction`). Only 12% of the colour ones name the
+            image's colour: a model scores 88% on them by answering that the named colour is absent, and may stay
+            there. None: every question once.
         on_error: `"skip"` or `"raise"` (for a missing image file).
 
     Returns:
@@ -490,11 +509,12 @@ def read_easy_vqa(
         easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
     )
     paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    repeats = {} if shown_fraction is None else repeats_for_shown_fraction(questions, answers, shown_fraction)
     per_image: dict[int, list[dict[str, str]]] = defaultdict(list)  # insertion order = first question of each image
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
-        per_image[image_id].append(
-            {"question": question, "answer": answer, "question_type": easy_vqa_question_type(answer)}
-        )
+        item = {"question": question, "answer": answer, "question_type": easy_vqa_question_type(answer)}
+        shown = repeats and asks_about_what_is_shown(question, answer)
+        per_image[image_id] += [item] * (repeats.get(yes_no_attribute(question), 1) if shown else 1)
     checker = _Checker(f"easy-vqa {split}", on_error)
     samples, num_entries = [], 0
     for image_id, qa in per_image.items():

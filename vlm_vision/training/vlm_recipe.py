@@ -61,10 +61,13 @@ class VLMRecipe:
             `{"path": folder}` of any causal LM with its tokenizer.
         adapter: the adapter config (`vlm_vision.adapters`).
         vision_feature_layer: the tower layer(s) the adapter reads.
+        keep_prefix_tokens: the tower's [CLS] goes to the LM too, as one more image token (after `vision_pretrain`
+            with an auxiliary classification loss, it holds the image's class).
         data: `{"name": "easy-vqa", "questions_per_sample": k}` or `{"name": "llava", "train": json,
             "image_folder": dir, "eval": json}`; `train_subset`/`eval_subset` take seeded random subsets;
             `"separate_questions": true` trains each question of a one-image sample as its own sequence, the image
-            encoded once for all of them (no question sees another's answer).
+            encoded once for all of them (no question sees another's answer); `"shown_fraction": f` repeats the rare
+            yes/no questions that name what the image shows to about that share (easy-VQA, training only).
         tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer.
         max_length: longest conversation in tokens (longer ones are dropped, never truncated).
         stages: `VLMStage`s, in order. `vision_pretrain` stages come first; each continues the tower of the one
@@ -75,6 +78,7 @@ class VLMRecipe:
     language_model: dict = field(default_factory=dict)
     adapter: dict = field(default_factory=lambda: {"adapter_type": "mlp"})
     vision_feature_layer: int | list[int] = -2
+    keep_prefix_tokens: bool = False
     data: dict = field(default_factory=lambda: {"name": "easy-vqa", "questions_per_sample": 1})
     tokenizer: dict = field(default_factory=lambda: {"vocab_size": 512})
     max_length: int = 512
@@ -112,7 +116,11 @@ class VLMRecipe:
 def load_samples(data: dict, seed: int) -> tuple[list[VLMSample], list[VLMSample]]:
     """(train, eval) samples of the recipe's data."""
     if data.get("name") == "easy-vqa":
-        train_samples, report = read_easy_vqa("train", questions_per_sample=data.get("questions_per_sample", 1))
+        train_samples, report = read_easy_vqa(
+            "train",
+            questions_per_sample=data.get("questions_per_sample", 1),
+            shown_fraction=data.get("shown_fraction"),
+        )
         eval_samples, _ = read_easy_vqa("test", questions_per_sample=1)
     elif data.get("name") == "llava":
         train_samples, report = read_llava(data["train"], data["image_folder"])
@@ -153,6 +161,7 @@ def build_vlm(recipe: VLMRecipe, tower: VisionTransformerModel, tokenizer) -> Vi
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         adapter_config=recipe.adapter,
         vision_feature_layer=recipe.vision_feature_layer,
+        keep_prefix_tokens=recipe.keep_prefix_tokens,
     )
 
 
