@@ -28,16 +28,19 @@ SPLITS = ("train", "test")
 _NEGATIONS = {"not", "no"}
 
 
+def _words(question: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", question.lower()))
+
+
 def asks_about_what_is_shown(question: str, answer: str) -> bool:
     """Whether a yes/no question names what the image shows: "is there a red shape?" yes, "is there not a red
     shape?" no. Colour questions name the image's colour 1 time in 8, shape questions its shape 1 time in 3."""
-    words = set(re.findall(r"[a-z]+", question.lower()))
-    return answer in ("yes", "no") and (answer == "yes") != bool(words & _NEGATIONS)
+    return answer in ("yes", "no") and (answer == "yes") != bool(_words(question) & _NEGATIONS)
 
 
 def yes_no_attribute(question: str) -> str | None:
     """What a yes/no question names: "color" ("is there a red shape?"), "shape" ("is there a circle?") or None."""
-    words = set(re.findall(r"[a-z]+", question.lower()))
+    words = _words(question)
     if words & set(EASY_VQA_COLORS):
         return "color"
     return "shape" if words & set(EASY_VQA_SHAPES) else None
@@ -92,7 +95,7 @@ def easy_vqa_image_labels(split: str = "train") -> dict[int, dict[str, str]]:
     paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
     found: dict[int, dict[str, set[str]]] = {i: {"shape": set(), "color": set()} for i in paths}
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
-        words = set(re.findall(r"[a-z]+", question.lower()))
+        words = _words(question)
         if answer in ("yes", "no"):
             if not asks_about_what_is_shown(question, answer):
                 continue  # "is there a X?" no / "is there not a X?" yes: says what is absent, not what is there
