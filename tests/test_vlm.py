@@ -1,5 +1,7 @@
 """The vision-language model on tiny parts: forward, loss, backward, generate, placeholders, labels, save/load."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlamaTokenizer
@@ -52,6 +54,29 @@ def test_a_tokenizer_trained_on_chat_texts_has_pieces_for_the_template_markup():
     bare_pieces = bare.convert_ids_to_tokens(bare(text, add_special_tokens=False).input_ids)
     bare_markup = [p for p in bare_pieces if p.startswith("<0x") and p != "<0x0A>"]
     assert len(bare_markup) == len("USER:") + len("ASSISTANT:"), bare_pieces
+
+
+def test_the_tokenizer_splits_text_as_its_sentencepiece_model_does(monkeypatch):
+    """The loaded tokenizer must split into the pieces sentencepiece learned; newlines and repeated spaces included
+    (the chat template puts the question after "<image>\n")."""
+    import sentencepiece as spm
+
+    from vlm_vision.tokenizer import train_sentencepiece_tokenizer
+
+    trained, train = {}, spm.SentencePieceTrainer.train
+
+    def keep_model(**kwargs):  # the trained .model lives in a temporary folder: keep its bytes
+        train(**kwargs)
+        trained["proto"] = Path(kwargs["model_prefix"] + ".model").read_bytes()
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", keep_model)
+    texts = [f"USER: \nwhat is the {c} shape?\nASSISTANT:  {c}\n" for c in ("red", "blue", "teal", "green")]
+    tokenizer = train_sentencepiece_tokenizer(texts * 50, vocab_size=350)
+    model = spm.SentencePieceProcessor(model_proto=trained["proto"])
+    for text in [*texts, "what is\n\nthe  red shape?"]:
+        pieces = tokenizer.tokenize(text)
+        assert pieces == model.encode(text, out_type=str), text
+    assert "what" in tokenizer.tokenize(texts[0])  # after the newline: one piece, not "w" + "hat"
 
 
 def test_forward_loss_backward(vlm):

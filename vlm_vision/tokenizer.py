@@ -26,6 +26,12 @@ def train_sentencepiece_tokenizer(
 
     Ids 0-3 are <unk>, <s>, </s>, <pad>; byte fallback keeps any character encodable. `vocab_size` is a soft limit
     (sentencepiece lowers it when the text is too small).
+
+    The text is learned as is (no normalisation, whitespace kept): the loaded tokenizer does not normalise either,
+    so it splits text into the pieces sentencepiece learned. With sentencepiece's default NFKC rule the trainer read
+    a newline as a space and learned "▁what" for "USER: <image>\nwhat", which the tokenizer then read as the newline
+    byte, "w" and "hat". Measured on easy-VQA (4 questions per conversation, 512 pieces): 60.3 tokens per
+    conversation with the default rule, 53.0 learned as is.
     """
     texts = [t for t in texts if t]
     if not texts:
@@ -39,6 +45,8 @@ def train_sentencepiece_tokenizer(
             model_type=model_type,
             character_coverage=1.0,
             byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
             hard_vocab_limit=False,
             unk_id=0,
             bos_id=1,
