@@ -186,6 +186,24 @@ def test_separate_questions_and_the_kept_cls_token_train_with_the_auxiliary_loss
     assert processor.num_image_tokens == 1 + 4  # [CLS] + the 4x4 grid shuffled to 2x2
 
 
+def test_a_stage_trains_on_its_own_data_overrides(tmp_path, monkeypatch):
+    from vlm_vision.training import vlm_recipe
+
+    seen = []
+
+    class Recording(vlm_recipe.EncodedConversations):
+        def __init__(self, samples, *args, separate_questions=False, **kwargs):
+            seen.append((len(samples), separate_questions, max(len(s.meta["qa"]) for s in samples)))
+            super().__init__(samples, *args, separate_questions=separate_questions, **kwargs)
+
+    monkeypatch.setattr(vlm_recipe, "EncodedConversations", Recording)
+    overrides = {"separate_questions": True, "questions_per_sample": 2, "train_subset": 16}
+    second = {**ALIGN, "name": "separate", "data": overrides}
+    results = run_vlm_recipe(recipe(ALIGN, second), str(tmp_path), progress_bar=False, evaluate=False)
+    assert seen == [(48, False, 4), (16, True, 2)]  # the recipe's data, then the stage's
+    assert [row["steps"] for row in results["stages"]] == [4, 4]
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="finetune stage needs lora"):
         recipe({"name": "f", "kind": "finetune"})
@@ -198,6 +216,13 @@ def test_recipe_errors():
     late = {"name": "p", "kind": "vision_pretrain", "classifier": {"task": "shape", "image_size": 32}}
     with pytest.raises(ValueError, match="vision_pretrain stages must come first"):
         recipe(ALIGN, late)
+    with pytest.raises(ValueError, match=r"data keys \['name'\] cannot change per stage"):
+        recipe({**ALIGN, "data": {"name": "llava"}})
+    with pytest.raises(ValueError, match="vision_pretrain reads its data from 'classifier'"):
+        recipe({**late, "data": {"train_subset": 8}})
+    # per-part learning rates in a recipe's JSON name the VLM's parts
+    stage = recipe({**ALIGN, "optimizer": {"learning_rates": {"lm": 2e-3}}}).stages[0]
+    assert stage.optimizer.learning_rates == {"lm": 2e-3} and "lm" in stage.optimizer.parts
 
 
 def test_the_default_recipe_parses():

@@ -492,7 +492,8 @@ def read_easy_vqa(
             about this fraction of their attribute's yes/no questions (colour or shape; see
             :func:`vlm_vision.data.easy_vqa.repeats_for_shown_fraction`). Only 12% of the colour ones name the
             image's colour: a model scores 88% on them by answering that the named colour is absent, and may stay
-            there. None: every question once.
+            there. None: every question once. The copies follow their question, so with `questions_per_sample`
+            > 1 a conversation can hold a question and its copy: train those with `separate_questions`.
         on_error: `"skip"` or `"raise"` (for a missing image file).
 
     Returns:

@@ -39,6 +39,8 @@ from .optim import OptimizerConfig
 logger = logging.getLogger(__name__)
 
 STAGE_KINDS = ("vision_pretrain", "align", "finetune", "full")
+# what a VLM stage may change in the recipe's training data (the data set itself stays the recipe's)
+STAGE_DATA_KEYS = ("questions_per_sample", "separate_questions", "shown_fraction", "train_subset")
 # The optimizer's parts: fnmatch patterns over parameter names, with or without peft's "base_model.model." prefix.
 VLM_PARTS = {
     "adapter": "*adapter.*",
@@ -64,6 +66,9 @@ class VLMStage:
         aux_classification_weight: weight of the tower's classification loss (needs `vision_pretrain` first).
         optimizer: AdamW and the per-part learning rates (`adapter`, `lm`, `lm_lora`, `vision`, `vision_lora`).
         classifier: for `vision_pretrain`: the `ClassifierStage` fields (task, image size, epochs, ...).
+        data: overrides of the recipe's `data` for this stage's training set (`questions_per_sample`,
+            `separate_questions`, `shown_fraction`, `train_subset`): e.g. a stage on separate questions with the
+            rare ones repeated, then a stage on the data as it is. Evaluation always reads the recipe's `data`.
     """
 
     name: str
@@ -78,6 +83,7 @@ class VLMStage:
     aux_classification_weight: float = 0.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     classifier: dict | None = None
+    data: dict | None = None
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
@@ -88,10 +94,19 @@ class VLMStage:
             raise ValueError(f"Stage {self.name!r}: lora is for finetune stages; {self.kind} stages don't take it.")
         if self.kind == "vision_pretrain" and not self.classifier:
             raise ValueError(f"Stage {self.name!r}: vision_pretrain needs a 'classifier' section (ClassifierStage).")
+        if self.data is not None:
+            unknown = sorted(set(self.data) - set(STAGE_DATA_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"Stage {self.name!r}: data keys {unknown} cannot change per stage; a stage may override "
+                    f"{list(STAGE_DATA_KEYS)} (the data set itself is the recipe's)."
+                )
+            if self.kind == "vision_pretrain":
+                raise ValueError(f"Stage {self.name!r}: vision_pretrain reads its data from 'classifier', not 'data'.")
         if self.aux_classification_weight < 0:
             raise ValueError(f"aux_classification_weight={self.aux_classification_weight} must be >= 0.")
-        if isinstance(self.optimizer, dict):
-            self.optimizer = OptimizerConfig(**self.optimizer)
+        if isinstance(self.optimizer, dict):  # the VLM's parts before OptimizerConfig checks learning_rates' names
+            self.optimizer = OptimizerConfig(**{"parts": dict(VLM_PARTS), **self.optimizer})
         if not self.optimizer.parts:
             self.optimizer.parts = dict(VLM_PARTS)
 
@@ -414,6 +429,7 @@ def stage_summary(stage: VLMStage) -> dict:
 
 
 __all__ = [
+    "STAGE_DATA_KEYS",
     "STAGE_KINDS",
     "VLM_PARTS",
     "EncodedCollator",

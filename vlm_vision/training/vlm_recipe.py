@@ -113,18 +113,21 @@ class VLMRecipe:
         return asdict(self)
 
 
-def load_samples(data: dict, seed: int) -> tuple[list[VLMSample], list[VLMSample]]:
-    """(train, eval) samples of the recipe's data."""
+def load_samples(data: dict, seed: int, evaluation: bool = True) -> tuple[list[VLMSample], list[VLMSample]]:
+    """(train, eval) samples of the recipe's data; eval is empty with `evaluation=False`."""
+    eval_samples = []
     if data.get("name") == "easy-vqa":
         train_samples, report = read_easy_vqa(
             "train",
             questions_per_sample=data.get("questions_per_sample", 1),
             shown_fraction=data.get("shown_fraction"),
         )
-        eval_samples, _ = read_easy_vqa("test", questions_per_sample=1)
+        if evaluation:
+            eval_samples, _ = read_easy_vqa("test", questions_per_sample=1)
     elif data.get("name") == "llava":
         train_samples, report = read_llava(data["train"], data["image_folder"])
-        eval_samples, _ = read_llava(data["eval"], data["image_folder"]) if data.get("eval") else ([], None)
+        if evaluation and data.get("eval"):
+            eval_samples, _ = read_llava(data["eval"], data["image_folder"])
     else:
         raise ValueError(f"data.name={data.get('name')!r}: use 'easy-vqa' (built in) or 'llava' (a LLaVA JSON).")
     report.log()
@@ -314,13 +317,15 @@ def run_vlm_recipe(
         if use_aux:
             trainable = WithAuxiliaryClassifier(trainable, aux_head, stage.aux_classification_weight)
             label_key, label_names = aux_task, aux_labels
+        data = {**recipe.data, **(stage.data or {})}
+        samples = load_samples(data, recipe.seed, evaluation=False)[0] if stage.data else train_samples
         dataset = EncodedConversations(
-            [_with_label(s, label_key) for s in train_samples] if use_aux else train_samples,
+            [_with_label(s, label_key) for s in samples] if use_aux else samples,
             processor,
             max_length=recipe.max_length,
             image_label_key=label_key,
             label_names=label_names,
-            separate_questions=recipe.data.get("separate_questions", False),
+            separate_questions=data.get("separate_questions", False),
         )
         args = stage.training_arguments(str(stage_dir), **run_args)
         result = train(
