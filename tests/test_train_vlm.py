@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.launch import launch_two_processes
+from vlm_vision import VisionTransformerConfig, VisionTransformerModel
 from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,3 +229,28 @@ def test_recipe_errors():
 def test_the_default_recipe_parses():
     default = VLMRecipe.from_json(ROOT / "configs" / "vlm" / "easy_vqa.json")
     assert default.stages[0].kind == "vision_pretrain" and default.data["name"] == "easy-vqa"
+    # its tower is the root-only hybrid: a 7x7/2 convolution and a 3x3/2 max-pool, then 2x2 patches of that map
+    tower = VisionTransformerModel(VisionTransformerConfig(**default.vision))
+    assert tower.embeddings.patch_embeddings.backbone is not None
+    assert tower(torch.rand(1, 3, 64, 64)).last_hidden_state.shape == (1, 1 + 8 * 8, 128)
+
+
+def test_a_hybrid_tower_pretrains_trains_saves_and_loads(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["vision"]["backbone_config"] = VLMRecipe.from_json(ROOT / "configs" / "vlm" / "easy_vqa.json").vision[
+        "backbone_config"
+    ]
+    pretrain = {"task": "shape", "image_size": 32, "max_steps": 2, "batch_size": 16}
+    stages = [
+        {"name": "pretrain", "kind": "vision_pretrain", "classifier": pretrain},
+        {"name": "full", "kind": "full", "max_steps": 2, "batch_size": 4, "aux_classification_weight": 0.5},
+    ]
+    run_vlm_recipe(VLMRecipe(**config, stages=stages), str(tmp_path), progress_bar=False, evaluate=False)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm")
+    stem = model.vision_tower.embeddings.patch_embeddings.backbone.bit.embedder.convolution.weight
+    before = weights(tmp_path / "pretrain" / "model")[
+        "vit.embeddings.patch_embeddings.backbone.bit.embedder.convolution.weight"
+    ]
+    assert stem.shape == before.shape and not torch.equal(stem, before)  # the stem trained in the full stage
+    processor = AutoProcessor.from_pretrained(tmp_path / "vlm")
+    assert processor.num_image_tokens == 4  # 32 px: the 8x8 map of the stem, 2x2 patches, 2x2 pixel shuffle
