@@ -205,6 +205,16 @@ def test_a_stage_trains_on_its_own_data_overrides(tmp_path, monkeypatch):
     assert [row["steps"] for row in results["stages"]] == [4, 4]
 
 
+def test_a_full_stage_with_a_frozen_tower_trains_the_adapter_and_the_whole_lm(tmp_path):
+    stages = (ALIGN, {**ALIGN, "name": "lm", "kind": "full", "freeze_vision": True})
+    run_vlm_recipe(recipe(*stages), str(tmp_path), progress_bar=False, evaluate=False)
+    before, after = weights(tmp_path / "align" / "model"), weights(tmp_path / "lm" / "model")
+    changed = {key.split(".")[0] for key in after if not torch.equal(after[key], before[key])}
+    assert changed == {"adapter", "language_model"}
+    lm_keys = [key for key in after if key.startswith("language_model.")]
+    assert sum(not torch.equal(after[key], before[key]) for key in lm_keys) > len(lm_keys) // 2  # not LoRA: all of it
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="finetune stage needs lora"):
         recipe({"name": "f", "kind": "finetune"})
@@ -221,6 +231,10 @@ def test_recipe_errors():
         recipe({**ALIGN, "data": {"name": "llava"}})
     with pytest.raises(ValueError, match="vision_pretrain reads its data from 'classifier'"):
         recipe({**late, "data": {"train_subset": 8}})
+    with pytest.raises(ValueError, match="freeze_vision is for full stages"):
+        recipe({**ALIGN, "freeze_vision": True})
+    with pytest.raises(ValueError, match="set aux_classification_weight to 0 or drop freeze_vision"):
+        recipe({**ALIGN, "kind": "full", "freeze_vision": True, "aux_classification_weight": 0.5})
     # per-part learning rates in a recipe's JSON name the VLM's parts
     stage = recipe({**ALIGN, "optimizer": {"learning_rates": {"lm": 2e-3}}}).stages[0]
     assert stage.optimizer.learning_rates == {"lm": 2e-3} and "lm" in stage.optimizer.parts
@@ -229,6 +243,10 @@ def test_recipe_errors():
 def test_the_default_recipe_parses():
     default = VLMRecipe.from_json(ROOT / "configs" / "vlm" / "easy_vqa.json")
     assert default.stages[0].kind == "vision_pretrain" and default.data["name"] == "easy-vqa"
+    # after the full stage, the language model learns the yes/no comparison with the tower frozen, then negation
+    match, negation = default.stages[-2:]
+    assert match.freeze_vision and match.data == {"negated_questions": False, "rewrite_shown_fraction": 0.5}
+    assert negation.freeze_vision and negation.data == {"rewrite_shown_fraction": 0.5}
     # its tower is the root-only hybrid: a 7x7/2 convolution and a 3x3/2 max-pool, then 2x2 patches of that map
     tower = VisionTransformerModel(VisionTransformerConfig(**default.vision))
     assert tower.embeddings.patch_embeddings.backbone is not None

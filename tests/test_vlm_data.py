@@ -291,6 +291,59 @@ def test_easy_vqa_repeats_the_questions_that_name_what_is_shown():
     assert sum(len(s.meta["qa"]) for s in train) > 38_575 and len(evaluation) == 9_673
 
 
+def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_ones():
+    from vlm_vision.data.easy_vqa import (
+        EASY_VQA_COLORS,
+        asks_about_what_is_shown,
+        easy_vqa_image_labels,
+        is_negated,
+        yes_no_attribute,
+    )
+
+    def yes_no(samples):
+        return [(s.meta["image_id"], qa) for s in samples for qa in s.meta["qa"] if qa["question_type"] == "yes/no"]
+
+    def share(pairs, attribute, test):
+        chosen = [qa for _, qa in pairs if yes_no_attribute(qa["question"]) == attribute]
+        return sum(test(qa) for qa in chosen) / len(chosen)
+
+    def shown(qa):
+        return asks_about_what_is_shown(qa["question"], qa["answer"])
+
+    def colors_named(question):
+        return [c for c in EASY_VQA_COLORS if c in question.replace("?", "").split()]
+
+    once, _ = read_easy_vqa("test", questions_per_sample=4)
+    rewritten, _ = read_easy_vqa("test", questions_per_sample=4, rewrite_shown_fraction=0.3, seed=0)
+    before, after = yes_no(once), yes_no(rewritten)
+    assert len(after) == len(before)  # same questions, some renamed: no copies
+    assert share(before, "color", shown) == pytest.approx(0.12, abs=0.01)
+    assert share(after, "color", shown) == pytest.approx(0.30, abs=0.02)
+    assert share(after, "shape", shown) == share(before, "shape", shown)  # already above 0.3: left alone
+    assert share(after, "color", lambda qa: is_negated(qa["question"])) == share(
+        before, "color", lambda qa: is_negated(qa["question"])
+    )
+    labels = easy_vqa_image_labels("test")
+    changed = [(i, old, new) for (i, old), (_, new) in zip(before, after, strict=True) if old != new]
+    assert len(changed) > 500
+    for image_id, old, new in changed:
+        color = labels[image_id]["color"]
+        (old_color,) = colors_named(old["question"])
+        assert colors_named(new["question"]) == [color] != [old_color]
+        assert new["question"] == old["question"].replace(old_color, color)
+        assert new["answer"] == ("no" if is_negated(new["question"]) else "yes") != old["answer"]
+    again, _ = read_easy_vqa("test", questions_per_sample=4, rewrite_shown_fraction=0.3, seed=0)
+    other, _ = read_easy_vqa("test", questions_per_sample=4, rewrite_shown_fraction=0.3, seed=1)
+    assert yes_no(again) == after and yes_no(other) != after  # seeded
+    with pytest.raises(ValueError, match=r"rewrite_shown_fraction=1\.5 must be between 0 and 1"):
+        read_easy_vqa("test", rewrite_shown_fraction=1.5)
+
+    plain, _ = read_easy_vqa("test", questions_per_sample=4, negated_questions=False)
+    kept = [qa for s in plain for qa in s.meta["qa"]]
+    assert kept and not any(is_negated(qa["question"]) for qa in kept)
+    assert len(kept) == sum(not is_negated(qa["question"]) for s in once for qa in s.meta["qa"])
+
+
 def test_easy_vqa_captions_from_the_answers():
     samples, report = read_easy_vqa_captions("train")
     # checked by eye: train image 0 is a blue rectangle, 1 a blue triangle, 2 a red triangle

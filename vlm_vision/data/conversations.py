@@ -26,6 +26,7 @@ import csv
 import json
 import logging
 import os
+import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ from .easy_vqa import (
     _easy_vqa,
     asks_about_what_is_shown,
     easy_vqa_image_labels,
+    is_negated,
     repeats_for_shown_fraction,
+    rewrite_for_shown_fraction,
     yes_no_attribute,
 )
 from .images import ImageLoadError, load_image
@@ -478,6 +481,9 @@ def read_easy_vqa(
     *,
     questions_per_sample: int = 1,
     shown_fraction: float | None = None,
+    rewrite_shown_fraction: float | None = None,
+    negated_questions: bool = True,
+    seed: int = 0,
     on_error: str = "skip",
 ) -> tuple[list[VLMSample], DataReport]:
     """easy-VQA's questions as VQA samples (no download: the data ships in the `easy-vqa` package).
@@ -510,9 +516,15 @@ def read_easy_vqa(
         easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
     )
     paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    if rewrite_shown_fraction is not None:
+        questions, answers = rewrite_for_shown_fraction(
+            questions, answers, image_ids, easy_vqa_image_labels(split), rewrite_shown_fraction, random.Random(seed)
+        )
     repeats = {} if shown_fraction is None else repeats_for_shown_fraction(questions, answers, shown_fraction)
     per_image: dict[int, list[dict[str, str]]] = defaultdict(list)  # insertion order = first question of each image
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        if not negated_questions and is_negated(question):
+            continue
         item = {"question": question, "answer": answer, "question_type": easy_vqa_question_type(answer)}
         shown = repeats and asks_about_what_is_shown(question, answer)
         per_image[image_id] += [item] * (repeats.get(yes_no_attribute(question), 1) if shown else 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from functools import cache
 
 from .images import LabelledImages
@@ -32,10 +32,15 @@ def _words(question: str) -> set[str]:
     return set(re.findall(r"[a-z]+", question.lower()))
 
 
+def is_negated(question: str) -> bool:
+    """Whether a question is negated: "is there not a red shape?", "is no circle present?"."""
+    return bool(_words(question) & _NEGATIONS)
+
+
 def asks_about_what_is_shown(question: str, answer: str) -> bool:
     """Whether a yes/no question names what the image shows: "is there a red shape?" yes, "is there not a red
     shape?" no. Colour questions name the image's colour 1 time in 8, shape questions its shape 1 time in 3."""
-    return answer in ("yes", "no") and (answer == "yes") != bool(_words(question) & _NEGATIONS)
+    return answer in ("yes", "no") and (answer == "yes") != is_negated(question)
 
 
 def yes_no_attribute(question: str) -> str | None:
@@ -66,6 +71,45 @@ def repeats_for_shown_fraction(questions, answers, fraction: float) -> dict[str,
         present, absent = shown[attribute], count - shown[attribute]
         repeats[attribute] = max(1, round(fraction * absent / ((1 - fraction) * present))) if present else 1
     return repeats
+
+
+def rewrite_for_shown_fraction(
+    questions, answers, image_ids, labels: dict[int, dict[str, str]], fraction: float, rng
+) -> tuple[list[str], list[str]]:
+    """Rewrite yes/no questions that name what the image lacks so that about `fraction` of each attribute's yes/no
+    questions name what it shows: the named colour (or shape) becomes the image's own and the answer flips ("is
+    there a red shape?" no, on a blue image -> "is there a blue shape?" yes; "is there not a red shape?" yes -> "is
+    there not a blue shape?" no). The negated share and the number of questions stay as they were. An attribute
+    already at or above `fraction` (shape: 33% on easy-VQA's training split) is left alone, and so are images whose
+    questions do not give the attribute (`labels`, from :func:`easy_vqa_image_labels`).
+
+    Unlike repeating the questions that name what is shown, every rewritten question is a new (image, question)
+    pair, so the rare case gets as many distinct examples as the common one.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"rewrite_shown_fraction={fraction} must be between 0 and 1 (exclusive).")
+    names = {"color": EASY_VQA_COLORS, "shape": EASY_VQA_SHAPES}
+    shown, total, candidates = Counter(), Counter(), defaultdict(list)
+    for i, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True)):
+        attribute = yes_no_attribute(question) if answer in ("yes", "no") else None
+        if not attribute:
+            continue
+        total[attribute] += 1
+        if asks_about_what_is_shown(question, answer):
+            shown[attribute] += 1
+        elif attribute in labels[image_id]:
+            candidates[attribute].append(i)
+    questions, answers = list(questions), list(answers)
+    for attribute, found in candidates.items():
+        share = min(1.0, max(0.0, (fraction * total[attribute] - shown[attribute]) / len(found)))
+        for i in found:
+            if rng.random() >= share:
+                continue
+            own = labels[image_ids[i]][attribute]
+            named = next(word for word in names[attribute] if re.search(rf"\b{word}\b", questions[i]))
+            questions[i] = re.sub(rf"\b{named}\b", own, questions[i])
+            answers[i] = "no" if answers[i] == "yes" else "yes"
+    return questions, answers
 
 
 def _easy_vqa():

@@ -40,7 +40,14 @@ logger = logging.getLogger(__name__)
 
 STAGE_KINDS = ("vision_pretrain", "align", "finetune", "full")
 # what a VLM stage may change in the recipe's training data (the data set itself stays the recipe's)
-STAGE_DATA_KEYS = ("questions_per_sample", "separate_questions", "shown_fraction", "train_subset")
+STAGE_DATA_KEYS = (
+    "questions_per_sample",
+    "separate_questions",
+    "shown_fraction",
+    "rewrite_shown_fraction",
+    "negated_questions",
+    "train_subset",
+)
 # The optimizer's parts: fnmatch patterns over parameter names, with or without peft's "base_model.model." prefix.
 VLM_PARTS = {
     "adapter": "*adapter.*",
@@ -64,11 +71,14 @@ class VLMStage:
             `batch_size` counts conversations (a conversation may hold several questions about one image).
         horizontal_flip: flip a random half of the images of each batch (answers that are flip-invariant only).
         aux_classification_weight: weight of the tower's classification loss (needs `vision_pretrain` first).
+        freeze_vision: for `full`: train the adapter and the whole LM with the tower frozen (LLaVA's second stage);
+            the tower then runs without autograd, so a step costs its forward pass only.
         optimizer: AdamW and the per-part learning rates (`adapter`, `lm`, `lm_lora`, `vision`, `vision_lora`).
         classifier: for `vision_pretrain`: the `ClassifierStage` fields (task, image size, epochs, ...).
         data: overrides of the recipe's `data` for this stage's training set (`questions_per_sample`,
-            `separate_questions`, `shown_fraction`, `train_subset`): e.g. a stage on separate questions with the
-            rare ones repeated, then a stage on the data as it is. Evaluation always reads the recipe's `data`.
+            `separate_questions`, `shown_fraction`, `rewrite_shown_fraction`, `negated_questions`, `train_subset`):
+            e.g. a stage without negated questions, then one on the data as it is. Evaluation always reads the
+            recipe's `data`.
     """
 
     name: str
@@ -81,6 +91,7 @@ class VLMStage:
     max_grad_norm: float | None = 1.0
     horizontal_flip: bool = False
     aux_classification_weight: float = 0.0
+    freeze_vision: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     classifier: dict | None = None
     data: dict | None = None
@@ -92,6 +103,16 @@ class VLMStage:
             raise ValueError(f"Stage {self.name!r}: a finetune stage needs lora='lm', 'vision' or 'both'.")
         if self.kind != "finetune" and self.lora is not None:
             raise ValueError(f"Stage {self.name!r}: lora is for finetune stages; {self.kind} stages don't take it.")
+        if self.freeze_vision and self.kind != "full":
+            raise ValueError(
+                f"Stage {self.name!r}: freeze_vision is for full stages (align and finetune already keep the tower "
+                f"frozen or LoRA-only); {self.kind} stages don't take it."
+            )
+        if self.freeze_vision and self.aux_classification_weight:
+            raise ValueError(
+                f"Stage {self.name!r}: the auxiliary classification loss trains the tower, which freeze_vision "
+                "freezes: set aux_classification_weight to 0 or drop freeze_vision."
+            )
         if self.kind == "vision_pretrain" and not self.classifier:
             raise ValueError(f"Stage {self.name!r}: vision_pretrain needs a 'classifier' section (ClassifierStage).")
         if self.data is not None:
@@ -134,6 +155,8 @@ def set_trainable(model: nn.Module, stage: VLMStage) -> nn.Module:
         vlm.adapter.requires_grad_(True)
     elif stage.kind == "full":
         vlm.requires_grad_(True)
+        if stage.freeze_vision:
+            vlm.vision_tower.requires_grad_(False)
     elif stage.kind == "finetune":
         vlm.requires_grad_(False)
         model = apply_lora(vlm, stage.lora)  # adapter in modules_to_save: trained fully

@@ -66,8 +66,10 @@ class VLMRecipe:
         data: `{"name": "easy-vqa", "questions_per_sample": k}` or `{"name": "llava", "train": json,
             "image_folder": dir, "eval": json}`; `train_subset`/`eval_subset` take seeded random subsets;
             `"separate_questions": true` trains each question of a one-image sample as its own sequence, the image
-            encoded once for all of them (no question sees another's answer); `"shown_fraction": f` repeats the rare
-            yes/no questions that name what the image shows to about that share (easy-VQA, training only).
+            encoded once for all of them (no question sees another's answer). easy-VQA, training only:
+            `"shown_fraction": f` repeats the rare yes/no questions that name what the image shows to about that
+            share; `"rewrite_shown_fraction": f` gets there by renaming the attribute of questions that name what
+            it lacks (new pairs, not copies); `"negated_questions": false` leaves out "is there not a ...?".
         tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer.
         max_length: longest conversation in tokens (longer ones are dropped, never truncated).
         stages: `VLMStage`s, in order. `vision_pretrain` stages come first; each continues the tower of the one
@@ -121,6 +123,9 @@ def load_samples(data: dict, seed: int, evaluation: bool = True) -> tuple[list[V
             "train",
             questions_per_sample=data.get("questions_per_sample", 1),
             shown_fraction=data.get("shown_fraction"),
+            rewrite_shown_fraction=data.get("rewrite_shown_fraction"),
+            negated_questions=data.get("negated_questions", True),
+            seed=seed,
         )
         if evaluation:
             eval_samples, _ = read_easy_vqa("test", questions_per_sample=1)
