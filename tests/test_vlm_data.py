@@ -299,6 +299,7 @@ def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_one
         is_negated,
         yes_no_attribute,
     )
+    from vlm_vision.training.vlm_recipe import load_samples
 
     def yes_no(samples):
         return [(s.meta["image_id"], qa) for s in samples for qa in s.meta["qa"] if qa["question_type"] == "yes/no"]
@@ -337,6 +338,9 @@ def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_one
     assert yes_no(again) == after and yes_no(other) != after  # seeded
     with pytest.raises(ValueError, match=r"rewrite_shown_fraction=1\.5 must be between 0 and 1"):
         read_easy_vqa("test", rewrite_shown_fraction=1.5)
+
+    with pytest.raises(ValueError, match=r"\['negated_questions'\] are for the built-in easy-VQA questions"):
+        load_samples({"name": "llava", "train": "t.json", "image_folder": ".", "negated_questions": False}, seed=0)
 
     plain, _ = read_easy_vqa("test", questions_per_sample=4, negated_questions=False)
     kept = [qa for s in plain for qa in s.meta["qa"]]

@@ -500,6 +500,12 @@ def read_easy_vqa(
             image's colour: a model scores 88% on them by answering that the named colour is absent, and may stay
             there. None: every question once. The copies follow their question, so with `questions_per_sample`
             > 1 a conversation can hold a question and its copy: train those with `separate_questions`.
+        rewrite_shown_fraction: reach that share by renaming instead: yes/no questions that name what the image
+            lacks get the image's own colour or shape and the flipped answer
+            (:func:`vlm_vision.data.easy_vqa.rewrite_for_shown_fraction`, drawn with `seed`); applied before
+            `shown_fraction`. None: the questions as they are.
+        negated_questions: False leaves out the negated yes/no questions ("is there not a red shape?").
+        seed: for `rewrite_shown_fraction`.
         on_error: `"skip"` or `"raise"` (for a missing image file).
 
     Returns:

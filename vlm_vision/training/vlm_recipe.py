@@ -130,6 +130,12 @@ def load_samples(data: dict, seed: int, evaluation: bool = True) -> tuple[list[V
         if evaluation:
             eval_samples, _ = read_easy_vqa("test", questions_per_sample=1)
     elif data.get("name") == "llava":
+        only_easy_vqa = sorted(set(data) & {"shown_fraction", "rewrite_shown_fraction", "negated_questions"})
+        if only_easy_vqa:
+            raise ValueError(
+                f"data options {only_easy_vqa} are for the built-in easy-VQA questions (they read its yes/no "
+                "questions); remove them for LLaVA data."
+            )
         train_samples, report = read_llava(data["train"], data["image_folder"])
         if evaluation and data.get("eval"):
             eval_samples, _ = read_llava(data["eval"], data["image_folder"])
