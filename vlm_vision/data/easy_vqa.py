@@ -51,6 +51,14 @@ def yes_no_attribute(question: str) -> str | None:
     return "shape" if words & set(EASY_VQA_SHAPES) else None
 
 
+def _yes_no_questions(questions, answers):
+    """`(index, attribute, names what is shown)` for each yes/no question that names a colour or a shape."""
+    for i, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        attribute = yes_no_attribute(question) if answer in ("yes", "no") else None
+        if attribute:
+            yield i, attribute, asks_about_what_is_shown(question, answer)
+
+
 def repeats_for_shown_fraction(questions, answers, fraction: float) -> dict[str, int]:
     """Per attribute ("color", "shape"), how many times to repeat the yes/no questions that name what the image shows
     so that they make about `fraction` of that attribute's yes/no questions (at least once each: never fewer).
@@ -61,11 +69,9 @@ def repeats_for_shown_fraction(questions, answers, fraction: float) -> dict[str,
     if not 0 < fraction < 1:
         raise ValueError(f"shown_fraction={fraction} must be between 0 and 1 (exclusive).")
     shown, total = Counter(), Counter()
-    for question, answer in zip(questions, answers, strict=True):
-        attribute = yes_no_attribute(question) if answer in ("yes", "no") else None
-        if attribute:
-            total[attribute] += 1
-            shown[attribute] += asks_about_what_is_shown(question, answer)
+    for _, attribute, names_shown in _yes_no_questions(questions, answers):
+        total[attribute] += 1
+        shown[attribute] += names_shown
     repeats = {}
     for attribute, count in total.items():
         present, absent = shown[attribute], count - shown[attribute]
@@ -88,16 +94,13 @@ def rewrite_for_shown_fraction(
     """
     if not 0 < fraction < 1:
         raise ValueError(f"rewrite_shown_fraction={fraction} must be between 0 and 1 (exclusive).")
-    names = {"color": EASY_VQA_COLORS, "shape": EASY_VQA_SHAPES}
+    names = {"color": set(EASY_VQA_COLORS), "shape": set(EASY_VQA_SHAPES)}
     shown, total, candidates = Counter(), Counter(), defaultdict(list)
-    for i, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True)):
-        attribute = yes_no_attribute(question) if answer in ("yes", "no") else None
-        if not attribute:
-            continue
+    for i, attribute, names_shown in _yes_no_questions(questions, answers):
         total[attribute] += 1
-        if asks_about_what_is_shown(question, answer):
+        if names_shown:
             shown[attribute] += 1
-        elif attribute in labels[image_id]:
+        elif attribute in labels[image_ids[i]]:
             candidates[attribute].append(i)
     questions, answers = list(questions), list(answers)
     for attribute, found in candidates.items():
@@ -106,7 +109,7 @@ def rewrite_for_shown_fraction(
             if rng.random() >= share:
                 continue
             own = labels[image_ids[i]][attribute]
-            named = next(word for word in names[attribute] if re.search(rf"\b{word}\b", questions[i]))
+            (named,) = _words(questions[i]) & names[attribute]
             questions[i] = re.sub(rf"\b{named}\b", own, questions[i])
             answers[i] = "no" if answers[i] == "yes" else "yes"
     return questions, answers
