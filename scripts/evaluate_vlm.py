@@ -1,6 +1,7 @@
-"""Evaluate a saved VLM folder with batched greedy generation.
+"""Evaluate a saved VLM folder with batched greedy generation on its device.
 
 python scripts/evaluate_vlm.py outputs/easy-vqa-vlm/vlm                          # easy-VQA test, exact match
+python scripts/evaluate_vlm.py VLM --llava EVAL.json --images IMAGES/ --max-new-tokens 64   # first answers, exact match
 python scripts/evaluate_vlm.py VLM --vqav2 QUESTIONS.json ANNOTATIONS.json --images val2014/
 python scripts/evaluate_vlm.py VLM --coco-captions captions_val2017.json --images val2017/   # needs [eval]
 """
@@ -11,29 +12,40 @@ import argparse
 import json
 import logging
 
+import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlm_vision  # noqa: F401  registers the Auto classes
-from vlm_vision.data.conversations import read_coco_captions, read_easy_vqa, read_vqav2
-from vlm_vision.training.vlm import evaluate_samples, seeded_subset
+from vlm_vision.data.conversations import read_coco_captions, read_easy_vqa, read_llava, read_vqav2
+from vlm_vision.generation import evaluate_samples
+from vlm_vision.towers import resolve_dtype
+from vlm_vision.training.vlm import seeded_subset
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a VLM folder (model, processor, tokenizer)")
+    parser.add_argument("--llava", metavar="JSON", help="a LLaVA conversation file: each first answer, exact match")
     parser.add_argument("--vqav2", nargs=2, metavar=("QUESTIONS", "ANNOTATIONS"), help="VQAv2 JSON files")
     parser.add_argument("--coco-captions", metavar="ANNOTATIONS", help="COCO captions JSON")
-    parser.add_argument("--images", help="the image folder of --vqav2 / --coco-captions")
+    parser.add_argument("--images", help="the image folder of --llava / --vqav2 / --coco-captions")
     parser.add_argument("--split", default="val", help="VQAv2 split name in the image file names")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of this size")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--output", default=None, help="write the metrics and predictions to this JSON file")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="the longest answer generated")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--output", default=None, help="write the metrics and the predictions to this JSON file")
+    parser.add_argument("--no-progress-bar", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if (args.vqav2 or args.coco_captions) and not args.images:
-        parser.error("--images is required with --vqav2 and --coco-captions")
+    if (args.llava or args.vqav2 or args.coco_captions) and not args.images:
+        parser.error("--images is required with --llava, --vqav2 and --coco-captions")
 
-    if args.vqav2:
+    if args.llava:
+        samples, report = read_llava(args.llava, args.images)
+        metric = "exact_match"
+    elif args.vqav2:
         samples, report = read_vqav2(*args.vqav2, args.images, split=args.split)
         metric = "vqa"
     elif args.coco_captions:
@@ -44,9 +56,19 @@ def main(argv=None) -> None:
         metric = "exact_match"
     report.log()
     samples = seeded_subset(samples, args.limit, 0)
-    model = AutoModelForImageTextToText.from_pretrained(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device)
     processor = AutoProcessor.from_pretrained(args.model)
-    results = evaluate_samples(model, processor, samples, metric, batch_size=args.batch_size)
+    results = evaluate_samples(
+        model,
+        processor,
+        samples,
+        metric,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress_bar=not args.no_progress_bar,
+    )
     predictions = results.pop("predictions")
     print(json.dumps(results, indent=2))
     if args.output:

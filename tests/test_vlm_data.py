@@ -16,10 +16,7 @@ from tests.vlm_helpers import build_vlm, train_tokenizer, vqa
 from vlm_vision.data.conversations import (
     DEFAULT_CAPTION_INSTRUCTION,
     BadSampleError,
-    ConversationCollator,
-    ConversationDataset,
     VLMSample,
-    num_tokens,
     read_caption_folder,
     read_coco_captions,
     read_easy_vqa,
@@ -27,6 +24,7 @@ from vlm_vision.data.conversations import (
     read_llava,
     read_vqav2,
 )
+from vlm_vision.data.dataset import VLMCollator, VLMDataset, split_questions
 from vlm_vision.processing_vlm import IGNORE_INDEX
 
 
@@ -257,7 +255,7 @@ def test_easy_vqa_grouped_questions_share_one_image():
 
 def test_easy_vqa_repeats_the_questions_that_name_what_is_shown():
     from vlm_vision.data.easy_vqa import asks_about_what_is_shown, repeats_for_shown_fraction, yes_no_attribute
-    from vlm_vision.training.vlm_recipe import load_samples
+    from vlm_vision.training.vlm_recipe import load_eval_samples, open_training_data
 
     assert asks_about_what_is_shown("is there a red shape?", "yes")
     assert asks_about_what_is_shown("is there not a red shape?", "no")
@@ -287,8 +285,9 @@ def test_easy_vqa_repeats_the_questions_that_name_what_is_shown():
     with pytest.raises(ValueError, match=r"shown_fraction=1\.5 must be between 0 and 1"):
         read_easy_vqa("test", shown_fraction=1.5)
     # a recipe's data option repeats them in training only: evaluation keeps the test split as it is
-    train, evaluation = load_samples({"name": "easy-vqa", "shown_fraction": 0.3}, seed=0)
-    assert sum(len(s.meta["qa"]) for s in train) > 38_575 and len(evaluation) == 9_673
+    data = {"name": "easy-vqa", "shown_fraction": 0.3}
+    train, evaluation = open_training_data(data, seed=0), load_eval_samples(data, seed=0)
+    assert sum(len(train.sample(i).meta["qa"]) for i in range(len(train))) > 38_575 and len(evaluation) == 9_673
 
 
 def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_ones():
@@ -299,7 +298,7 @@ def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_one
         is_negated,
         yes_no_attribute,
     )
-    from vlm_vision.training.vlm_recipe import load_samples
+    from vlm_vision.training.vlm_recipe import check_data
 
     def yes_no(samples):
         return [(s.meta["image_id"], qa) for s in samples for qa in s.meta["qa"] if qa["question_type"] == "yes/no"]
@@ -340,7 +339,7 @@ def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_one
         read_easy_vqa("test", rewrite_shown_fraction=1.5)
 
     with pytest.raises(ValueError, match=r"\['negated_questions'\] are for the built-in easy-VQA questions"):
-        load_samples({"name": "llava", "train": "t.json", "image_folder": ".", "negated_questions": False}, seed=0)
+        check_data({"name": "llava", "train": "t.json", "image_folder": ".", "negated_questions": False}, "data")
 
     plain, _ = read_easy_vqa("test", questions_per_sample=4, negated_questions=False)
     kept = [qa for s in plain for qa in s.meta["qa"]]
@@ -366,66 +365,66 @@ def processor():
     return processor
 
 
-def test_dataset_filters_long_and_mismatched_samples(processor, images):
+def test_dataset_skips_long_and_mismatched_samples_and_reports_them_in_the_batch(processor, images):
     n = processor.num_image_tokens  # 64 for the tiny tower's 8x8 grid
     samples = [
         VLMSample([str(images / "rgb.jpg")], vqa("what color is the circle?", "blue"), "short"),
         VLMSample([str(images / "rgb.jpg")] * 2, vqa("is there a red triangle?", "no", images=2), "long"),
         VLMSample([str(images / "rgb.jpg")], vqa("what?", "no", images=2), "tags"),
     ]
-    dataset = ConversationDataset(samples, processor, max_length=n + 40)
-    assert [s.id for s in dataset.samples] == ["short"]
-    assert dataset.report.counts() == {"too_long": 1, "image_tag_mismatch": 1}
-    assert "max_length=104" in next(s.message for s in dataset.report.skipped if s.reason == "too_long")
-    with pytest.raises(BadSampleError, match=r"long: \d+ tokens \(2 images x 64\) > max_length=104"):
-        ConversationDataset(samples[:2], processor, max_length=n + 40, on_error="raise")
-    with pytest.raises(BadSampleError, match="tags: 2 <image> tags but 1 images"):
-        ConversationDataset(samples, processor, on_error="raise")
-    assert len(ConversationDataset(samples[:2], processor, max_length=None)) == 2
-    # the length check measures what the processor will encode
-    multi_turn = [
-        *vqa("what color is the circle?", "blue"),
-        {"role": "user", "content": "and the shape?"},
-        {"role": "assistant", "content": "circle"},
-    ]
-    for messages in (samples[0].messages, samples[1].messages, multi_turn):
-        assert num_tokens(processor, messages) == len(processor.encode_conversation(messages)["input_ids"])
+    dataset = VLMDataset(samples, processor, max_length=n + 40)
+    assert len(dataset) == 3  # lazy: nothing is read or encoded up front
+    item = dataset[1]  # "long", then "tags" are skipped: the next usable sample ("short", wrapping) instead
+    assert len(item["encoded"]["input_ids"]) <= n + 40 and len(item["images"]) == 1
+    assert [(s.id, s.reason) for s in item["skipped"]] == [("long", "too_long"), ("tags", "image_tag_mismatch")]
+    assert "max_length=104" in item["skipped"][0].message and "2 images x 64 tokens" in item["skipped"][0].message
+    assert dataset[2]["skipped"] == []  # known bad samples are not read again in this process
+    with pytest.raises(BadSampleError, match=r"sample long: The conversation is \d+ tokens long, over max_length=104"):
+        VLMDataset(samples, processor, max_length=n + 40, on_error="raise")[1]
+    with pytest.raises(BadSampleError, match="sample tags: 2 <image> tags but 1 images"):
+        VLMDataset(samples, processor, on_error="raise")[2]
+    assert VLMDataset(samples[:2], processor, max_length=None)[1]["skipped"] == []
+    with pytest.raises(BadSampleError, match="None of the 1 samples"):
+        VLMDataset(samples[1:2], processor, max_length=n + 40)[0]
+    with pytest.raises(ValueError, match="has no samples"):
+        VLMDataset([], processor)
 
 
-def test_dataset_decodes_every_mode_and_replaces_unreadable_images(processor, images, tmp_path, caplog):
+def test_dataset_decodes_every_mode_and_replaces_unreadable_images(processor, images, tmp_path):
     samples, _ = read_llava(write_llava(tmp_path), images)  # ok, two (gray + RGBA), text, 7 (corrupt file)
     samples.append(VLMSample([str(images / "palette.png")], vqa("what?", "dots"), "palette"))
-    dataset = ConversationDataset(samples, processor, max_length=512)
+    samples.append(VLMSample([str(images / "gone.png")], vqa("what?", "dots"), "vanished"))
+    dataset = VLMDataset(samples, processor, max_length=512)
     item = dataset[1]
-    assert item["id"] == "two" and [im.mode for im in item["images"]] == ["RGB", "RGB"]
-    assert dataset[4]["images"][0].mode == "RGB"  # palette
-    with caplog.at_level(logging.WARNING):
-        replaced = dataset[3]  # the corrupt image: the next readable sample instead, every time
-    assert replaced["id"] == "palette" and dataset[3]["id"] == "palette"
-    assert dataset.report.counts() == {"unreadable_image": 1}
-    assert dataset.report.skipped[0].file == str(images / "corrupt.jpg") and "corrupt.jpg" in caplog.text
-
-    wrapped = ConversationDataset(samples[:4], processor)  # the bad sample last: wraps around to the first
-    assert wrapped[3]["id"] == "ok"
+    assert [tuple(image.shape) for image in item["images"]] == [(3, 32, 32)] * 2  # gray and RGBA, as RGB
+    # the pixel values are the image processor's own output for the decoded RGB file
+    expected = processor.image_processor(images=[Image.open(images / "gray.png").convert("RGB")], return_tensors="pt")
+    torch.testing.assert_close(item["images"][0], expected["pixel_values"][0])
+    assert dataset[4]["images"][0].shape == (3, 32, 32)  # palette
+    replaced = dataset[3]  # the corrupt image: the next readable sample instead, the same one every time
+    assert [(s.id, s.reason, s.file) for s in replaced["skipped"]] == [
+        ("7", "unreadable_image", str(images / "corrupt.jpg"))
+    ]
+    assert torch.equal(replaced["images"][0], dataset[4]["images"][0])
+    wrapped = dataset[5]  # a file that vanished after indexing: reported as missing, wraps around to the first
+    assert [(s.id, s.reason) for s in wrapped["skipped"]] == [("vanished", "missing_image")]
+    assert wrapped["encoded"] == dataset[0]["encoded"]
     with pytest.raises(IndexError):
-        wrapped[4]
-    assert wrapped.check_images().counts() == {"unreadable_image": 1}
-    strict = ConversationDataset(samples, processor, on_error="raise")
-    with pytest.raises(BadSampleError, match=r"Sample 7: Cannot read image .*corrupt\.jpg"):
+        dataset[6]
+    strict = VLMDataset(samples, processor, on_error="raise")
+    with pytest.raises(BadSampleError, match=r"sample 7: Cannot read image .*corrupt\.jpg"):
         strict[3]
 
 
 def test_separate_questions_share_their_image_in_the_batch(processor):
-    from vlm_vision.training.vlm import EncodedCollator, EncodedConversations, split_questions
-
     samples, _ = read_easy_vqa("train", questions_per_sample=3)
     samples = [s for s in samples if len(s.meta["qa"]) == 3][:2]
     turns_of_first = split_questions(samples[0].messages)
     assert [t[0]["content"] for t in turns_of_first] == [f"<image>\n{qa['question']}" for qa in samples[0].meta["qa"]]
     assert [t[1]["content"] for t in turns_of_first] == [qa["answer"] for qa in samples[0].meta["qa"]]
 
-    dataset = EncodedConversations(samples, processor, max_length=512, separate_questions=True)
-    batch = EncodedCollator(processor)([dataset[0], dataset[1]])
+    dataset = VLMDataset(samples, processor, max_length=512, separate_questions=True)
+    batch = VLMCollator(processor)([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].shape[0] == 6
     assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
     # every sequence shows its image once and supervises exactly its own answer
@@ -434,17 +433,32 @@ def test_separate_questions_share_their_image_in_the_batch(processor):
     expected = [qa["answer"] for s in samples for qa in s.meta["qa"]]
     assert [a.replace("</s>", "").strip() for a in answers] == expected
 
-    two_images = VLMSample(["a.png", "b.png"], samples[0].messages, "two", {})
+    two_images = VLMSample(["a.png", "b.png"], vqa("q", "a", images=2), "two", {})
     with pytest.raises(ValueError, match="separate_questions needs one image per sample; two has 2"):
-        EncodedConversations([two_images], processor, separate_questions=True)
+        VLMDataset([two_images], processor, separate_questions=True)[0]
+
+
+def test_flips_depend_on_seed_epoch_and_index_only(processor, images):
+    samples = [VLMSample([str(images / "rgb.jpg")], vqa("what?", "noise"), str(i)) for i in range(16)]
+    dataset = VLMDataset(samples, processor, horizontal_flip=True, seed=3)
+    plain = VLMDataset(samples, processor)[0]["images"][0]
+
+    def flips():
+        return [not torch.equal(dataset[i]["images"][0], plain) for i in range(16)]
+
+    first = flips()
+    assert 0 < sum(first) < 16 and first == flips()  # a coin per sample, the same on every read
+    assert all(torch.equal(dataset[i]["images"][0], plain.flip(-1)) for i in range(16) if first[i])
+    dataset.set_epoch(1)
+    assert flips() != first
 
 
 def test_collator_builds_the_padded_batch(processor, images, tmp_path):
     samples, _ = read_llava(write_llava(tmp_path), images)
-    dataset = ConversationDataset(samples[:3], processor, max_length=512)  # 1 image, 2 images, text only
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=ConversationCollator(processor))
-    batch = next(iter(loader))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    dataset = VLMDataset(samples[:3], processor, max_length=512)  # 1 image, 2 images, text only
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=VLMCollator(processor), num_workers=1)
+    batch = next(iter(loader))  # built in a DataLoader worker process
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_labels", "skipped"}
     assert batch["pixel_values"].shape == (3, 3, 32, 32)  # the three images, flat, in tag order
     image_positions = batch["input_ids"] == processor.image_token_id
     assert image_positions.sum(dim=1).tolist() == [64, 128, 0]
@@ -454,3 +468,7 @@ def test_collator_builds_the_padded_batch(processor, images, tmp_path):
     # the answers carry loss: two turns in the first sample, one in the others
     supervised = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX])
     assert "noise" in supervised and "yes" in supervised
+    # the same batch as the processor makes from the decoded images (RGBA composited on white by load_image)
+    direct = processor.encode_conversations([s.messages for s in samples[:3]], [s.images for s in samples[:3]])
+    for key in ("input_ids", "labels", "pixel_values"):
+        torch.testing.assert_close(batch[key], direct[key], msg=key)

@@ -2,22 +2,31 @@
 
 Each `<image>` tag in a text becomes exactly `num_image_tokens` placeholder tokens (the adapter's
 `num_output_tokens` for the tower's grid, computed once when the processor is built from a model config and saved
-with it). Conversations are rendered with the tokenizer's chat template (a plain USER/ASSISTANT template when it has
-none) and only the assistant turns carry labels, so changing the language model doesn't break the masking.
+with it). Conversations are rendered with a chat template (the tokenizer's own, or one of `CHAT_TEMPLATES`) and only
+the assistant turns carry labels, so changing the language model doesn't break the masking.
+
+Images go through the tower's own image processor (`image_processor`, e.g. CLIP's shortest-edge resize + centre
+crop); with `image_aspect_ratio="pad"` each image is first padded to a square with the processor's mean colour, as
+LLaVA-1.5 does.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
+ROLES = ("system", "user", "assistant")
+IMAGE_ASPECT_RATIOS = ("squash", "pad")
 
 # Used for tokenizers without a chat template (e.g. a sentencepiece model trained on the data). The assistant turn
 # ends with the EOS token, so the model learns to stop.
@@ -31,37 +40,176 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# LLaVA's "plain" conversation (its stage-1 alignment on captions): the user turn's images and nothing else (no
+# question, no system prompt, no role markup), then the caption, ended by EOS so the model learns to stop.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<image>' * message['content'].count('<image>') }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+# Chat templates by name (`--chat-template NAME`); "model" is the tokenizer's own.
+CHAT_TEMPLATES = {"plain": PLAIN_CHAT_TEMPLATE, "user_assistant": DEFAULT_CHAT_TEMPLATE}
 
 Message = dict[str, str]
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be used: missing, unknown, or rendering that can't be split into prompt/answer."""
+
+
+class ConversationTooLongError(ValueError):
+    """A conversation longer than `max_length` tokens (never truncated: that could cut an image span)."""
+
+
+def resolve_chat_template(spec: str | None, tokenizer, where: str = "the language model") -> str:
+    """The Jinja text of a chat template named by `spec`.
+
+    Args:
+        spec: None or "model" (the tokenizer's own), a name in `CHAT_TEMPLATES` ("plain", "user_assistant"), the
+            path of a Jinja file, or the Jinja text itself.
+        tokenizer: the tokenizer whose own template "model" means.
+        where: names the tokenizer in errors (e.g. its folder).
+    """
+    if spec is None or spec == "model":
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not template:
+            raise ChatTemplateError(
+                f"The tokenizer of {where} has no chat template. Pass one: --chat-template NAME (one of "
+                f"{sorted(CHAT_TEMPLATES)}; 'user_assistant' renders 'USER: ... ASSISTANT: ...'), the path of a Jinja "
+                "file, or the Jinja text (in a recipe: language_model.chat_template)."
+            )
+        return template
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    if "{{" in spec or "{%" in spec:
+        return spec
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as file:
+            return file.read()
+    raise ChatTemplateError(
+        f"chat_template={spec!r} is neither a template name ('model', {', '.join(map(repr, sorted(CHAT_TEMPLATES)))}), "
+        "a Jinja file that exists, nor Jinja text: fix the name or the path."
+    )
+
+
+def normalize_messages(messages: Sequence, image_token: str = IMAGE_TOKEN) -> list[Message]:
+    """Chat messages as `[{"role", "content": str}]`, checked.
+
+    Accepts transformers' content-list form (`{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    "text": "..."}]}`): image parts become `image_token` tags (a text after an image starts on a new line, as
+    LLaVA writes `<image>\nquestion`). Refuses unknown roles (a misspelt "asistant" would silently supervise
+    nothing) and contents that are not text.
+    """
+    if isinstance(messages, dict) or not isinstance(messages, Sequence) or isinstance(messages, str):
+        raise TypeError(
+            f"A conversation is a list of messages ({{'role': ..., 'content': ...}}), got {type(messages).__name__}."
+        )
+    normalized = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"Message {index} must be a dict with 'role' and 'content', got {message!r}.")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            close = difflib.get_close_matches(str(role), ROLES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"Message {index} has role {role!r}{hint}; a role is one of {list(ROLES)}.")
+        if isinstance(content, list):
+            content = _join_content_parts(content, index, image_token)
+        elif not isinstance(content, str):
+            raise ValueError(
+                f"Message {index} ({role}) has content {content!r} of type {type(content).__name__}: give the text as "
+                "a string (or a list of {'type': 'text', 'text': ...} / {'type': 'image'} parts)."
+            )
+        normalized.append({"role": role, "content": content})
+    return normalized
+
+
+def _join_content_parts(parts: list, index: int, image_token: str) -> str:
+    text = ""
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text += image_token
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text += ("\n" if text.endswith(image_token) else "") + part["text"]
+        else:
+            raise ValueError(
+                f"Message {index} has a content part {part!r}: parts are {{'type': 'image'}} or "
+                "{'type': 'text', 'text': str}."
+            )
+    return text
+
+
+def pad_to_square(image: Image.Image, background: Sequence[float]) -> Image.Image:
+    """LLaVA-1.5's `expand2square`: the image centred on a square canvas of `background` (RGB in [0, 1], truncated
+    to 8 bits as LLaVA does: `int(255 * mean)`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    fill = tuple(int(255 * c) for c in background)
+    canvas = Image.new(image.mode, (max(width, height),) * 2, fill if image.mode == "RGB" else fill[0])
+    canvas.paste(image, ((max(width, height) - width) // 2, (max(width, height) - height) // 2))
+    return canvas
 
 
 class VisionLanguageProcessor(ProcessorMixin):
     """Image processor + tokenizer for [`VisionLanguageForConditionalGeneration`].
 
     Args:
-        image_processor: resizes and normalises images for the tower (e.g. `ViTImageProcessorPil`).
+        image_processor: the tower's own image processor (e.g. `CLIPImageProcessorPil`, `ViTImageProcessorPil`).
         tokenizer: the language model's tokenizer; `<image>` is added to it as a special token if missing (then
             resize the model's embeddings to `len(tokenizer)`).
         num_image_tokens: placeholder tokens per image; use `from_model_config` to take it from the model.
         image_token: the placeholder text.
-        chat_template: overrides the tokenizer's template.
+        image_aspect_ratio: "squash" (the image processor as it is) or "pad" (LLaVA-1.5: pad to a square with the
+            image processor's mean colour first, so nothing is cropped away or distorted).
+        chat_template: overrides the tokenizer's template (Jinja text).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None, image_token=IMAGE_TOKEN, **kwargs):
-        if num_image_tokens is None or num_image_tokens <= 0:
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        image_token=IMAGE_TOKEN,
+        image_aspect_ratio="squash",
+        **kwargs,
+    ):
+        if num_image_tokens is None or not isinstance(num_image_tokens, int) or num_image_tokens <= 0:
             raise ValueError(
                 f"num_image_tokens must be a positive int, got {num_image_tokens!r}: build the processor with "
                 "VisionLanguageProcessor.from_model_config(config, image_processor, tokenizer)."
             )
+        if tokenizer is None or image_processor is None:
+            missing = " and ".join(
+                n for n, v in (("tokenizer", tokenizer), ("image_processor", image_processor)) if v is None
+            )
+            raise ValueError(
+                f"VisionLanguageProcessor needs a {missing}: pass the language model's tokenizer and the tower's "
+                "image processor (AutoTokenizer / AutoImageProcessor .from_pretrained(folder))."
+            )
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}; choose one of {IMAGE_ASPECT_RATIOS}.")
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
+        self.image_aspect_ratio = image_aspect_ratio
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        chat_template = kwargs.pop("chat_template", None) or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        chat_template = kwargs.pop("chat_template", None) or tokenizer.chat_template
+        if not chat_template:
+            logger.info(
+                "the tokenizer has no chat template: using the plain USER/ASSISTANT one (DEFAULT_CHAT_TEMPLATE)"
+            )
+            chat_template = DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self._layouts: dict = {}
 
     @classmethod
     def from_model_config(cls, config, image_processor, tokenizer, **kwargs) -> VisionLanguageProcessor:
@@ -69,6 +217,17 @@ class VisionLanguageProcessor(ProcessorMixin):
         from .modeling_vlm import num_image_tokens_for
 
         return cls(image_processor, tokenizer, num_image_tokens=num_image_tokens_for(config), **kwargs)
+
+    # ---- images ----------------------------------------------------------------------------------------------
+
+    def process_images(self, images: Sequence[Image.Image], return_tensors: str = "pt") -> torch.Tensor:
+        """RGB images -> the tower's `pixel_values` `(I, C, H, W)`, padded to squares first with
+        `image_aspect_ratio="pad"`."""
+        images = list(images)
+        if self.image_aspect_ratio == "pad":
+            mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+            images = [pad_to_square(image, mean) for image in images]
+        return self.image_processor(images=images, return_tensors=return_tensors)["pixel_values"]
 
     # ---- plain text + images (inference, user scripts) -------------------------------------------------------
 
@@ -84,6 +243,8 @@ class VisionLanguageProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("text is required: the prompt(s), with one <image> tag per image.")
         texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"text must be a string or a list of strings, got {[type(t).__name__ for t in texts]}.")
         flat_images = _flatten(images)
         num_tags = sum(t.count(self.image_token) for t in texts)
         if num_tags != len(flat_images):
@@ -100,66 +261,136 @@ class VisionLanguageProcessor(ProcessorMixin):
         )
         data = dict(encoding)
         if flat_images:
-            data["pixel_values"] = self.image_processor(images=flat_images, return_tensors=return_tensors)[
-                "pixel_values"
-            ]
+            data["pixel_values"] = self.process_images([_as_rgb(image) for image in flat_images], return_tensors)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # ---- conversations (training, evaluation) ---------------------------------------------------------------
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False, chat_template: str | None = None
+    ) -> str:
         """The conversation as text through the chat template (`<image>` tags not yet expanded)."""
         return self.tokenizer.apply_chat_template(
             list(messages),
-            chat_template=self.chat_template,
+            chat_template=chat_template or self.chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
 
-    def supervised_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    def supervised_spans(
+        self, messages: Sequence[Message], chat_template: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of the assistant turns in it.
 
         Each assistant turn's span is what the template adds between the prompt up to it (with the generation prompt)
         and the conversation through it: the answer and its end-of-turn marker. This works for any template that
-        renders a conversation's prefix as a prefix of its text, which chat templates do; others raise.
+        renders a conversation's prefix as a prefix of its text, which chat templates do; others raise
+        `ChatTemplateError`.
+
+        The conversation is rendered once. The span boundaries come from a layout of the template for the same
+        sequence of roles (rendered once per role sequence, with placeholder contents); when putting the real
+        contents into that layout does not give the real rendering (a template that edits or branches on the
+        content), the prefixes are rendered one by one instead.
         """
-        full = self.render(messages)
+        template = chat_template or self.chat_template
+        messages = list(messages)
+        full = self.render(messages, chat_template=template)
+        layout = self._layout(tuple(m["role"] for m in messages), template)
+        if layout is not None:
+            pieces, boundaries = layout
+            contents = [m["content"] for m in messages]
+            if "".join(p + c for p, c in zip(pieces, [*contents, ""], strict=True)) == full:
+                shift = [0]  # shift[k]: how much longer the first k contents are than their sentinels
+                for k, content in enumerate(contents):
+                    shift.append(shift[-1] + len(content) - len(_sentinel(k)))
+                return full, [(b + shift[i], e + shift[j]) for (b, i), (e, j) in boundaries]
+        return full, self._spans_by_prefix(messages, full, template)
+
+    def _spans_by_prefix(self, messages: list[Message], full: str, template: str) -> list[tuple[int, int]]:
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:index], add_generation_prompt=True)
-            through = self.render(messages[: index + 1])
+            before = self.render(messages[:index], add_generation_prompt=True, chat_template=template)
+            through = self.render(messages[: index + 1], chat_template=template)
             if not (through.startswith(before) and full.startswith(through)):
-                raise ValueError(
+                raise ChatTemplateError(
                     "The chat template does not render conversation prefixes as text prefixes, so the answer spans "
-                    "cannot be found; use a template where it does (pass chat_template=...)."
+                    f"cannot be found (message {index}: the prompt before it renders as {before[-60:]!r}, the "
+                    f"conversation through it as {through[-60:]!r}); use a template where it does "
+                    "(--chat-template / chat_template=...)."
                 )
             spans.append((len(before), len(through)))
-        return full, spans
+        return spans
 
-    def encode_conversation(self, messages: Sequence[Message], max_length: int | None = None) -> dict[str, list[int]]:
+    def _layout(self, roles: tuple[str, ...], template: str):
+        """The template's text around each content for this role sequence, and the answer-span boundaries as
+        (offset in the layout, number of contents before it); None when the template edits the contents."""
+        key = (roles, template)
+        if key not in self._layouts:
+            if len(self._layouts) >= 1024:
+                self._layouts.clear()
+            self._layouts[key] = self._build_layout(roles, template)
+        return self._layouts[key]
+
+    def _build_layout(self, roles: tuple[str, ...], template: str):
+        sentinels = [_sentinel(i) for i in range(len(roles))]
+        skeleton = [{"role": r, "content": s} for r, s in zip(roles, sentinels, strict=True)]
+        full = self.render(skeleton, chat_template=template)
+        positions = [full.find(s) for s in sentinels]
+        if any(p < 0 or full.count(s) != 1 for p, s in zip(positions, sentinels, strict=True)) or positions != sorted(
+            positions
+        ):
+            return None  # the template drops, repeats or reorders contents (e.g. "plain" drops the question)
+        pieces, cursor = [], 0
+        for position, sentinel in zip(positions, sentinels, strict=True):
+            pieces.append(full[cursor:position])
+            cursor = position + len(sentinel)
+        pieces.append(full[cursor:])
+
+        def locate(offset: int) -> tuple[int, int]:
+            before = sum(1 for p, s in zip(positions, sentinels, strict=True) if p + len(s) <= offset)
+            if any(p < offset < p + len(s) for p, s in zip(positions, sentinels, strict=True)):
+                raise ChatTemplateError("an answer span starts or ends inside a message's content")
+            return offset, before
+
+        try:
+            spans = self._spans_by_prefix(skeleton, full, template)
+            return pieces, [(locate(b), locate(e)) for b, e in spans]
+        except ChatTemplateError:
+            return None  # the per-conversation path raises with the details
+
+    def encode_conversation(
+        self, messages: Sequence, max_length: int | None = None, chat_template: str | None = None
+    ) -> dict[str, list[int]]:
         """Token ids and labels of one conversation: labels are the ids on assistant turns, -100 elsewhere.
 
+        Args:
+            messages: `[{"role", "content"}]` (content a string with `<image>` tags, or transformers' list of parts).
+            max_length: refuse conversations longer than this many tokens (image tokens included).
+            chat_template: Jinja text to render with instead of the processor's (e.g. `PLAIN_CHAT_TEMPLATE`).
+
         Raises:
-            ValueError: when the sample is longer than `max_length` (never truncated: that could cut an image span
-                or the answer).
+            ConversationTooLongError: longer than `max_length` (never truncated: that could cut an image span or the
+                answer).
+            ChatTemplateError: the template's rendering can't be split into prompt and answers.
         """
-        text, spans = self.supervised_spans(messages)
-        # expanding the tags shifts the characters after them: map the spans through the expansion
-        expanded, spans = _expand_with_spans(text, spans, self.image_token, self.num_image_tokens)
-        encoding = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = encoding["input_ids"]
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for position, (start, end) in enumerate(encoding["offset_mapping"]):
-            if (
-                end > start
-                and any(s <= start and end <= e for s, e in spans)
-                and input_ids[position] != self.image_token_id
-            ):
-                labels[position] = input_ids[position]
+        messages = normalize_messages(messages, self.image_token)
+        text, spans = self.supervised_spans(messages, chat_template=chat_template)
+        # tokenised with one placeholder per tag (a special token: the text around it splits the same), then each
+        # placeholder repeated num_image_tokens times
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, labels = [], []
+        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+            if token == self.image_token_id:
+                input_ids += [token] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+                continue
+            input_ids.append(token)
+            supervised = end > start and any(s <= start and end <= e for s, e in spans)
+            labels.append(token if supervised else IGNORE_INDEX)
         if max_length is not None and len(input_ids) > max_length:
-            raise ValueError(
+            raise ConversationTooLongError(
                 f"The conversation is {len(input_ids)} tokens long, over max_length={max_length} "
                 f"({text.count(self.image_token)} images x {self.num_image_tokens} tokens): raise max_length or drop "
                 "the sample (truncating would cut an image span or the answer)."
@@ -180,6 +411,7 @@ class VisionLanguageProcessor(ProcessorMixin):
                 `<image>` tags in the content.
             images: per sample, a list of images (or None for a text-only sample); or one flat list in tag order.
         """
+        conversations = [normalize_messages(messages, self.image_token) for messages in conversations]
         encoded = [self.encode_conversation(messages, max_length=max_length) for messages in conversations]
         flat_images = _flatten(images)
         tags = [sum(m["content"].count(self.image_token) for m in messages) for messages in conversations]
@@ -191,9 +423,7 @@ class VisionLanguageProcessor(ProcessorMixin):
             )
         batch = self.pad_encoded(encoded, return_tensors=return_tensors)
         if flat_images:
-            batch["pixel_values"] = self.image_processor(images=flat_images, return_tensors=return_tensors)[
-                "pixel_values"
-            ]
+            batch["pixel_values"] = self.process_images([_as_rgb(image) for image in flat_images], return_tensors)
         return batch
 
     def pad_encoded(self, encoded: Sequence[dict[str, list[int]]], return_tensors: str = "pt") -> BatchFeature:
@@ -208,9 +438,27 @@ class VisionLanguageProcessor(ProcessorMixin):
             labels[row, columns] = torch.tensor(sample["labels"])
         return BatchFeature(data={**padded, "labels": labels})
 
-    def prompt(self, messages: Sequence[Message]) -> str:
+    def prompt(self, messages: Sequence, chat_template: str | None = None) -> str:
         """The text to generate the next assistant turn from (expanded `<image>` tags not included)."""
-        return self.render(messages, add_generation_prompt=True)
+        messages = normalize_messages(messages, self.image_token)
+        return self.render(messages, add_generation_prompt=True, chat_template=chat_template)
+
+
+def _sentinel(index: int) -> str:
+    # private-use characters: no template trims them, matches them or finds them in real text
+    return f"\ue000{index}\ue001"
+
+
+def _as_rgb(image):
+    """An image file (its path) or a PIL image of any mode as an RGB PIL image; tensors and arrays are passed to the
+    image processor as they are."""
+    from .data.images import load_image, to_rgb
+
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image) and image.mode != "RGB":
+        return to_rgb(image)
+    return image
 
 
 def _flatten(images) -> list:
@@ -226,21 +474,15 @@ def _flatten(images) -> list:
     return flat
 
 
-def _expand_with_spans(
-    text: str, spans: list[tuple[int, int]], tag: str, repeat: int
-) -> tuple[str, list[tuple[int, int]]]:
-    """Replace every `tag` with `tag * repeat` and move the character spans accordingly."""
-    extra = len(tag) * (repeat - 1)
-    positions = []
-    start = text.find(tag)
-    while start != -1:
-        positions.append(start)
-        start = text.find(tag, start + len(tag))
-
-    def shift(index: int) -> int:
-        return index + extra * sum(1 for p in positions if p < index)
-
-    return text.replace(tag, tag * repeat), [(shift(s), shift(e)) for s, e in spans]
-
-
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "IGNORE_INDEX", "VisionLanguageProcessor"]
+__all__ = [
+    "CHAT_TEMPLATES",
+    "DEFAULT_CHAT_TEMPLATE",
+    "IGNORE_INDEX",
+    "PLAIN_CHAT_TEMPLATE",
+    "ChatTemplateError",
+    "ConversationTooLongError",
+    "VisionLanguageProcessor",
+    "normalize_messages",
+    "pad_to_square",
+    "resolve_chat_template",
+]

@@ -1,4 +1,4 @@
-"""Vision-language training data: every source read into one canonical sample, a data set and a collator.
+"""Vision-language data: every source read into one canonical sample (the data set is :mod:`.dataset`).
 
 Readers turn each source into a list of :class:`VLMSample` (image paths + chat messages with `<image>` tags) and a
 :class:`DataReport` of what was left out and why:
@@ -14,10 +14,9 @@ captions use a fixed instruction (`DEFAULT_CAPTION_INSTRUCTION`) as the question
 
 Bad data (`on_error="skip"` leaves the sample out, `"raise"` raises :class:`BadSampleError`; either way the index file
 and the entry are named): a malformed entry (missing keys), a missing image file (checked when the index is read), a
-number of `<image>` tags that differs from the number of images, a sample longer than `max_length` (checked by
-:class:`ConversationDataset` with the processor: never truncated, which could cut an image span), and an image that
-exists but cannot be decoded (found when the data set loads it; with skip the next readable sample takes its place,
-so an epoch never crashes).
+number of `<image>` tags that differs from the number of images. A sample longer than `max_length` and an image that
+exists but cannot be decoded are found by :class:`~.dataset.VLMDataset` when it builds the sample (with skip the
+next usable sample takes its place, so an epoch never crashes).
 """
 
 from __future__ import annotations
@@ -28,12 +27,10 @@ import logging
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from ..processing_vlm import IMAGE_TOKEN
@@ -49,7 +46,6 @@ from .easy_vqa import (
     rewrite_for_shown_fraction,
     yes_no_attribute,
 )
-from .images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +211,45 @@ def vqa_messages(question: str, answer: str | None = None) -> list[dict[str, str
 # ---- LLaVA conversation JSON -----------------------------------------------------------------------------------
 
 
+class SampleProblem(ValueError):
+    """Why one entry can't become a sample: `reason` (a module constant) and the problem in words."""
+
+    def __init__(self, reason: str, problem: str, file: str | None = None):
+        super().__init__(problem)
+        self.reason, self.problem, self.file = reason, problem, file
+
+
+def llava_sample(entry: Any, position: int, image_folder: str | os.PathLike) -> VLMSample:
+    """One entry of a LLaVA conversation file as a sample (image paths joined to `image_folder`).
+
+    Raises:
+        SampleProblem: a malformed entry (no conversations, an unknown speaker, a value that is not text, an
+            `image` that is not a path or a list of paths).
+    """
+    sample_id = str(entry.get("id", position)) if isinstance(entry, dict) else str(position)
+    turns = entry.get("conversations") if isinstance(entry, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise SampleProblem(MALFORMED, "no 'conversations' list")
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or "value" not in turn:
+            raise SampleProblem(MALFORMED, f"every turn needs 'from' (one of {sorted(LLAVA_ROLES)}) and 'value'")
+        if not isinstance(turn["value"], str):
+            raise SampleProblem(
+                MALFORMED, f"turn {number} ({turn['from']}) has value {turn['value']!r}: every value must be text"
+            )
+    images = entry.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise SampleProblem(MALFORMED, f"'image' must be a path or a list of paths: {entry['image']!r}")
+    messages = [{"role": LLAVA_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    return VLMSample([os.path.join(image_folder, i) for i in images], messages, sample_id)
+
+
 def read_llava(
     json_path: str | os.PathLike, image_folder: str | os.PathLike, *, on_error: str = "skip"
 ) -> tuple[list[VLMSample], DataReport]:
-    """Read a LLaVA conversation file.
+    """Read a LLaVA conversation file into memory (for large files, :class:`~vlm_vision.data.index.JsonIndex`
+    reads entries lazily instead).
 
     Args:
         json_path: `[{"id", "image": "rel/path.jpg" | [paths] | absent, "conversations": [{"from": "human" | "gpt" |
@@ -237,24 +268,11 @@ def read_llava(
     for index, entry in enumerate(entries):
         sample_id = str(entry.get("id", index)) if isinstance(entry, dict) else str(index)
         name = f"entry {index} (id {sample_id})"
-        turns = entry.get("conversations") if isinstance(entry, dict) else None
-        if not isinstance(turns, list) or not turns:
-            checker.bad(sample_id, MALFORMED, "no 'conversations' list", name=name)
+        try:
+            sample = llava_sample(entry, index, image_folder)
+        except SampleProblem as problem:
+            checker.bad(sample_id, problem.reason, problem.problem, name=name)
             continue
-        if any(not isinstance(t, dict) or t.get("from") not in LLAVA_ROLES or "value" not in t for t in turns):
-            checker.bad(
-                sample_id, MALFORMED, f"every turn needs 'from' (one of {sorted(LLAVA_ROLES)}) and 'value'", name=name
-            )
-            continue
-        images = entry.get("image", [])
-        images = [images] if isinstance(images, str) else images
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            checker.bad(
-                sample_id, MALFORMED, f"'image' must be a path or a list of paths: {entry['image']!r}", name=name
-            )
-            continue
-        messages = [{"role": LLAVA_ROLES[t["from"]], "content": str(t["value"])} for t in turns]
-        sample = VLMSample([os.path.join(image_folder, i) for i in images], messages, sample_id)
         if checker.valid(sample, name):
             samples.append(sample)
     return checker.finish(samples, len(entries))
@@ -584,146 +602,16 @@ def read_easy_vqa_captions(
     return checker.finish(samples, len(labels))
 
 
-# ---- data set and collator -------------------------------------------------------------------------------------
-
-
-def num_tokens(processor, messages: Sequence[dict[str, str]]) -> int:
-    """The length of `processor.encode_conversation(messages)["input_ids"]` (image tokens included): the same text,
-    rendered once instead of once per turn (which the label spans need), so ~5x faster on multi-turn samples."""
-    text = processor.expand_image_tokens(processor.render(messages))
-    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-class ConversationDataset(torch.utils.data.Dataset):
-    """Samples as the processor's inputs: `{"id": str, "messages": [...], "images": [RGB PIL images]}` per item.
-
-    Checked once when built: each sample's `<image>` tags against its images, and its token length against
-    `max_length` with `processor.encode_conversation` (never truncated: that could cut an image span). Images are
-    decoded in `__getitem__` (in the DataLoader's workers) with :func:`~vlm_vision.data.images.load_image`: RGB
-    whatever the file's mode. An image that cannot be decoded raises :class:`BadSampleError` with `on_error="raise"`;
-    with `"skip"` the next readable sample (index + 1, + 2, ..., wrapping) is returned in its place, the same one
-    every time, and the bad sample is logged and recorded in `report` (in the process that read it: with workers,
-    each keeps its own record; call `check_images()` first for a complete count up front).
-
-    Args:
-        samples: from the readers.
-        processor: a `VisionLanguageProcessor` (for the image token and the length check).
-        max_length: the longest token sequence allowed (image tokens included); None: no limit.
-        on_error: `"skip"` or `"raise"`.
-    """
-
-    def __init__(self, samples: Sequence[VLMSample], processor, max_length: int | None = None, on_error: str = "skip"):
-        checker = _Checker("ConversationDataset", on_error)
-        self.processor = processor
-        self.max_length = max_length
-        self.on_error = on_error
-        kept = []
-        for sample in samples:
-            tags = sum(m["content"].count(processor.image_token) for m in sample.messages)
-            if tags != len(sample.images):
-                checker.bad(
-                    sample.id, TAG_MISMATCH, f"{tags} {processor.image_token} tags but {len(sample.images)} images"
-                )
-            else:
-                kept.append(sample)
-        if max_length is not None:
-            # easy-VQA's single questions repeat a few hundred texts: measure each distinct conversation once
-            keys = [tuple((m["role"], m["content"]) for m in sample.messages) for sample in kept]
-            distinct = {key: sample.messages for key, sample in zip(keys, kept, strict=True)}
-            lengths = {key: num_tokens(processor, messages) for key, messages in distinct.items()}
-            fitting = []
-            for key, sample in zip(keys, kept, strict=True):
-                if lengths[key] <= max_length:
-                    fitting.append(sample)
-                    continue
-                checker.bad(
-                    sample.id,
-                    TOO_LONG,
-                    f"{lengths[key]} tokens ({len(sample.images)} images x {processor.num_image_tokens}) > "
-                    f"max_length={max_length}; raise max_length (samples are never truncated)",
-                )
-            kept = fitting
-        self.samples, self.report = checker.finish(kept, len(samples))
-        if not self.samples:
-            raise ValueError(f"No usable samples: {self.report.summary()}")
-        self._unreadable: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _load(self, sample: VLMSample) -> list[Image.Image]:
-        return [
-            image.convert("RGB") if isinstance(image, Image.Image) else load_image(image) for image in sample.images
-        ]
-
-    def _record_unreadable(self, index: int, error: ImageLoadError) -> None:
-        sample = self.samples[index]
-        if self.on_error == "raise":
-            raise BadSampleError(
-                f"Sample {sample.id}: {error}. Or pass on_error='skip' to use the next readable sample instead."
-            ) from error
-        self._unreadable.add(index)
-        message = f"{sample.id}: {error.path} cannot be decoded"
-        self.report.skipped.append(SkippedSample(sample.id, UNREADABLE_IMAGE, message, error.path))
-        logger.warning("Skipping sample %s (replaced by the next readable sample): %s", sample.id, error)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for {len(self)} samples")
-        index %= len(self)
-        for offset in range(len(self)):
-            current = (index + offset) % len(self)
-            if current in self._unreadable:
-                continue
-            sample = self.samples[current]
-            try:
-                images = self._load(sample)
-            except ImageLoadError as error:
-                self._record_unreadable(current, error)
-                continue
-            return {"id": sample.id, "messages": sample.messages, "images": images}
-        raise BadSampleError(f"None of the {len(self)} samples has readable images: {self.report.summary()}")
-
-    def check_images(self) -> DataReport:
-        """Decode every image once now, so that unreadable ones are counted before training (or raised)."""
-        for index in range(len(self)):
-            if index not in self._unreadable:
-                try:
-                    self._load(self.samples[index])
-                except ImageLoadError as error:
-                    self._record_unreadable(index, error)
-        self.report.log()
-        return self.report
-
-
-class ConversationCollator:
-    """Items of :class:`ConversationDataset` -> one padded batch through `processor.encode_conversations`.
-
-    Returns:
-        A `BatchFeature` with `input_ids`, `attention_mask`, `labels` `(B, T)` (-100 outside the assistant turns and
-        on padding) and, when the batch has images, `pixel_values` `(I, C, H, W)`, the I images in tag order.
-    """
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, items: Sequence[dict[str, Any]]):
-        return self.processor.encode_conversations(
-            [item["messages"] for item in items], [item["images"] for item in items]
-        )
-
-
 __all__ = [
     "DEFAULT_CAPTION_INSTRUCTION",
     "VQAV2_FILE_NAME_PATTERN",
     "BadSampleError",
-    "ConversationCollator",
-    "ConversationDataset",
     "DataReport",
+    "SampleProblem",
     "SkippedSample",
     "VLMSample",
     "easy_vqa_question_type",
-    "num_tokens",
+    "llava_sample",
     "read_caption_folder",
     "read_coco_captions",
     "read_easy_vqa",

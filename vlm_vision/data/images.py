@@ -35,6 +35,17 @@ class ImageLoadError(ValueError):
         )
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as RGB; transparent areas (RGBA, LA, palette with a transparent colour) composited on white,
+    so they do not turn into arbitrary colours. Always a new image (the caller may close the original)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as an RGB Pillow image, fully decoded.
 
@@ -47,12 +58,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA", "PA"):
-                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise ImageLoadError(path, "no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

@@ -25,8 +25,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,10 @@ class TrainingArguments:
         max_steps: optimizer steps in total; the schedule's length.
         batch_size: global batch of one optimizer step, over all processes and accumulation micro-batches.
         gradient_accumulation_steps: micro-batches per optimizer step.
+        per_device_batch_size: samples per process and micro-batch; when set, the accumulation is derived:
+            `batch_size / (num_processes * per_device_batch_size)` (the recipe's global batch on any process count).
+        group_by_length: batches of similar lengths (and one modality: with or without images), as LLaVA's
+            `group_by_modality_length`: pass `lengths` (and `modalities`) to `train`.
         max_grad_norm: clip the gradient norm to this (None: no clipping).
         mixed_precision: "auto" (bf16 on a GPU that supports it, else fp32), "no", "bf16" or "fp16".
         seed: seeds the model's initialisation (by the caller), the data order and the RNGs.
@@ -72,6 +76,8 @@ class TrainingArguments:
     max_steps: int | None = None
     batch_size: int = 64
     gradient_accumulation_steps: int = 1
+    per_device_batch_size: int | None = None
+    group_by_length: bool = False
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"
     seed: int = 0
@@ -88,7 +94,13 @@ class TrainingArguments:
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive int.")
-        for name in ("max_steps", "save_every_steps", "keep_last_checkpoints", "stop_after_steps"):
+        for name in (
+            "max_steps",
+            "save_every_steps",
+            "keep_last_checkpoints",
+            "stop_after_steps",
+            "per_device_batch_size",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a positive int or None.")
@@ -101,8 +113,28 @@ class TrainingArguments:
     def for_stage(cls, stage, output_dir: str, **overrides) -> TrainingArguments:
         """The arguments of a stage (classifier or VLM): its schedule fields, plus run-level `overrides` such as
         `resume` or `save_every_steps`."""
-        schedule = ("num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_grad_norm")
-        return cls(output_dir=output_dir, **{name: getattr(stage, name) for name in schedule}, **overrides)
+        schedule = (
+            "num_epochs",
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "per_device_batch_size",
+            "max_grad_norm",
+        )
+        values = {name: getattr(stage, name) for name in schedule if hasattr(stage, name)}
+        return cls(output_dir=output_dir, **{**values, **overrides})
+
+    def for_processes(self, num_processes: int) -> TrainingArguments:
+        """These arguments on `num_processes` processes: the accumulation derived from `per_device_batch_size`."""
+        if self.per_device_batch_size is None:
+            return self
+        per_step = num_processes * self.per_device_batch_size
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} (global) is not a multiple of num_processes ({num_processes}) x "
+                f"per_device_batch_size ({self.per_device_batch_size}) = {per_step}: change one of them."
+            )
+        return replace(self, gradient_accumulation_steps=self.batch_size // per_step)
 
 
 def resolve_mixed_precision(mixed_precision: str) -> str:
@@ -154,11 +186,29 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     accelerate cuts this stream into per-process batches, so every process agrees on it without communicating.
     `set_epoch` is called by accelerate's data loader each epoch; `skip(n)` drops the first `n` samples of the
     current epoch only (a resumed run's consumed batches, never read).
+
+    With `lengths` (and `group_size`, the global batch), the permutation is cut into groups of `group_size` and each
+    group is sorted by length, longest first, so the micro-batches the processes get have similar lengths (less
+    padding); the groups come in a random order. With `modalities` (per sample, whether it has images), groups
+    hold one modality each, as LLaVA's `group_by_modality_length`; what is left of both goes last. The samples of
+    each optimizer step still do not depend on the number of processes.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        modalities: Sequence[bool] | None = None,
+        group_size: int | None = None,
+    ):
+        if lengths is not None and (len(lengths) != num_samples or not group_size):
+            raise ValueError(f"lengths needs one entry per sample ({num_samples}) and a group_size (the global batch).")
         self.num_samples = num_samples
         self.seed = seed
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.modalities = None if modalities is None else torch.as_tensor(modalities, dtype=torch.bool)
+        self.group_size = group_size
         self.epoch = 0
         self._skip = 0
 
@@ -174,9 +224,29 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)[self._skip :].tolist()
+        order = torch.randperm(self.num_samples, generator=generator)
+        if self.lengths is not None:
+            order = self._grouped(order, generator)
+        order = order[self._skip :].tolist()
         self._skip = 0
         yield from order
+
+    def _grouped(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        streams = [order]
+        if self.modalities is not None and 0 < int(self.modalities.sum()) < self.num_samples:
+            with_images = self.modalities[order]
+            streams = [order[with_images], order[~with_images]]
+        full, rest = [], []
+        for stream in streams:
+            for start in range(0, len(stream), self.group_size):
+                group = stream[start : start + self.group_size]
+                group = group[torch.argsort(self.lengths[group], descending=True, stable=True)]
+                (full if len(group) == self.group_size else rest).append(group)
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        if rest:
+            leftover = torch.cat(rest)
+            shuffled.append(leftover[torch.argsort(self.lengths[leftover], descending=True, stable=True)])
+        return torch.cat(shuffled) if shuffled else order
 
 
 @dataclass
@@ -237,6 +307,8 @@ def train(
     accelerator: Accelerator | None = None,
     fingerprint_extra: dict | None = None,
     tracker_config: dict | None = None,
+    lengths: Sequence[int] | None = None,
+    modalities: Sequence[bool] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_dataset` as `args` says; returns the unwrapped model (on `accelerator.device`).
 
@@ -251,7 +323,10 @@ def train(
         accelerator: reuse one (its `gradient_accumulation_steps` must match); default: a new one for this stage.
         fingerprint_extra: more things that identify the run (e.g. the model config), checked on resume.
         tracker_config: hyper-parameters logged to the trackers.
+        lengths, modalities: per sample, its (estimated) length and whether it has images, for
+            `args.group_by_length` (see :class:`EpochSampler`).
     """
+    args = args.for_processes(accelerator.num_processes if accelerator else process_state().num_processes)
     accelerator = accelerator or make_accelerator(args)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
         raise ValueError(
@@ -277,7 +352,12 @@ def train(
     num_training_steps = args.max_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(num_training_steps / steps_per_epoch)
 
-    sampler = EpochSampler(num_samples, seed=args.seed)
+    if args.group_by_length and lengths is None:
+        raise ValueError("group_by_length=True needs the samples' lengths: pass lengths= (and modalities=) to train.")
+    grouping = (
+        {"lengths": lengths, "modalities": modalities, "group_size": args.batch_size} if args.group_by_length else {}
+    )
+    sampler = EpochSampler(num_samples, seed=args.seed, **grouping)
     loader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=per_device_batch,

@@ -1,79 +1,110 @@
 """A VLM recipe as data (`configs/vlm/*.json`) and the function that runs it, stage after stage.
 
-    recipe -> data (easy-VQA or a LLaVA JSON) -> tokenizer (sentencepiece trained on the conversations as the
-              chat template renders them, or the LM's own)
-           -> vision_pretrain stage(s) (the classifier code) -> VLM = tower + adapter + LM
-           -> align / finetune / full stages
-           -> evaluation (greedy answers, exact match by question type) -> final folders and model card
+    recipe -> parts: the vision tower (a Hub folder converted in memory, one of ours, or a fresh ViT pre-trained by
+              `vision_pretrain` stages), the language model (a folder, or a tiny Llama whose sentencepiece tokenizer
+              is trained on the conversations) and a fresh adapter
+           -> stages, each one a function of its kind: `vision_pretrain` (the classifier code), or a VLM stage
+              (`pretrain` / `finetune` / `full`: freeze what it doesn't train, its own data, the shared loop)
+           -> evaluation (batched greedy answers on the model's device) -> final folders and model card
 
-Each stage's result is saved (`<out>/<stage>/model`); with `resume`, finished stages are loaded and the running one
-continues exactly from its last atomic checkpoint.
+Each stage's result is saved (`<out>/<stage>/model`, its adapter alone in `<out>/<stage>/projector`); with `resume`,
+finished stages are loaded and the running one continues exactly from its last atomic checkpoint. The recipe schema
+is documented in `docs/recipes.md`; unknown keys are refused with the valid ones listed, and any field can be set
+from the command line (`--set stages.finetune.batch_size=64`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import shutil
-import tempfile
+import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
-from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from ..checkpoint import image_processor_for, replace_directory_atomically
+from ..adapters import CONFIG_NAME as PROJECTOR_CONFIG
+from ..adapters import Adapter
+from ..checkpoint import image_processor_for
 from ..configuration_vlm_vit import VisionTransformerConfig
-from ..data.conversations import VLMSample, read_easy_vqa, read_llava
+from ..data.conversations import read_easy_vqa
+from ..data.dataset import VLMCollator, VLMDataset
+from ..data.index import SampleList, SubsetIndex, open_llava_index
+from ..export import save_folder_atomically, write_vlm_card
+from ..generation import METRICS, evaluate_samples
 from ..modeling_vlm import VisionLanguageForConditionalGeneration
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from ..processing_vlm import IMAGE_TOKEN, VisionLanguageProcessor
+from ..processing_vlm import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, VisionLanguageProcessor, resolve_chat_template
 from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
+from ..towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
 from .loop import process_state, train
-from .vlm import (
-    EncodedCollator,
-    EncodedConversations,
-    VLMStage,
-    WithAuxiliaryClassifier,
-    save_json,
-    seeded_subset,
-    set_trainable,
-    stage_optimizer,
-    stage_summary,
-    vlm_loss,
-    vqa_exact_match,
-)
+from .schema import apply_overrides, check_keys, from_dict
+from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
+from .vlm import VLMLoss, WithAuxiliaryClassifier, save_json
 
 logger = logging.getLogger(__name__)
+
+# keys of `vision` that say how to load or run the tower (the others, for a fresh tower, are its config fields)
+VISION_KEYS = ("path", "image_processor", "convert", "dtype", "attn_implementation", "gradient_checkpointing")
+VISION_PROCESSING_KEYS = ("image_aspect_ratio",)
+# keys of `language_model` that say how to load or run it (the others, for a fresh tiny Llama, are LlamaConfig's)
+LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "chat_template")
+EASY_VQA_KEYS = ("questions_per_sample", "shown_fraction", "rewrite_shown_fraction", "negated_questions")
+DATA_KEYS = (
+    "name",
+    "train",
+    "image_folder",
+    "eval",
+    "eval_image_folder",
+    "train_subset",
+    "eval_subset",
+    "separate_questions",
+    "num_workers",
+    "group_by_length",
+    "on_error",
+    "cache",
+    *EASY_VQA_KEYS,
+)
+DATA_NAMES = ("easy-vqa", "llava")
+TOKENIZER_KEYS = ("vocab_size",)
+TOKENIZER_TRAINING_SAMPLES = 200_000  # a tiny LM's tokenizer is trained on at most this many conversations
+
+
+def _config_fields(config_class) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class)}
 
 
 @dataclass
 class VLMRecipe:
-    """What to build and how to train it.
+    """What to build and how to train it (the schema, field by field: `docs/recipes.md`).
 
     Attributes:
-        vision: `VisionTransformerConfig` fields of a fresh tower, or `{"path": folder}` of a saved encoder.
-        language_model: `LlamaConfig` fields of a fresh tiny LM (its tokenizer is trained on the data), or
-            `{"path": folder}` of any causal LM with its tokenizer.
+        description: what the recipe is for, its expected result and runtime (not read by the code).
+        vision: `{"path": folder}` of a tower saved by transformers (CLIP, SigLIP, DINOv2, ViT) or by us, with
+            `image_processor`, `convert`, `dtype`, `attn_implementation`; or the `VisionTransformerConfig` fields of
+            a fresh tower. Either way `gradient_checkpointing` and `image_aspect_ratio` ("squash" or "pad").
+        language_model: `{"path": folder}` of any causal LM with its tokenizer (`gguf_file`, `dtype`,
+            `attn_implementation`), or the `LlamaConfig` fields of a fresh tiny LM (its tokenizer trained on the
+            data); `gradient_checkpointing`; `chat_template` (the LM's own by default).
         adapter: the adapter config (`vlm_vision.adapters`).
-        vision_feature_layer: the tower layer(s) the adapter reads.
-        keep_prefix_tokens: the tower's [CLS] goes to the LM too, as one more image token (after `vision_pretrain`
-            with an auxiliary classification loss, it holds the image's class).
-        data: `{"name": "easy-vqa", "questions_per_sample": k}` or `{"name": "llava", "train": json,
-            "image_folder": dir, "eval": json}`; `train_subset`/`eval_subset` take seeded random subsets;
-            `"separate_questions": true` trains each question of a one-image sample as its own sequence, the image
-            encoded once for all of them (no question sees another's answer). easy-VQA, training only:
-            `"shown_fraction": f` repeats the rare yes/no questions that name what the image shows to about that
-            share; `"rewrite_shown_fraction": f` gets there by renaming the attribute of questions that name what
-            it lacks (new pairs, not copies); `"negated_questions": false` leaves out "is there not a ...?".
-        tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer.
-        max_length: longest conversation in tokens (longer ones are dropped, never truncated).
+        vision_feature_layer: the tower layer(s) the adapter reads (-2: the penultimate block, as LLaVA).
+        keep_prefix_tokens: the tower's [CLS] goes to the LM too, as one more image token.
+        data: `{"name": "easy-vqa", ...}` (built in) or `{"name": "llava", "train": file, "image_folder": dir,
+            "eval": file}`; see `docs/recipes.md` for every key. A stage may override it (its own file).
+        tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer of a fresh LM.
+        max_length: longest sequence in tokens, image tokens included (longer samples are skipped, never
+            truncated). 2048 fits 576 CLIP-L/336 image tokens and a long conversation.
         stages: `VLMStage`s, in order. `vision_pretrain` stages come first; each continues the tower of the one
-            before (e.g. shape first, then shape x colour), and the last one's head is the auxiliary classifier.
+            before, and the last one's head is the auxiliary classifier.
+        seed: model initialisation, data order, augmentation.
+        eval_batch_size, eval_max_new_tokens, eval_metric: the end-of-run evaluation (metric: "exact_match",
+            "vqa" or "captions"; default exact match).
     """
 
     vision: dict = field(default_factory=dict)
@@ -83,13 +114,33 @@ class VLMRecipe:
     keep_prefix_tokens: bool = False
     data: dict = field(default_factory=lambda: {"name": "easy-vqa", "questions_per_sample": 1})
     tokenizer: dict = field(default_factory=lambda: {"vocab_size": 512})
-    max_length: int = 512
+    max_length: int = 2048
     stages: list[VLMStage] = field(default_factory=list)
     seed: int = 0
-    eval_batch_size: int = 256
+    eval_batch_size: int = 64
+    eval_max_new_tokens: int = 32
+    eval_metric: str | None = None
+    description: str = ""
 
     def __post_init__(self):
-        self.stages = [VLMStage(**s) if isinstance(s, dict) else s for s in self.stages]
+        tower_fields = set() if self.vision.get("path") else _config_fields(VisionTransformerConfig)
+        check_keys(self.vision, {*VISION_KEYS, *VISION_PROCESSING_KEYS, *tower_fields}, "vision")
+        lm_fields = set() if self.language_model.get("path") else _config_fields(LlamaConfig)
+        check_keys(self.language_model, {*LM_KEYS, *lm_fields}, "language_model")
+        check_keys(self.data, DATA_KEYS, "data")
+        check_keys(self.tokenizer, TOKENIZER_KEYS, "tokenizer")
+        if self.vision.get("image_aspect_ratio", "squash") not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(
+                f"vision.image_aspect_ratio={self.vision['image_aspect_ratio']!r}; use {IMAGE_ASPECT_RATIOS}."
+            )
+        if self.eval_metric is not None and self.eval_metric not in METRICS:
+            raise ValueError(f"eval_metric={self.eval_metric!r}; use one of {METRICS} (or null for exact match).")
+        if not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(f"max_length={self.max_length!r} must be a positive int (tokens).")
+        self.stages = [
+            from_dict(VLMStage, s, f"stages[{i}] ({s.get('name', '?')})") if isinstance(s, dict) else s
+            for i, s in enumerate(self.stages)
+        ]
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"A recipe needs stages with unique names (they are folders), got {names}.")
@@ -100,26 +151,68 @@ class VLMRecipe:
                 f"Stage kinds {kinds}: vision_pretrain stages must come first (the VLM is built from their tower); "
                 "each one continues the tower of the one before."
             )
+        for position, stage in enumerate(self.stages):
+            if stage.classifier is not None:
+                from_dict(ClassifierStage, {"name": stage.name, **stage.classifier}, f"stages.{stage.name}.classifier")
+            data = self.stage_data(stage)
+            check_data(data, f"stage {stage.name!r}")
+            if stage.init_from in names and names.index(stage.init_from) >= position:
+                raise ValueError(
+                    f"Stage {stage.name!r}: init_from={stage.init_from!r} names a stage that runs at or after it; name "
+                    f"one of the stages before it {names[:position]}, or a saved projector/VLM folder."
+                )
+
+    def stage_data(self, stage: VLMStage) -> dict:
+        """The data a stage trains on: the recipe's `data` with the stage's overrides."""
+        return {**self.data, **(stage.data or {})}
 
     @classmethod
-    def from_json(cls, path) -> VLMRecipe:
-        raw = json.loads(Path(path).read_text())
-        raw.pop("description", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe keys {unknown}; a recipe has {sorted(known)}.")
-        return cls(**raw)
+    def from_json(cls, path, overrides: list[str] | tuple[str, ...] = ()) -> VLMRecipe:
+        """Read a recipe file, apply `--set` style `overrides` (`dotted.key=value`), and check it."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Recipe {path} does not exist: check the path (configs/vlm/*.json).") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Recipe {path} is not valid JSON ({error}): check the file is complete.") from error
+        if not isinstance(raw, dict):
+            raise ValueError(f"Recipe {path} must hold a JSON object, got a {type(raw).__name__}.")
+        apply_overrides(raw, overrides)
+        return from_dict(cls, raw, f"recipe {path}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def load_samples(data: dict, seed: int, evaluation: bool = True) -> tuple[list[VLMSample], list[VLMSample]]:
-    """(train, eval) samples of the recipe's data; eval is empty with `evaluation=False`."""
-    eval_samples = []
-    if data.get("name") == "easy-vqa":
-        train_samples, report = read_easy_vqa(
+def check_data(data: dict, where: str) -> None:
+    """The data section of a stage (or the evaluation's), checked before anything runs."""
+    name = data.get("name")
+    if name not in DATA_NAMES:
+        raise ValueError(f"{where}: data.name={name!r}; use 'easy-vqa' (built in) or 'llava' (a LLaVA-format file).")
+    if name == "llava":
+        wrong = sorted(set(data) & set(EASY_VQA_KEYS))
+        if wrong:
+            raise ValueError(
+                f"{where}: data options {wrong} are for the built-in easy-VQA questions (they read its yes/no "
+                "questions); remove them for LLaVA data."
+            )
+    if data.get("on_error", "skip") not in ("skip", "raise"):
+        raise ValueError(f"{where}: data.on_error={data['on_error']!r}; use 'skip' or 'raise'.")
+
+
+def _required(data: dict, key: str, stage: str) -> str:
+    if not data.get(key):
+        raise ValueError(
+            f"Stage {stage!r} trains on LLaVA data but has no data.{key}: pass --set stages.{stage}.data.{key}=PATH "
+            f"(or set data.{key} in the recipe)."
+        )
+    return data[key]
+
+
+def open_training_data(data: dict, seed: int, stage: str = "train"):
+    """The index of a stage's training samples (`data` merged already), with its seeded `train_subset`."""
+    if data["name"] == "easy-vqa":
+        samples, _ = read_easy_vqa(
             "train",
             questions_per_sample=data.get("questions_per_sample", 1),
             shown_fraction=data.get("shown_fraction"),
@@ -127,96 +220,78 @@ def load_samples(data: dict, seed: int, evaluation: bool = True) -> tuple[list[V
             negated_questions=data.get("negated_questions", True),
             seed=seed,
         )
-        if evaluation:
-            eval_samples, _ = read_easy_vqa("test", questions_per_sample=1)
-    elif data.get("name") == "llava":
-        only_easy_vqa = sorted(set(data) & {"shown_fraction", "rewrite_shown_fraction", "negated_questions"})
-        if only_easy_vqa:
-            raise ValueError(
-                f"data options {only_easy_vqa} are for the built-in easy-VQA questions (they read its yes/no "
-                "questions); remove them for LLaVA data."
-            )
-        train_samples, report = read_llava(data["train"], data["image_folder"])
-        if evaluation and data.get("eval"):
-            eval_samples, _ = read_llava(data["eval"], data["image_folder"])
+        index = SampleList(samples, source="easy-vqa train")
     else:
-        raise ValueError(f"data.name={data.get('name')!r}: use 'easy-vqa' (built in) or 'llava' (a LLaVA JSON).")
-    report.log()
-    train_samples = seeded_subset(train_samples, data.get("train_subset"), seed)
-    return train_samples, seeded_subset(eval_samples, data.get("eval_subset"), seed)
+        index = open_llava_index(_required(data, "train", stage), _required(data, "image_folder", stage))
+    return SubsetIndex.seeded(index, data.get("train_subset"), seed)
 
 
-def build_tokenizer(recipe: VLMRecipe, samples: list[VLMSample], folder: Path):
-    """The LM's tokenizer, or a sentencepiece tokenizer trained on the training text (saved in `folder`)."""
-    if "path" in recipe.language_model:
-        return AutoTokenizer.from_pretrained(recipe.language_model["path"])
-    process = process_state()
-    if process.is_main_process and not (folder / "tokenizer.json").is_file():
-        texts = chat_texts(s.messages for s in samples)  # what the LM reads, the chat template's markup included
-        train_sentencepiece_tokenizer(texts, vocab_size=recipe.tokenizer.get("vocab_size", 512)).save_pretrained(folder)
-    process.wait_for_everyone()
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def build_vlm(recipe: VLMRecipe, tower: VisionTransformerModel, tokenizer) -> VisionLanguageForConditionalGeneration:
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if "path" in recipe.language_model:
-        language_model = AutoModelForCausalLM.from_pretrained(recipe.language_model["path"])
+def load_eval_samples(data: dict, seed: int) -> list:
+    """The evaluation samples of the recipe's `data` (easy-VQA's test split, or LLaVA `eval`), in memory."""
+    if data["name"] == "easy-vqa":
+        samples, _ = read_easy_vqa("test", questions_per_sample=1)
+        index = SampleList(samples, source="easy-vqa test")
+    elif data.get("eval"):
+        folder = data.get("eval_image_folder") or data.get("image_folder")
+        if not folder:
+            raise ValueError("data.eval needs data.eval_image_folder (or data.image_folder) for its images.")
+        index = open_llava_index(data["eval"], folder)
     else:
-        fields_ = {"tie_word_embeddings": True, "max_position_embeddings": recipe.max_length, **recipe.language_model}
-        language_model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), **fields_))
-    if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
-        language_model.resize_token_embeddings(len(tokenizer))
-    return VisionLanguageForConditionalGeneration.from_parts(
-        tower,
-        language_model,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        adapter_config=recipe.adapter,
-        vision_feature_layer=recipe.vision_feature_layer,
-        keep_prefix_tokens=recipe.keep_prefix_tokens,
-    )
+        return []
+    index = SubsetIndex.seeded(index, data.get("eval_subset"), seed)
+    samples = []
+    for i in range(len(index)):
+        try:
+            samples.append(index.sample(i))
+        except ValueError as problem:
+            logger.warning("evaluation leaves out entry %d of %s: %s", i, index.source, problem)
+    return samples
 
 
-def write_vlm_card(folder: Path, recipe: VLMRecipe, rows: list[dict], evaluation: dict | None, model) -> None:
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        license="apache-2.0",
-        tags=["vision", "vlm-vision", "vision-language-model"],
-        datasets=["easy-vqa"] if recipe.data.get("name") == "easy-vqa" else None,
-    )
-    accuracy = ""
-    if evaluation:
-        accuracy = "\n".join(f"| {k} | {v:.4f} |" for k, v in evaluation["accuracy"].items())
-        header = f"Greedy answers, exact match, {evaluation['num_samples']} questions:"
-        accuracy = f"{header}\n\n| | accuracy |\n|---|---|\n{accuracy}"
-    stages = "\n".join(
-        f"| {r['stage']} | {r['kind']} | {r.get('steps', '')} | {r.get('train_seconds', '')} |" for r in rows
-    )
-    body = (
-        f"# A vision-language model trained with vlm-vision\n\n"
-        f"{model.num_parameters():,} parameters: our ViT tower, a `{recipe.adapter['adapter_type']}` adapter and a "
-        f"causal LM. Load with `import vlm_vision` then `AutoModelForImageTextToText.from_pretrained(path)` and "
-        f"`AutoProcessor.from_pretrained(path)`.\n\n## Evaluation\n\n{accuracy or 'not evaluated'}\n\n"
-        f"## Training\n\n| stage | kind | steps | seconds |\n|---|---|---|---|\n{stages}\n\n"
-        f"## Recipe\n\n```json\n{json.dumps(recipe.to_dict(), indent=2, default=str)}\n```\n"
-    )
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
+class EasyVQAImageLabel:
+    """sample -> the index of its easy-VQA image's class for `task` (`shape`, `color`, `shape_color`), -100 if the
+    image's questions don't tell; for the auxiliary classification loss (picklable, for DataLoader workers)."""
+
+    def __init__(self, task: str, label_names: list[str]):
+        from ..data.easy_vqa import easy_vqa_image_labels
+
+        self.task, self.label_names = task, label_names
+        self.labels = easy_vqa_image_labels("train")
+
+    def __call__(self, sample) -> int:
+        labels = self.labels.get(sample.meta.get("image_id"), {})
+        if self.task == "shape_color":
+            name = f"{labels['color']} {labels['shape']}" if "shape" in labels and "color" in labels else None
+        else:
+            name = labels.get(self.task)
+        return self.label_names.index(name) if name in self.label_names else -100
 
 
-def save_vlm(model, processor, folder: Path) -> None:
-    """Save a VLM and its processor into `folder` atomically (a temporary sibling, then a rename)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        replace_directory_atomically(staging, folder, overwrite=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+# ---------------------------------------------------------------------------------------------------------------------
+# A run: the parts, then one function per stage kind
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share and hand on."""
+
+    recipe: VLMRecipe
+    out: Path
+    options: dict  # the loop's run-level arguments (seed, resume, saving, precision, progress bar)
+    started: float = field(default_factory=time.perf_counter)
+    rows: list[dict] = field(default_factory=list)
+    classifier: VisionTransformerForImageClassification | None = None  # the tower as a classifier (vision_pretrain)
+    aux: tuple | None = None  # (head, label names, task) of the last vision_pretrain stage
+    model: VisionLanguageForConditionalGeneration | None = None
+    processor: VisionLanguageProcessor | None = None
+
+    @property
+    def process(self):
+        return process_state()
+
+    def summary(self, **extra) -> dict:
+        return {"stages": self.rows, "total_seconds": round(time.perf_counter() - self.started, 1), **extra}
 
 
 def run_vlm_recipe(
@@ -231,169 +306,375 @@ def run_vlm_recipe(
     report_to: list[str] | None = None,
     evaluate: bool = True,
 ) -> dict:
-    """Run every stage of `recipe` under `output_dir`; returns `{"stages": rows, "evaluation": metrics}`.
+    """Run every stage of `recipe` under `output_dir`; returns `{"stages": rows, "evaluation": metrics, ...}`.
 
     Call it on every process (under `accelerate launch`); evaluation and the final folders are on the main process.
     """
-    out = Path(output_dir)
-    process = process_state()
-    started = time.perf_counter()
     set_seed(recipe.seed)
-    train_samples, eval_samples = load_samples(recipe.data, recipe.seed)
-    tokenizer = build_tokenizer(recipe, train_samples, out / "tokenizer")
-    rows, tower, aux_head, aux_labels, aux_task, model, processor = [], None, None, None, None, None, None
-    classifier = None  # the tower as a classifier, from one vision_pretrain stage to the next
-    run_args = {
-        "seed": recipe.seed,
-        "save_every_steps": save_every_steps,
-        "stop_after_steps": stop_after_steps,
-        "resume": "latest" if resume else None,
-        "progress_bar": progress_bar,
-        "mixed_precision": mixed_precision,
-        "report_to": list(report_to or []),
-    }
+    run = _Run(
+        recipe,
+        Path(output_dir),
+        {
+            "seed": recipe.seed,
+            "save_every_steps": save_every_steps,
+            "stop_after_steps": stop_after_steps,
+            "resume": "latest" if resume else None,
+            "progress_bar": progress_bar,
+            "mixed_precision": mixed_precision,
+            "report_to": list(report_to or []),
+        },
+    )
     for stage in recipe.stages:
-        stage_dir = out / stage.name
-        done = stage_dir / "model" / "config.json"
-        if stage.kind == "vision_pretrain":
-            classifier_stage = ClassifierStage(name=stage.name, **stage.classifier)
-            if resume and done.is_file():
-                classifier = VisionTransformerForImageClassification.from_pretrained(stage_dir / "model")
-            else:
-                set_seed(recipe.seed)
-                train_data, eval_data = load_stage_data(classifier_stage, recipe.seed)
-                id2label = dict(enumerate(train_data.class_names))
-                classifier = prepare_classifier(
-                    classifier if classifier is not None else VisionTransformerConfig(**recipe.vision),
-                    image_size=classifier_stage.image_size,
-                    head=classifier_stage.head,
-                    num_labels=len(id2label),
-                    id2label=id2label,
-                )
-                result = train_classifier(
-                    classifier,
-                    train_data,
-                    classifier_stage,
-                    classifier_stage.training_arguments(str(stage_dir), **run_args),
-                    eval_dataset=eval_data,
-                )
-                if not result.train.finished:
-                    return {"stages": rows, "evaluation": None, "stopped_in": stage.name}
-                classifier = result.model
-                rows.append(
-                    {
-                        "stage": stage.name,
-                        "kind": stage.kind,
-                        "steps": result.train.num_training_steps,
-                        "train_seconds": round(result.train.train_seconds, 1),
-                        "classifier_accuracy": round(result.metrics.get("accuracy", float("nan")), 4),
-                    }
-                )
-                if process.is_main_process:
-                    classifier.save_pretrained(stage_dir / "model")
-                process.wait_for_everyone()
-            vlm_size = recipe.vision.get("image_size", classifier.config.image_size)
-            classifier = prepare_classifier(
-                classifier,
-                image_size=vlm_size,
-                head=classifier.config.classifier_head,
-                num_labels=classifier.config.num_labels,
-                id2label=classifier.config.id2label,
-            )
-            tower = classifier.vit
-            aux_head = nn.Sequential(*(m for m in (classifier.pre_logits, classifier.classifier) if m is not None))
-            aux_labels = [classifier.config.id2label[i] for i in range(classifier.config.num_labels)]
-            aux_task = classifier_stage.task
-            continue
+        finished = (run_vision_pretrain if stage.kind == "vision_pretrain" else run_vlm_stage)(run, stage, resume)
+        if not finished:
+            return run.summary(evaluation=None, stopped_in=stage.name)
+    return finish(run, evaluate)
 
-        if model is None:
-            if tower is None:
-                tower = (
-                    AutoModel.from_pretrained(recipe.vision["path"])
-                    if "path" in recipe.vision
-                    else VisionTransformerModel(VisionTransformerConfig(**recipe.vision))
-                )
-            model = build_vlm(recipe, tower, tokenizer)
-            processor = VisionLanguageProcessor.from_model_config(
-                model.config, image_processor_for(tower.config), tokenizer
-            )
-        if resume and done.is_file():
-            model = VisionLanguageForConditionalGeneration.from_pretrained(stage_dir / "model")
-            logger.info("stage %s already finished: loaded %s", stage.name, stage_dir / "model")
-            continue
+
+def run_vision_pretrain(run: _Run, stage: VLMStage, resume: bool) -> bool:
+    """The tower as an image classifier (the classifier training code); the next stage continues its tower."""
+    recipe, stage_dir = run.recipe, run.out / stage.name
+    classifier_stage = from_dict(ClassifierStage, {"name": stage.name, **stage.classifier}, stage.name)
+    if resume and (stage_dir / "model" / "config.json").is_file():
+        run.classifier = VisionTransformerForImageClassification.from_pretrained(stage_dir / "model")
+    else:
         set_seed(recipe.seed)
-        trainable = set_trainable(model, stage)
-        label_key, label_names = None, None
-        use_aux = stage.aux_classification_weight > 0 and aux_head is not None
-        if use_aux:
-            trainable = WithAuxiliaryClassifier(trainable, aux_head, stage.aux_classification_weight)
-            label_key, label_names = aux_task, aux_labels
-        data = {**recipe.data, **(stage.data or {})}
-        samples = load_samples(data, recipe.seed, evaluation=False)[0] if stage.data else train_samples
-        dataset = EncodedConversations(
-            [_with_label(s, label_key) for s in samples] if use_aux else samples,
-            processor,
-            max_length=recipe.max_length,
-            image_label_key=label_key,
-            label_names=label_names,
-            separate_questions=data.get("separate_questions", False),
+        train_data, eval_data = load_stage_data(classifier_stage, recipe.seed)
+        id2label = dict(enumerate(train_data.class_names))
+        start = run.classifier if run.classifier is not None else _fresh_tower_config(recipe)
+        classifier = prepare_classifier(
+            start,
+            image_size=classifier_stage.image_size,
+            head=classifier_stage.head,
+            num_labels=len(id2label),
+            id2label=id2label,
         )
-        args = stage.training_arguments(str(stage_dir), **run_args)
-        result = train(
-            trainable,
-            dataset,
-            args,
-            stage_optimizer(stage, trainable),
-            collate_fn=EncodedCollator(processor, horizontal_flip=stage.horizontal_flip),
-            compute_loss=vlm_loss,
-            fingerprint_extra={"stage": stage_summary(stage), "model": model.config.to_json_string(use_diff=True)},
+        result = train_classifier(
+            classifier,
+            train_data,
+            classifier_stage,
+            classifier_stage.training_arguments(str(stage_dir), **run.options),
+            eval_dataset=eval_data,
         )
-        if not result.finished:
-            return {"stages": rows, "evaluation": None, "stopped_in": stage.name}
-        trained = result.model.vlm if use_aux else result.model
-        if stage.kind == "finetune":
-            if process.is_main_process:
-                trained.save_pretrained(out / "lora" / stage.name)  # the LoRA adapters alone (peft format)
-            trained = trained.merge_and_unload()
-        model = trained
-        rows.append(
+        if not result.train.finished:
+            return False
+        run.classifier = result.model
+        run.rows.append(
             {
                 "stage": stage.name,
                 "kind": stage.kind,
-                "steps": result.num_training_steps,
-                "train_seconds": round(result.train_seconds, 1),
-                "samples_per_second": round(result.samples_per_second, 1),
-                "last_loss": round(result.last_loss, 4),
+                "steps": result.train.num_training_steps,
+                "train_seconds": round(result.train.train_seconds, 1),
+                "classifier_accuracy": round(result.metrics.get("accuracy", float("nan")), 4),
             }
         )
-        if process.is_main_process:
-            save_vlm(model, processor, stage_dir / "model")
-        process.wait_for_everyone()
+        if run.process.is_main_process:
+            run.classifier.save_pretrained(stage_dir / "model")
+        run.process.wait_for_everyone()
+    config = run.classifier.config
+    run.classifier = prepare_classifier(
+        run.classifier,
+        image_size=recipe.vision.get("image_size", config.image_size),
+        head=config.classifier_head,
+        num_labels=config.num_labels,
+        id2label=config.id2label,
+    )
+    head = nn.Sequential(*(m for m in (run.classifier.pre_logits, run.classifier.classifier) if m is not None))
+    run.aux = (head, [config.id2label[i] for i in range(config.num_labels)], classifier_stage.task)
+    return True
 
-    evaluation = None
-    if process.is_main_process and model is not None:
-        if evaluate and eval_samples:
-            evaluation = vqa_exact_match(model, processor, eval_samples, batch_size=recipe.eval_batch_size)
-            save_json(out / "eval_predictions.json", {"predictions": evaluation.pop("predictions")})
-        save_vlm(model, processor, out / "vlm")
-        write_vlm_card(out / "vlm", recipe, rows, evaluation, model)
-        summary = {"stages": rows, "evaluation": evaluation, "total_seconds": round(time.perf_counter() - started, 1)}
-        save_json(out / "results.json", summary)
+
+def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
+    """A `pretrain` / `finetune` / `full` stage: freeze what it doesn't train, train on its data, save its result."""
+    recipe, stage_dir = run.recipe, run.out / stage.name
+    if run.model is None:
+        run.model, run.processor = build_vlm(recipe, run.classifier, run.out / "tokenizer")
+    if resume and (stage_dir / "model" / "config.json").is_file():
+        run.model = VisionLanguageForConditionalGeneration.from_pretrained(stage_dir / "model")
+        logger.info("stage %s already finished: loaded %s", stage.name, stage_dir / "model")
+        return True
+    if stage.init_from is not None:
+        run.model = initialise_from(run, stage)
+    set_seed(recipe.seed)
+    trainable = set_trainable(run.model, stage)
+    _trainable_in_fp32(trainable)
+    use_aux = stage.aux_classification_weight > 0 and run.aux is not None
+    if use_aux:
+        trainable = WithAuxiliaryClassifier(trainable, run.aux[0], stage.aux_classification_weight)
+    data = recipe.stage_data(stage)
+    index = open_training_data(data, recipe.seed, stage.name)
+    chat_template = stage.chat_template and resolve_chat_template(stage.chat_template, run.processor.tokenizer)
+    dataset = VLMDataset(
+        index,
+        run.processor,
+        max_length=recipe.max_length,
+        chat_template=chat_template or None,
+        separate_questions=data.get("separate_questions", False),
+        image_label=EasyVQAImageLabel(run.aux[2], run.aux[1]) if use_aux else None,
+        horizontal_flip=stage.horizontal_flip,
+        seed=recipe.seed,
+        cache=data.get("cache", data["name"] == "easy-vqa"),
+        on_error=data.get("on_error", "skip"),
+    )
+    grouping = {}
+    if data.get("group_by_length"):
+        chars, images = index.length_estimates()
+        grouping = {"lengths": chars // 4 + images * run.processor.num_image_tokens, "modalities": images > 0}
+    args = stage.training_arguments(
+        str(stage_dir),
+        **run.options,
+        num_workers=data.get("num_workers", 0),
+        group_by_length=bool(data.get("group_by_length")),
+    )
+    loss = VLMLoss()
+    result = train(
+        trainable,
+        dataset,
+        args,
+        stage_optimizer(stage, trainable),
+        collate_fn=VLMCollator(run.processor),
+        compute_loss=loss,
+        fingerprint_extra={"stage": stage_summary(stage), "model": run.model.config.to_json_string(use_diff=True)},
+        **grouping,
+    )
+    skipped = loss.all_skipped()
+    if not result.finished:
+        return False
+    trained = result.model.vlm if use_aux else result.model
+    if stage.lora is not None:
+        if run.process.is_main_process:
+            trained.save_pretrained(run.out / "lora" / stage.name)  # the LoRA adapters alone (peft format)
+        trained = trained.merge_and_unload()
+    run.model = trained
+    run.rows.append(
+        {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "steps": result.num_training_steps,
+            "train_seconds": round(result.train_seconds, 1),
+            "samples_per_second": round(result.samples_per_second, 1),
+            "last_loss": round(result.last_loss, 4),
+            "skipped_samples": len(skipped),
+        }
+    )
+    if run.process.is_main_process:
+        report_skipped(stage_dir, stage.name, dataset.source, skipped)
+        save_folder_atomically(stage_dir / "model", lambda folder: _save_vlm(run.model, run.processor, folder))
+        save_folder_atomically(stage_dir / "projector", run.model.adapter.save_pretrained)
+    run.process.wait_for_everyone()
+    return True
+
+
+def finish(run: _Run, evaluate: bool) -> dict:
+    """Evaluate (main process) and write the final folder, the model card and `results.json`."""
+    recipe, evaluation = run.recipe, None
+    if run.process.is_main_process and run.model is not None:
+        eval_samples = load_eval_samples(recipe.data, recipe.seed) if evaluate else []
+        if eval_samples:
+            evaluation = evaluate_samples(
+                run.model,
+                run.processor,
+                eval_samples,
+                recipe.eval_metric or "exact_match",
+                batch_size=recipe.eval_batch_size,
+                max_new_tokens=recipe.eval_max_new_tokens,
+                progress_bar=run.options["progress_bar"],
+            )
+            predictions = evaluation.pop("predictions")
+            rows = [{"id": s.id, "prediction": p} for s, p in zip(eval_samples, predictions, strict=True)]
+            save_json(run.out / "eval_predictions.json", {"predictions": rows})
+            evaluation["data"] = recipe.data["name"] if recipe.data["name"] == "easy-vqa" else recipe.data["eval"]
+        save_folder_atomically(run.out / "vlm", lambda folder: _save_vlm(run.model, run.processor, folder))
+        write_vlm_card(run.out / "vlm", recipe.to_dict(), run.rows, evaluation, run.model)
+        save_json(run.out / "results.json", run.summary(evaluation=evaluation, seed=recipe.seed))
+    run.process.wait_for_everyone()
+    return run.summary(evaluation=evaluation, seed=recipe.seed)
+
+
+def report_skipped(stage_dir: Path, stage: str, source: str, skipped: list) -> None:
+    """Log how many samples a stage skipped and why, naming the first ones; all of them in `data_report.json`."""
+    save_json(stage_dir / "data_report.json", {"source": source, "skipped": [asdict(s) for s in skipped]})
+    if not skipped:
+        logger.info("stage %s: every sample of %s was usable", stage, source)
+        return
+    reasons = {}
+    for sample in skipped:
+        reasons[sample.reason] = reasons.get(sample.reason, 0) + 1
+    shown = "; ".join(s.message for s in skipped[:5])
+    logger.warning(
+        "stage %s skipped %d samples of %s (%s), each replaced by the next usable one: %s%s. All of them: %s",
+        stage,
+        len(skipped),
+        source,
+        ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())),
+        shown,
+        f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else "",
+        stage_dir / "data_report.json",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fresh_tower_config(recipe: VLMRecipe) -> VisionTransformerConfig:
+    fields_ = {k: v for k, v in recipe.vision.items() if k not in (*VISION_KEYS, *VISION_PROCESSING_KEYS)}
+    return VisionTransformerConfig(**fields_)
+
+
+def build_tower(recipe: VLMRecipe, classifier: VisionTransformerForImageClassification | None):
+    """(tower, image processor): the pre-trained classifier's tower, a tower folder, or a fresh ViT."""
+    if classifier is not None:
+        return classifier.vit, image_processor_for(classifier.vit.config)
+    vision = recipe.vision
+    if vision.get("path"):
+        return load_vision_tower(
+            vision["path"],
+            image_processor=vision.get("image_processor"),
+            convert=vision.get("convert", True),
+            dtype=vision.get("dtype"),
+            attn_implementation=vision.get("attn_implementation"),
+        )
+    tower = VisionTransformerModel(_fresh_tower_config(recipe))
+    return tower, image_processor_for(tower.config)
+
+
+def build_tokenizer(recipe: VLMRecipe, tokenizer_folder: Path):
+    """(tokenizer, chat template): the language model's own, or a sentencepiece tokenizer trained on the data."""
+    lm = recipe.language_model
+    if lm.get("path"):
+        kwargs = {"gguf_file": lm["gguf_file"]} if lm.get("gguf_file") else {}
+        tokenizer = AutoTokenizer.from_pretrained(lm["path"], **kwargs)
+        return tokenizer, resolve_chat_template(lm.get("chat_template"), tokenizer, where=lm["path"])
+    chat_template = resolve_chat_template(lm.get("chat_template", "user_assistant"), None)
+    return _trained_tokenizer(recipe, tokenizer_folder, chat_template), chat_template
+
+
+def build_language_model(recipe: VLMRecipe, tokenizer) -> nn.Module:
+    """The causal LM from its folder, or a fresh tiny Llama sized for `tokenizer` (its vocabulary and `<image>`)."""
+    lm = recipe.language_model
+    if lm.get("path"):
+        kwargs = {key: lm[key] for key in ("gguf_file", "attn_implementation") if lm.get(key)}
+        dtype = resolve_dtype(lm.get("dtype"), "language_model") or torch.float32
+        return AutoModelForCausalLM.from_pretrained(lm["path"], dtype=dtype, **kwargs)
+    config = {k: v for k, v in lm.items() if k not in LM_KEYS}
+    config = {"tie_word_embeddings": True, "max_position_embeddings": recipe.max_length, **config}
+    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), **config))
+
+
+def _trained_tokenizer(recipe: VLMRecipe, folder: Path, chat_template: str):
+    """A sentencepiece tokenizer trained on the first VLM stage's conversations as the template renders them."""
+    process = process_state()
+    if process.is_main_process and not (folder / "tokenizer.json").is_file():
+        first = next(s for s in recipe.stages if s.kind != "vision_pretrain")
+        index = open_training_data(recipe.stage_data(first), recipe.seed, first.name)
+        positions = range(len(index))
+        if len(index) > TOKENIZER_TRAINING_SAMPLES:
+            positions = sorted(random.Random(recipe.seed).sample(positions, TOKENIZER_TRAINING_SAMPLES))
+        conversations = []
+        for i in positions:
+            try:
+                conversations.append(index.sample(i).messages)
+            except ValueError:
+                continue  # a malformed entry: the data set reports it when training reaches it
+        texts = chat_texts(conversations, chat_template)  # what the LM reads, the template's markup included
+        tokenizer = train_sentencepiece_tokenizer(texts, vocab_size=recipe.tokenizer.get("vocab_size", 512))
+        tokenizer.save_pretrained(folder)
     process.wait_for_everyone()
-    return {"stages": rows, "evaluation": evaluation, "total_seconds": round(time.perf_counter() - started, 1)}
+    return AutoTokenizer.from_pretrained(folder)
 
 
-def _with_label(sample: VLMSample, task: str) -> VLMSample:
-    """Attach the easy-VQA image's label for the classifier `task` (`shape`, `color` or `shape_color`, as the
-    vision_pretrain stage's classes) to the sample's meta, for the auxiliary loss."""
-    from ..data.easy_vqa import easy_vqa_image_labels
+def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
+    """The VLM (tower + fresh adapter + LM) and its processor (the tower's image processor, the LM's tokenizer)."""
+    tower, image_processor = build_tower(recipe, classifier)
+    tokenizer, chat_template = build_tokenizer(recipe, tokenizer_folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    language_model = build_language_model(recipe, tokenizer)
+    if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+        language_model.resize_token_embeddings(len(tokenizer))
+    model = VisionLanguageForConditionalGeneration.from_parts(
+        tower,
+        language_model,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        adapter_config=recipe.adapter,
+        vision_feature_layer=recipe.vision_feature_layer,
+        keep_prefix_tokens=recipe.keep_prefix_tokens,
+    )
+    for side, part in (("vision", model.vision_tower), ("language_model", model.language_model)):
+        if getattr(recipe, side).get("gradient_checkpointing"):
+            part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    processor = VisionLanguageProcessor.from_model_config(
+        model.config,
+        image_processor,
+        tokenizer,
+        chat_template=chat_template,
+        image_aspect_ratio=recipe.vision.get("image_aspect_ratio", "squash"),
+    )
+    if processor.num_image_tokens >= recipe.max_length:
+        raise ValueError(
+            f"One image takes {processor.num_image_tokens} tokens ({model.config.grid_size[0]}x"
+            f"{model.config.grid_size[1]} patches through the {recipe.adapter.get('adapter_type', 'mlp')} adapter), "
+            f"which leaves no room for text within max_length={recipe.max_length}: raise max_length (LLaVA uses "
+            "2048) or use an adapter that reduces tokens (pixel_shuffle, resampler)."
+        )
+    return model, processor
 
-    labels = easy_vqa_image_labels("train").get(sample.meta.get("image_id"), {})
-    if task == "shape_color" and "shape" in labels and "color" in labels:
-        sample.meta[task] = f"{labels['color']} {labels['shape']}"
-    elif task in labels:
-        sample.meta[task] = labels[task]
-    return sample
+
+def initialise_from(run: _Run, stage: VLMStage) -> VisionLanguageForConditionalGeneration:
+    """The model a stage with `init_from` starts from: another stage's result, or a saved projector/VLM's adapter."""
+    source = stage.init_from
+    names = [s.name for s in run.recipe.stages]
+    if source in names:
+        folder = run.out / source / "model"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Stage {stage.name!r}: init_from={source!r}, but that stage has no saved result at {folder} (it "
+                "has not finished): run it first, or name a saved projector/VLM folder."
+            )
+        logger.info("stage %s starts from stage %s's result (%s)", stage.name, source, folder)
+        return VisionLanguageForConditionalGeneration.from_pretrained(folder)
+    folder = Path(source)
+    if (folder / PROJECTOR_CONFIG).is_file():
+        adapter = Adapter.from_pretrained(folder)
+    elif (folder / "config.json").is_file():
+        adapter = VisionLanguageForConditionalGeneration.from_pretrained(folder).adapter
+    else:
+        raise FileNotFoundError(
+            f"Stage {stage.name!r}: init_from={source!r} is neither a stage of this recipe ({names}) nor a folder "
+            f"with a projector ({PROJECTOR_CONFIG}) or a saved VLM (config.json)."
+        )
+    own = run.model.adapter.state_dict()
+    theirs = adapter.state_dict()
+    mismatched = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+    if mismatched or set(theirs) != set(own) or adapter.config.adapter_type != run.model.adapter.config.adapter_type:
+        shapes = ", ".join(
+            f"{k}: {tuple(theirs[k].shape) if k in theirs else 'missing'} vs {tuple(own[k].shape)}"
+            for k in mismatched[:4]
+        )
+        raise ValueError(
+            f"Stage {stage.name!r}: the adapter in {source} ({adapter.config.adapter_type}) does not fit this "
+            f"recipe's ({run.model.adapter.config.adapter_type}): {shapes or 'different keys'}. It was trained for "
+            "another tower or language model; use a projector of the same shapes."
+        )
+    run.model.adapter.load_state_dict(theirs)
+    logger.info("stage %s starts from the adapter in %s", stage.name, source)
+    return run.model
 
 
-__all__ = ["VLMRecipe", "load_samples", "run_vlm_recipe"]
+def _trainable_in_fp32(model: nn.Module) -> None:
+    """Keep trainable weights in fp32 (a model loaded in bf16 trains its updated parts in full precision under
+    autocast, as mixed-precision training expects); frozen parts stay in their dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+
+
+def _save_vlm(model, processor, folder: Path) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+__all__ = ["VLMRecipe", "build_vlm", "open_training_data", "run_vlm_recipe"]

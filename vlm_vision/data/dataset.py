@@ -1,0 +1,251 @@
+"""The vision-language training set and its collator.
+
+:class:`VLMDataset` turns the samples of an index (:mod:`.index`) into training items when they are asked for, in
+the DataLoader's workers when there are some: the conversation is rendered and tokenised (labels on the assistant
+turns only), the images are decoded (any Pillow mode to RGB) and processed by the tower's own image processor.
+Nothing is done up front, so a data set of any size starts at once and holds no more than its index.
+
+A sample that can't be used (a malformed entry, a missing or undecodable image, more `<image>` tags than images, a
+conversation over `max_length` tokens) is never fatal: with `on_error="skip"` the next usable sample takes its place
+(the same one every time, so N processes and a resumed run see the same data) and the bad one travels in the
+batch (`batch["skipped"]`), so the training loop can count and name it at the end of the stage; `"raise"` raises
+:class:`~.conversations.BadSampleError` naming it. A chat template that can't be split into prompt and answers is
+not a data problem: it raises whatever `on_error` says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..processing_vlm import IMAGE_TOKEN, ConversationTooLongError, VisionLanguageProcessor
+from .conversations import (
+    MALFORMED,
+    MISSING_IMAGE,
+    TAG_MISMATCH,
+    TOO_LONG,
+    UNREADABLE_IMAGE,
+    BadSampleError,
+    SampleProblem,
+    SkippedSample,
+    VLMSample,
+    _check_on_error,
+)
+from .images import ImageLoadError, _flip_bit, load_image
+from .index import SampleList
+
+logger = logging.getLogger(__name__)
+
+
+def split_questions(messages: list[dict]) -> list[list[dict]]:
+    """A one-image conversation of k question/answer turns -> k one-turn conversations, each showing the image.
+
+    Later turns of a conversation can read earlier answers ("what is the blue shape?" gives away the colour), a
+    text shortcut that evaluation on first turns never offers; separate conversations each have to look at the image.
+    """
+    turns, question = [], None
+    for message in messages:
+        if message["role"] == "user":
+            question = message["content"].replace(IMAGE_TOKEN, "").strip()
+        elif message["role"] == "assistant" and question is not None:
+            turns.append([{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}, message])
+            question = None
+    return turns
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Training items of a VLM, built on access from an index of samples.
+
+    Args:
+        index: a :mod:`.index` index (`SampleList`, `JsonIndex`, `RowsIndex`) or a list of samples.
+        processor: the VLM's processor (chat template, tokenizer, the tower's image processor, image-token count).
+        max_length: the longest sequence in tokens, image tokens included (longer samples are skipped, never
+            truncated: that could cut an image span or the answer). None: no limit.
+        chat_template: Jinja text rendering the conversations (e.g. LLaVA's "plain" for alignment); None: the
+            processor's.
+        separate_questions: each one-image sample becomes one single-question conversation per turn (see
+            :func:`split_questions`), all about its image: the collator passes the image once for all of them.
+        image_label: sample -> class index of its image (-100: none), for an auxiliary classification loss.
+        horizontal_flip: flip each item's images with probability 1/2, decided by (`seed`, epoch, index) alone, so
+            the flips are the same under any number of processes, DataLoader workers or a resume (call `set_epoch`).
+        cache: keep each distinct conversation's encoding and each image's pixel values in memory after their first
+            use (per process): for small data sets read many times (easy-VQA); off for large ones.
+        on_error: "skip" (the next usable sample instead, reported in the batch) or "raise".
+
+    Items: `{"encoded": {"input_ids", "labels"} (or a list of them, one per question), "images": [(C, H, W)],
+    "image_labels": [int per image], "skipped": [SkippedSample]}`.
+    """
+
+    def __init__(
+        self,
+        index,
+        processor: VisionLanguageProcessor,
+        *,
+        max_length: int | None = None,
+        chat_template: str | None = None,
+        separate_questions: bool = False,
+        image_label: Callable[[VLMSample], int] | None = None,
+        horizontal_flip: bool = False,
+        seed: int = 0,
+        cache: bool = False,
+        on_error: str = "skip",
+    ):
+        _check_on_error(on_error)
+        self.index = SampleList(index) if isinstance(index, list) else index
+        if len(self.index) == 0:
+            raise ValueError(f"{getattr(self.index, 'source', 'The data')} has no samples.")
+        self.processor = processor
+        self.max_length = max_length
+        self.chat_template = chat_template
+        self.separate_questions = separate_questions
+        self.image_label = image_label
+        self.horizontal_flip = horizontal_flip
+        self.seed = seed
+        self.epoch = 0
+        self.on_error = on_error
+        self._encodings: dict[str, Any] | None = {} if cache else None
+        self._pixels: dict[str, torch.Tensor] | None = {} if cache else None
+        self._unusable: set[int] = set()  # per process: known bad samples are not read again
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def source(self) -> str:
+        return getattr(self.index, "source", "samples")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} samples")
+        index %= len(self)
+        skipped = []
+        for offset in range(len(self)):
+            current = (index + offset) % len(self)
+            if current in self._unusable:
+                continue
+            try:
+                item = self._item(current)
+            except SampleProblem as problem:
+                skipped.append(self._unusable_sample(current, problem))
+                continue
+            item["skipped"] = skipped
+            return item
+        raise BadSampleError(f"None of the {len(self)} samples of {self.source} can be used: {skipped[:3]}")
+
+    def _unusable_sample(self, index: int, problem: SampleProblem) -> SkippedSample:
+        sample_id = getattr(problem, "sample_id", None) or str(index)
+        message = f"{sample_id}: {problem.problem}"
+        if self.on_error == "raise":
+            raise BadSampleError(
+                f"{self.source}, sample {message}. Fix or remove it, or pass on_error='skip' to train on the next "
+                "usable sample instead (bad samples are counted and named at the end of the stage)."
+            ) from problem
+        self._unusable.add(index)
+        logger.debug("skipping sample %s of %s: %s", sample_id, self.source, problem.problem)
+        return SkippedSample(sample_id, problem.reason, message, problem.file)
+
+    def _item(self, index: int) -> dict[str, Any]:
+        try:
+            sample = self.index.sample(index)
+        except SampleProblem as problem:
+            problem.sample_id = f"entry {index}"
+            raise
+        try:
+            return self._build(sample, index)
+        except SampleProblem as problem:
+            problem.sample_id = sample.id
+            raise
+
+    def _build(self, sample: VLMSample, index: int) -> dict[str, Any]:
+        if sample.num_image_tags != len(sample.images):
+            raise SampleProblem(
+                TAG_MISMATCH, f"{sample.num_image_tags} {IMAGE_TOKEN} tags but {len(sample.images)} images"
+            )
+        if self.separate_questions:
+            if len(sample.images) != 1:
+                raise ValueError(
+                    f"separate_questions needs one image per sample; {sample.id} has {len(sample.images)}: turn it off "
+                    "for multi-image or text-only data."
+                )
+            encoded = [self._encode(turn) for turn in split_questions(sample.messages)]
+            if not encoded:
+                raise SampleProblem(MALFORMED, "no question/answer turn")
+        else:
+            encoded = self._encode(sample.messages)
+        flip = self.horizontal_flip and _flip_bit(self.seed, self.epoch, index)
+        images = [self._pixel_values(image) for image in sample.images]
+        if flip:
+            images = [image.flip(-1) for image in images]
+        label = self.image_label(sample) if self.image_label is not None else -100
+        return {"encoded": encoded, "images": images, "image_labels": [label] * len(images)}
+
+    def _encode(self, messages: list[dict]) -> dict[str, list[int]]:
+        key = json.dumps(messages) if self._encodings is not None else None
+        if key is not None and key in self._encodings:
+            return self._encodings[key]
+        try:
+            encoded = self.processor.encode_conversation(
+                messages, max_length=self.max_length, chat_template=self.chat_template
+            )
+        except ConversationTooLongError as error:
+            raise SampleProblem(TOO_LONG, str(error)) from None
+        if key is not None:
+            self._encodings[key] = encoded
+        return encoded
+
+    def _pixel_values(self, image) -> torch.Tensor:
+        key = image if isinstance(image, str) else None
+        if key is not None and self._pixels is not None and key in self._pixels:
+            return self._pixels[key]
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                picture = load_image(image)
+            except ImageLoadError as error:
+                reason = UNREADABLE_IMAGE if os.path.exists(error.path) else MISSING_IMAGE
+                raise SampleProblem(reason, str(error), error.path) from None
+        else:
+            picture = image
+        pixels = self.processor.process_images([picture])[0]
+        if key is not None and self._pixels is not None:
+            self._pixels[key] = pixels
+        return pixels
+
+
+class VLMCollator:
+    """Items of :class:`VLMDataset` -> one padded batch.
+
+    Returns:
+        `input_ids`, `attention_mask`, `labels` `(B, T)` (-100 outside the assistant turns and on padding); with
+        images, `pixel_values` `(I, C, H, W)` (in placeholder order) and `image_labels` `(I,)`; with separated
+        questions, `image_index` `(B,)` (the image each sequence shows); and `skipped`, the samples left out for
+        this batch (a list, for the loop's report).
+    """
+
+    def __init__(self, processor: VisionLanguageProcessor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict]) -> dict:
+        # an item holds one conversation, or a list of separate questions about its one image
+        per_item = [item["encoded"] if isinstance(item["encoded"], list) else [item["encoded"]] for item in items]
+        batch = dict(self.processor.pad_encoded([encoded for group in per_item for encoded in group]))
+        if any(isinstance(item["encoded"], list) for item in items):
+            if any(len(item["images"]) != 1 for item in items):
+                raise ValueError("A batch with separated questions needs exactly one image per item.")
+            batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
+        images = [image for item in items for image in item["images"]]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+            batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
+        batch["skipped"] = [skipped for item in items for skipped in item.get("skipped", ())]
+        return batch
+
+
+__all__ = ["VLMCollator", "VLMDataset", "split_questions"]
