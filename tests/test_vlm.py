@@ -251,6 +251,11 @@ def test_greedy_generation_with_and_without_the_cache_agree(vlm):
     without_cache = model.generate(**inputs, use_cache=False, **kwargs)
     assert with_cache.shape == (2, inputs["input_ids"].shape[1] + 6)
     assert torch.equal(with_cache, without_cache)
+    # placeholders without their images: refused on the first step too (generate passes an empty cache there)
+    text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match="no pixel_values were given"):
+            model.generate(**text_only, use_cache=use_cache, **kwargs)
 
 
 def test_save_and_load_the_whole_vlm_through_the_auto_classes(vlm, tmp_path):

@@ -412,7 +412,7 @@ def test_dataset_decodes_every_mode_and_replaces_unreadable_images(processor, im
     with pytest.raises(IndexError):
         dataset[6]
     strict = VLMDataset(samples, processor, on_error="raise")
-    with pytest.raises(BadSampleError, match=r"sample 7: Cannot read image .*corrupt\.jpg"):
+    with pytest.raises(BadSampleError, match=r"sample 7: image .*corrupt\.jpg: OSError"):
         strict[3]
 
 

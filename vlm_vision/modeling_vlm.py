@@ -323,8 +323,11 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 the tower runs once per image, and gradients from every sequence reach it. None: span i is image i.
             kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
         """
-        has_cache = kwargs.get("cache", kwargs.get("past_key_values")) is not None
-        no_images = pixel_values is None and vision_features is None and input_ids is not None and not has_cache
+        # placeholders without images are an error, except when continuing a sequence whose images are cached
+        # (generate's first step passes an empty cache: that is no continuation)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        continuing = cache is not None and (cache.get_seq_length() if hasattr(cache, "get_seq_length") else 1) > 0
+        no_images = pixel_values is None and vision_features is None and input_ids is not None and not continuing
         if no_images and (input_ids == self.config.image_token_id).any():
             raise ValueError("input_ids contain <image> placeholders but no pixel_values were given: pass the images.")
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, vision_features, image_index)

@@ -210,7 +210,7 @@ class VLMDataset(torch.utils.data.Dataset):
                 picture = load_image(image)
             except ImageLoadError as error:
                 reason = UNREADABLE_IMAGE if os.path.exists(error.path) else MISSING_IMAGE
-                raise SampleProblem(reason, str(error), error.path) from None
+                raise SampleProblem(reason, f"image {error.path}: {error.reason}", error.path) from None
         else:
             picture = image
         pixels = self.processor.process_images([picture])[0]

@@ -29,6 +29,7 @@ class ImageLoadError(ValueError):
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
+        self.reason = reason
         super().__init__(
             f"Cannot read image {self.path}: {reason}. Replace or remove the file, or pass on_error='skip' "
             "(--on-bad-image skip) to leave unreadable images out with a warning."

@@ -53,6 +53,29 @@ class SampleList:
         return np.asarray(chars, dtype=np.int64), np.asarray([len(s.images) for s in self.samples], dtype=np.int64)
 
 
+FORMAT_PROBE = 16  # entries read when an index is opened, to tell a file of another format from one with bad entries
+
+
+def check_format(index, what: str) -> None:
+    """Refuse an index none of whose first entries is a usable sample: the file is of another format (a COCO
+    captions file, a VQAv2 questions file, ...), not a file with a few bad entries (those are skipped in training)."""
+    from .conversations import SampleProblem
+
+    problems = []
+    for position in range(min(FORMAT_PROBE, len(index))):
+        try:
+            index.sample(position)
+            return
+        except SampleProblem as problem:
+            problems.append(f"entry {position}: {problem.problem}")
+    if problems:
+        raise ValueError(
+            f"{index.source} does not read as {what}: none of its first {len(problems)} entries is a sample "
+            f"({problems[0]}). A LLaVA entry is {{'id', 'image': path(s), 'conversations': [{{'from': 'human' | 'gpt', "
+            "'value': text}]}}; check the file, or the recipe's data.name for its format."
+        )
+
+
 def _entry_size(entry: Any) -> tuple[int, int]:
     """(characters of text, number of images) of a LLaVA entry, for length estimates; (0, 0) when malformed."""
     if not isinstance(entry, dict):
@@ -95,6 +118,7 @@ class JsonIndex:
         self.starts, self.ends, self.chars, self.images = _index_json(self.path)
         self._file = None
         self._pid = None
+        check_format(self, "a LLaVA conversation file")
         logger.info("indexed %s: %d entries", path, len(self))
 
     def __len__(self) -> int:
@@ -151,6 +175,11 @@ def _index_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         first = skip(" \t\r\n")
         if first == "":
             raise ValueError(f"{path} is empty: a LLaVA conversation file holds a JSON list of entries.")
+        if first == "{" and path.suffix == ".json":
+            raise ValueError(
+                f"{path} holds a JSON object, not a list of entries: a LLaVA conversation file is a JSON list (or a "
+                ".jsonl file with one entry per line). Is it another format (COCO captions, VQAv2)?"
+            )
         if first not in ("[", "{"):
             raise ValueError(
                 f"{path} is not a LLaVA conversation file: it must hold a JSON list of entries or one JSON object per "
@@ -199,6 +228,7 @@ class RowsIndex:
         self.image_folder = image_folder
         self.source = source
         self.to_sample = to_sample
+        check_format(self, "LLaVA-form rows")
 
     def __len__(self) -> int:
         return len(self.rows)

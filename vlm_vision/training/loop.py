@@ -10,16 +10,19 @@ What it guarantees:
 - Exact resume: `save_every_steps` checkpoints (see :mod:`.checkpointing`) hold the model, optimizer, scheduler,
   RNG states and the loop's position; a resumed run skips the batches already consumed in the epoch (without
   reading them) and continues with the same data order, augmentation and schedule.
-- Gradient accumulation (`accelerator.accumulate`), gradient clipping, mixed precision (`"auto"`: bf16 on a GPU
-  that supports it, fp32 on CPU), a progress bar with loss, samples/s and ETA, and accelerate trackers
-  (`report_to=["tensorboard"]` writes under `output_dir/logs`).
+- Gradient accumulation (the micro-batches of a step all-reduce once; with `count_items`, the loss is normalised by
+  the step's item count, e.g. supervised tokens, so accumulation gives the gradient of one big batch), clipping,
+  mixed precision (`"auto"`: bf16 on a GPU that supports it, fp32 on CPU), a progress bar with loss, samples/s and
+  ETA, and accelerate trackers (`report_to=["tensorboard"]` writes under `output_dir/logs`).
 
 The model's forward must return an object with `.loss` given `**batch`, or pass `compute_loss(model, batch)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -162,7 +165,7 @@ def process_state() -> PartialState:
 
 
 def make_accelerator(args: TrainingArguments) -> Accelerator:
-    """An Accelerator for one stage: its mixed precision, accumulation and trackers."""
+    """An Accelerator for one stage: its mixed precision and trackers."""
     log_with = list(args.report_to) or None
     if log_with and "tensorboard" in log_with:
         try:
@@ -174,7 +177,7 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
     return Accelerator(
         cpu=use_cpu_processes(),
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_steps=1,  # the loop accumulates itself (a step's item count is known in advance)
         log_with=log_with,
         project_dir=str(Path(args.output_dir) / "logs") if log_with else None,
     )
@@ -309,6 +312,7 @@ def train(
     tracker_config: dict | None = None,
     lengths: Sequence[int] | None = None,
     modalities: Sequence[bool] | None = None,
+    count_items: Callable[[dict], int] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_dataset` as `args` says; returns the unwrapped model (on `accelerator.device`).
 
@@ -325,13 +329,20 @@ def train(
         tracker_config: hyper-parameters logged to the trackers.
         lengths, modalities: per sample, its (estimated) length and whether it has images, for
             `args.group_by_length` (see :class:`EpochSampler`).
+        count_items: batch -> the number of items its loss averages over (e.g. supervised tokens). When given, the
+            loss of an optimizer step is normalised by the count over all its micro-batches and processes: each
+            batch gets `batch["num_items_in_batch"]` = that count / (processes x micro-batches), and
+            `compute_loss` must divide its sum by it (as transformers' losses do), so that accumulation and any
+            number of processes give the gradient of one big batch. Without it, the micro-batch losses are means,
+            averaged.
     """
     args = args.for_processes(accelerator.num_processes if accelerator else process_state().num_processes)
     accelerator = accelerator or make_accelerator(args)
-    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+    if accelerator.gradient_accumulation_steps != 1:
         raise ValueError(
-            f"The accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
-            f"args.gradient_accumulation_steps={args.gradient_accumulation_steps}: make them agree."
+            f"The accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches itself: make it "
+            "with gradient_accumulation_steps=1 (make_accelerator does); the loop accumulates "
+            "args.gradient_accumulation_steps micro-batches per optimizer step."
         )
     num_processes = accelerator.num_processes
     micro_batches = num_processes * args.gradient_accumulation_steps
@@ -415,19 +426,32 @@ def train(
         if hasattr(train_dataset, "set_epoch"):
             train_dataset.set_epoch(state.epoch)
         sampler.skip(state.batches_in_epoch * per_device_batch * num_processes)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = compute_loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            running_loss += loss.detach().float().item()
+        batches = iter(loader)
+        while state.global_step < stop_at:
+            window = list(itertools.islice(batches, args.gradient_accumulation_steps))  # one optimizer step
+            if not window:
+                break
+            if count_items is not None:  # normalise by the step's item count over all micro-batches and processes
+                count = torch.tensor(float(sum(count_items(b) for b in window)), device=accelerator.device)
+                items = (accelerator.reduce(count, "sum") / (num_processes * len(window))).clamp(min=1.0)
+            step_loss = 0.0
+            for position, batch in enumerate(window):
+                last = position == len(window) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):  # all-reduce once a step
+                    if count_items is not None:
+                        batch["num_items_in_batch"] = items
+                        loss = compute_loss(model, batch)
+                    else:
+                        loss = compute_loss(model, batch) / len(window)
+                    accelerator.backward(loss)
+                step_loss += loss.detach().float().item()
+                state.batches_in_epoch += 1
+            if args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            running_loss += step_loss / (len(window) if count_items is not None else 1)
             running_count += 1
-            if not accelerator.sync_gradients:
-                continue
             scheduler.step()
             state.global_step += 1
             samples_done += args.batch_size

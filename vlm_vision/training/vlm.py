@@ -83,7 +83,14 @@ def vlm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     `WithAuxiliaryClassifier`, its auxiliary term); without the wrapper, `image_labels` are dropped."""
     dropped = ("skipped",) if isinstance(model_module(model), WithAuxiliaryClassifier) else ("skipped", "image_labels")
     batch = {k: v for k, v in batch.items() if k not in dropped}
-    return model(**batch, num_items_in_batch=supervised_tokens(batch["labels"])).loss
+    if "num_items_in_batch" not in batch:  # set by the loop over a whole optimizer step (see `count_supervised`)
+        batch["num_items_in_batch"] = supervised_tokens(batch["labels"])
+    return model(**batch).loss
+
+
+def count_supervised(batch: dict) -> int:
+    """The loop's `count_items` for VLM stages: the tokens that carry loss (labels shifted by one, as the LM's)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class VLMLoss:
@@ -134,6 +141,7 @@ __all__ = [
     "VLMLoss",
     "VLMStage",
     "WithAuxiliaryClassifier",
+    "count_supervised",
     "set_trainable",
     "stage_optimizer",
     "stage_summary",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ from .classifier import ClassifierStage, load_stage_data, prepare_classifier, tr
 from .loop import process_state, train
 from .schema import apply_overrides, check_keys, from_dict
 from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
-from .vlm import VLMLoss, WithAuxiliaryClassifier, save_json
+from .vlm import VLMLoss, WithAuxiliaryClassifier, count_supervised, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,12 @@ class VLMRecipe:
     description: str = ""
 
     def __post_init__(self):
+        for section, flag in (("vision", "--vision"), ("language_model", "--lm")):
+            if "path" in getattr(self, section) and not getattr(self, section)["path"]:
+                raise ValueError(
+                    f"This recipe needs {section}.path, a folder saved by transformers: pass {flag} FOLDER (or --set "
+                    f"{section}.path=FOLDER)."
+                )
         tower_fields = set() if self.vision.get("path") else _config_fields(VisionTransformerConfig)
         check_keys(self.vision, {*VISION_KEYS, *VISION_PROCESSING_KEYS, *tower_fields}, "vision")
         lm_fields = set() if self.language_model.get("path") else _config_fields(LlamaConfig)
@@ -156,6 +163,9 @@ class VLMRecipe:
                 from_dict(ClassifierStage, {"name": stage.name, **stage.classifier}, f"stages.{stage.name}.classifier")
             data = self.stage_data(stage)
             check_data(data, f"stage {stage.name!r}")
+            if stage.kind != "vision_pretrain" and data["name"] == "llava":
+                for key in ("train", "image_folder"):
+                    _required(data, key, stage.name)
             if stage.init_from in names and names.index(stage.init_from) >= position:
                 raise ValueError(
                     f"Stage {stage.name!r}: init_from={stage.init_from!r} names a stage that runs at or after it; name "
@@ -167,8 +177,17 @@ class VLMRecipe:
         return {**self.data, **(stage.data or {})}
 
     @classmethod
-    def from_json(cls, path, overrides: list[str] | tuple[str, ...] = ()) -> VLMRecipe:
-        """Read a recipe file, apply `--set` style `overrides` (`dotted.key=value`), and check it."""
+    def from_json(
+        cls,
+        path,
+        overrides: list[str] | tuple[str, ...] = (),
+        *,
+        vision: str | None = None,
+        language_model: str | None = None,
+    ) -> VLMRecipe:
+        """Read a recipe file, point it at a `vision` tower folder and a `language_model` folder (what
+        `--vision`/`--lm` do: the loading options of the recipe's section are kept), apply `--set` style
+        `overrides` (`dotted.key=value`), and check it."""
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -177,8 +196,17 @@ class VLMRecipe:
             raise ValueError(f"Recipe {path} is not valid JSON ({error}): check the file is complete.") from error
         if not isinstance(raw, dict):
             raise ValueError(f"Recipe {path} must hold a JSON object, got a {type(raw).__name__}.")
+        for section, folder, keep in (
+            ("vision", vision, VISION_KEYS + VISION_PROCESSING_KEYS),
+            ("language_model", language_model, LM_KEYS),
+        ):
+            if folder is not None:
+                kept = {k: v for k, v in (raw.get(section) or {}).items() if k in keep and k != "path"}
+                raw[section] = {"path": str(folder), **kept}
         apply_overrides(raw, overrides)
-        return from_dict(cls, raw, f"recipe {path}")
+        recipe = from_dict(cls, raw, f"recipe {path}")
+        recipe.source = str(path)  # for results.json and the model card; not a field
+        return recipe
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -341,7 +369,9 @@ def run_vision_pretrain(run: _Run, stage: VLMStage, resume: bool) -> bool:
         set_seed(recipe.seed)
         train_data, eval_data = load_stage_data(classifier_stage, recipe.seed)
         id2label = dict(enumerate(train_data.class_names))
-        start = run.classifier if run.classifier is not None else _fresh_tower_config(recipe)
+        start = run.classifier
+        if start is None:  # the recipe's tower: a fresh one, or a folder's (pre-trained as a classifier further)
+            start = build_tower(recipe, None)[0] if recipe.vision.get("path") else _fresh_tower_config(recipe)
         classifier = prepare_classifier(
             start,
             image_size=classifier_stage.image_size,
@@ -423,7 +453,7 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
     args = stage.training_arguments(
         str(stage_dir),
         **run.options,
-        num_workers=data.get("num_workers", 0),
+        num_workers=data.get("num_workers", default_num_workers(data)),
         group_by_length=bool(data.get("group_by_length")),
     )
     loss = VLMLoss()
@@ -434,6 +464,7 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         stage_optimizer(stage, trainable),
         collate_fn=VLMCollator(run.processor),
         compute_loss=loss,
+        count_items=count_supervised,
         fingerprint_extra={"stage": stage_summary(stage), "model": run.model.config.to_json_string(use_diff=True)},
         **grouping,
     )
@@ -484,11 +515,26 @@ def finish(run: _Run, evaluate: bool) -> dict:
             rows = [{"id": s.id, "prediction": p} for s, p in zip(eval_samples, predictions, strict=True)]
             save_json(run.out / "eval_predictions.json", {"predictions": rows})
             evaluation["data"] = recipe.data["name"] if recipe.data["name"] == "easy-vqa" else recipe.data["eval"]
-        save_folder_atomically(run.out / "vlm", lambda folder: _save_vlm(run.model, run.processor, folder))
-        write_vlm_card(run.out / "vlm", recipe.to_dict(), run.rows, evaluation, run.model)
-        save_json(run.out / "results.json", run.summary(evaluation=evaluation, seed=recipe.seed))
+
+        def write(folder: Path) -> None:
+            _save_vlm(run.model, run.processor, folder)
+            write_vlm_card(folder, recipe.to_dict(), run.rows, evaluation, run.model)
+
+        save_folder_atomically(run.out / "vlm", write)
+    summary = run.summary(evaluation=evaluation, seed=recipe.seed, recipe=getattr(recipe, "source", None))
+    if run.process.is_main_process and run.model is not None:
+        save_json(run.out / "results.json", summary)
     run.process.wait_for_everyone()
-    return run.summary(evaluation=evaluation, seed=recipe.seed)
+    return summary
+
+
+def default_num_workers(data: dict) -> int:
+    """DataLoader workers when the recipe doesn't say: none for the built-in data (decoded once, kept in memory);
+    for files, up to 4 per process, leaving a core to the training step."""
+    if data["name"] == "easy-vqa":
+        return 0
+    processes = max(1, process_state().num_processes // max(1, torch.cuda.device_count() or 1))
+    return max(1, min(4, (os.cpu_count() or 2) // processes - 1))
 
 
 def report_skipped(stage_dir: Path, stage: str, source: str, skipped: list) -> None:
