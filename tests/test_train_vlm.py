@@ -276,3 +276,16 @@ def test_a_hybrid_tower_pretrains_trains_saves_and_loads(tmp_path):
     assert stem.shape == before.shape and not torch.equal(stem, before)  # the stem trained in the full stage
     processor = AutoProcessor.from_pretrained(tmp_path / "vlm")
     assert processor.num_image_tokens == 4  # 32 px: the 8x8 map of the stem, 2x2 patches, 2x2 pixel shuffle
+
+
+def test_every_recipe_key_is_documented():
+    import dataclasses
+
+    from vlm_vision.training import stages, vlm_recipe
+
+    documented = (ROOT / "docs" / "recipes.md").read_text()
+    keys = {f.name for f in dataclasses.fields(VLMRecipe)} | {f.name for f in dataclasses.fields(stages.VLMStage)}
+    keys |= set(vlm_recipe.VISION_KEYS + vlm_recipe.VISION_PROCESSING_KEYS + vlm_recipe.LM_KEYS)
+    keys |= set(vlm_recipe.DATA_KEYS + stages.STAGE_DATA_KEYS) | set(stages.STAGE_KINDS)
+    missing = sorted(key for key in keys if f"`{key}`" not in documented)
+    assert not missing, f"docs/recipes.md does not document {missing}"

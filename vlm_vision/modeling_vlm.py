@@ -105,9 +105,12 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     ) -> VisionLanguageForConditionalGeneration:
         """Assemble a VLM from a (pretrained) tower and causal LM, with a freshly initialised adapter.
 
-        The parts are used as they are (no copy); resize the LM's embeddings to the tokenizer first if `<image>` was
-        added to it.
+        The parts are used as they are (no copy), attention implementations included; resize the LM's embeddings to
+        the tokenizer first if `<image>` was added to it.
         """
+        # building the composite model sets its default attention on the sub-configs, which are the parts' own
+        attention = {"vision_config": vision_tower.config._attn_implementation}
+        attention["text_config"] = language_model.config._attn_implementation
         config = cls.config_class(
             vision_config=vision_tower.config,
             text_config=language_model.config,
@@ -119,6 +122,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             model = cls(config)
         model.vision_tower = vision_tower
         model.language_model = language_model
+        for part, name in ((vision_tower, "vision_config"), (language_model, "text_config")):
+            if attention[name] is not None and part.config._attn_implementation != attention[name]:
+                part.set_attn_implementation(attention[name])
         model.adapter = build_adapter(config.adapter_config).to(next(language_model.parameters()).dtype)
         model.freeze_unused_vision_parameters()
         return model

@@ -237,8 +237,8 @@ def llava_sample(entry: Any, position: int, image_folder: str | os.PathLike) -> 
             raise SampleProblem(
                 MALFORMED, f"turn {number} ({turn['from']}) has value {turn['value']!r}: every value must be text"
             )
-    images = entry.get("image", [])
-    images = [images] if isinstance(images, str) else images
+    images = entry.get("image")  # absent, or null in a table with other rows' images (Arrow, parquet): text only
+    images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise SampleProblem(MALFORMED, f"'image' must be a path or a list of paths: {entry['image']!r}")
     messages = [{"role": LLAVA_ROLES[t["from"]], "content": t["value"]} for t in turns]

@@ -50,7 +50,6 @@ VLM_PARTS = {
 }
 # what a VLM stage may set in its `data` (merged over the recipe's `data`)
 STAGE_DATA_KEYS = (
-    "format",
     "name",
     "train",
     "image_folder",

@@ -41,6 +41,7 @@ from ..generation import METRICS, evaluate_samples
 from ..modeling_vlm import VisionLanguageForConditionalGeneration
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
 from ..processing_vlm import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, VisionLanguageProcessor, resolve_chat_template
+from ..smollm import as_plain_model
 from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
 from ..towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
@@ -603,7 +604,8 @@ def build_language_model(recipe: VLMRecipe, tokenizer) -> nn.Module:
     if lm.get("path"):
         kwargs = {key: lm[key] for key in ("gguf_file", "attn_implementation") if lm.get(key)}
         dtype = resolve_dtype(lm.get("dtype"), "language_model") or torch.float32
-        return AutoModelForCausalLM.from_pretrained(lm["path"], dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(lm["path"], dtype=dtype, **kwargs)
+        return as_plain_model(model) if lm.get("gguf_file") else model
     config = {k: v for k, v in lm.items() if k not in LM_KEYS}
     config = {"tie_word_embeddings": True, "max_position_embeddings": recipe.max_length, **config}
     return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), **config))
