@@ -1,9 +1,10 @@
 """Images for training: decode any file to RGB, labelled image sets, and the classification data set.
 
-Every image goes through :func:`load_image` (Pillow): grayscale, RGBA, palette and CMYK files all come out as RGB
-(transparent pixels composited on white), and a missing or undecodable file raises :class:`ImageLoadError` with the
-file named. Pixel values are prepared as the checkpoints' image processor does (transformers' ViT processor: bilinear
-resize, scale to [0, 1], normalise with mean = std = 0.5), so a model trained here sees at training time what
+Every image goes through :func:`load_image` (Pillow): grayscale, RGBA, palette, CMYK, 16-bit and float files all come
+out as 8-bit RGB (transparent pixels composited on white, 16-bit and float values scaled, not clipped, EXIF rotation
+applied), and a missing or undecodable file raises :class:`ImageLoadError` with the file named. Pixel values are
+prepared as the checkpoints' image processor does (transformers' ViT processor: bilinear resize, scale to [0, 1],
+normalise with mean = std = 0.5), so a model trained here sees at training time what
 `AutoImageProcessor.from_pretrained(folder)` gives it later.
 """
 
@@ -14,8 +15,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +40,54 @@ class ImageLoadError(ValueError):
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as an RGB Pillow image, fully decoded.
 
-    Modes other than RGB are converted; images with transparency (RGBA, LA, palette with a transparent colour) are
-    composited on a white background first, so transparent areas do not turn into arbitrary colours.
+    - Modes other than RGB are converted; images with transparency (RGBA, LA, palette with a transparent colour) are
+      composited on a white background first, so transparent areas do not turn into arbitrary colours.
+    - High bit depths are scaled to 8 bits, not clipped: 16-bit grayscale ("I;16", e.g. 16-bit PNGs) by 255/65535;
+      32-bit integer ("I") and float ("F") images by the range their values fit (0-255, 0-65535 for "I"; 0-1,
+      0-255 for "F"), and otherwise stretched from their minimum to their maximum.
+    - The EXIF orientation is applied (as transformers' own `load_image` does), so phone photos are upright.
 
     Raises:
         ImageLoadError: the file does not exist or is not a decodable image (truncated, corrupt, not an image).
+        TypeError: `path` is not a path.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_image takes a file path (str or pathlib.Path), got {type(path).__name__}.")
     try:
         with Image.open(path) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith(("I", "F")):
+                image = _to_8_bit(image)
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA", "PA"):
+            if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageLoadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "it is a folder, not an image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit "L", scaled as `load_image` documents
+    (Pillow's own conversion clips every value above 255)."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        ranges = (1.0, 255.0) if image.mode == "F" else (255.0, 65535.0)
+        top = next((r for r in ranges if low >= 0 and high <= r), None)
+        if top is None:  # another range: stretch what is there
+            values, top = values - low, max(high - low, 1e-12)
+    scaled = np.clip(np.nan_to_num(values / top * 255.0), 0, 255)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
 def _check_on_error(on_error: str) -> None:
