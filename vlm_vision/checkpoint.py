@@ -135,7 +135,12 @@ def replace_directory_atomically(staging: Path, out_dir: Path, overwrite: bool) 
             raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) to replace it.")
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, trash / out_dir.name)
-        os.replace(staging, out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:  # put the previous folder back rather than leave none
+            os.replace(trash / out_dir.name, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            raise
         shutil.rmtree(trash)
     else:
         os.replace(staging, out_dir)
