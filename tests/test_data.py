@@ -168,3 +168,37 @@ def test_load_image_applies_the_exif_orientation_and_refuses_non_paths(tmp_path)
         load_image(tmp_path)
     with pytest.raises(TypeError, match=r"load_image takes a file path .*got Image"):
         load_image(image)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: LabelledImages("a.png", [0], ["x"]), TypeError, r"paths must be a sequence .*single value 'a.png'"),
+        (lambda: LabelledImages(["a"], [0], "cat"), TypeError, r"class_names must be a sequence .*'cat'"),
+        (lambda: LabelledImages(["a"], [0.5], ["x"]), ValueError, r"labels must be integer class indices, got \[0.5\]"),
+        (lambda: LabelledImages(["a"], ["x"], ["x"]), ValueError, r"labels must be integer class indices"),
+        (lambda: LabelledImages(["a", "b"], [0, 1], ["x", "x"]), ValueError, r"class_names repeats \['x'\]"),
+    ],
+)
+def test_labelled_images_refuse_what_would_be_misread(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_image_folder_and_dataset_arguments_are_checked(tmp_path):
+    root = write_folder(tmp_path / "train")
+    with pytest.raises(TypeError, match=r"root must be a folder path"):
+        load_image_folder(3)
+    with pytest.raises(TypeError, match=r"class_names must be a sequence of class names"):
+        load_image_folder(root, class_names="blue")  # would be read as ('b', 'l', 'u', 'e')
+    with pytest.raises(ValueError, match=r"repeats a name"):
+        load_image_folder(root, class_names=("blue", "blue", "red"))
+    images = load_image_folder(root)
+    with pytest.raises(ValueError, match=r"image_size must be a positive int"):
+        ImageClassificationDataset(images, True)
+    dataset = ImageClassificationDataset(images, 4)
+    with pytest.raises(IndexError, match=r"index 4 is out of range for 4 images"):
+        dataset[4]
+    assert torch.equal(dataset[-1]["pixel_values"], dataset[3]["pixel_values"])
+    with pytest.raises(ValueError, match=r"num_images=0.5"):
+        images.subset(0.5)

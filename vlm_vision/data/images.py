@@ -110,9 +110,20 @@ class LabelledImages:
     class_names: tuple[str, ...]
 
     def __post_init__(self):
+        for name in ("paths", "labels", "class_names"):
+            if isinstance(getattr(self, name), (str, bytes, os.PathLike)):
+                raise TypeError(
+                    f"{name} must be a sequence (one entry per item), got the single value {getattr(self, name)!r}."
+                )
+        bad = [x for x in self.labels if isinstance(x, bool) or not isinstance(x, (int, np.integer))]
+        if bad:
+            raise ValueError(f"labels must be integer class indices, got {bad[:5]}: map class names to indices first.")
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
         object.__setattr__(self, "labels", tuple(int(x) for x in self.labels))
-        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        if len(set(self.class_names)) != len(self.class_names):
+            duplicates = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
+            raise ValueError(f"class_names repeats {duplicates}: each class needs its own name.")
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels: give one label per image.")
         if not self.class_names:
@@ -136,7 +147,7 @@ class LabelledImages:
 
     def subset(self, num_images: int, seed: int = 0) -> LabelledImages:
         """A seeded random subset of `num_images` images (in their original order)."""
-        if not 0 < num_images <= len(self):
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 0 < num_images <= len(self):
             raise ValueError(f"num_images={num_images} must be in 1..{len(self)} (the number of images).")
         chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
         return self._take(chosen.tolist())
@@ -170,8 +181,8 @@ class LabelledImages:
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}.")
     return pair
 
@@ -272,6 +283,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return pixels
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} images.")
+        index %= len(self)  # the flip coin and the cache see one index per image
         pixels = self._pixels(index)
         if self.horizontal_flip and _flip_bit(self.seed, self.epoch, index):
             pixels = pixels.flip(-1)
