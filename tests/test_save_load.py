@@ -252,3 +252,28 @@ def test_image_processor_for_other_channel_counts():
     assert processor(images=Image.new("L", (40, 30)), return_tensors="pt").pixel_values.shape == (1, 1, 32, 32)
     with pytest.raises(ValueError, match=r"image_mean=\[0.1, 0.2\] has 2 values but the model has num_channels=3"):
         image_processor_for(tiny_config(), image_mean=[0.1, 0.2])
+
+
+def test_create_checkpoint_and_save_checkpoint_check_their_arguments(tmp_path, capsys):
+    from vlm_vision.checkpoint import main
+
+    with pytest.raises(ValueError, match=r"num_labels=0 must be a positive int.*leave it None"):
+        create_checkpoint("vit-ti16", tmp_path / "a", num_labels=0, image_size=32)
+    with pytest.raises(ValueError, match=r"seed must be an int, got 'a'"):
+        create_checkpoint("vit-ti16", tmp_path / "a", seed="a", image_size=32)
+    with pytest.raises(TypeError, match=r"has no field 'image_sise'"):
+        create_checkpoint("vit-ti16", tmp_path / "a", image_sise=32)
+    with pytest.raises(TypeError, match=r"save_checkpoint writes VisionTransformerModel.*got Linear"):
+        save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "a", title="t", summary="s")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"file exists and is not a folder"):
+        create_checkpoint("vit-ti16", tmp_path / "file", image_size=32, overwrite=True)
+    for argv, message in (
+        (["--preset", "vit-x16"], "Unknown preset 'vit-x16'"),
+        (["--preset", "vit-ti16", "--image-size", "30"], "image_size=30 is not divisible by patch_size=16"),
+        (["--preset", "vit-ti16", "--num-labels", "0"], "num_labels=0 must be a positive int"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path / "cli")])
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written

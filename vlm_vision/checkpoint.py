@@ -126,13 +126,21 @@ def upgrade_checkpoint(folder: str | os.PathLike) -> list[str]:
     return changes
 
 
+def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Whether `out_dir` exists (to be replaced); refuses a file in the way, and an existing folder unless
+    `overwrite`."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return False
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder: choose another output folder.")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) to replace it.")
+    return True
+
+
 def replace_directory_atomically(staging: Path, out_dir: Path, overwrite: bool) -> None:
     """Move a fully written `staging` folder to `out_dir` (same file system), replacing it only when `overwrite`."""
-    if out_dir.exists() or out_dir.is_symlink():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a folder: choose another output folder.")
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) to replace it.")
+    if check_out_dir(out_dir, overwrite):
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, trash / out_dir.name)
         try:
@@ -158,7 +166,13 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Save `model`, its image processor, code files and model card into `out_dir`, atomically."""
+    if not isinstance(model, (VisionTransformerModel, VisionTransformerForImageClassification)):
+        raise TypeError(
+            f"save_checkpoint writes VisionTransformerModel / VisionTransformerForImageClassification folders, got "
+            f"{type(model).__name__}: use its own save_pretrained."
+        )
     out_dir = Path(out_dir).resolve()
+    check_out_dir(out_dir, overwrite)  # before the work, not after it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
@@ -202,7 +216,14 @@ def create_checkpoint(
         overrides: config fields, e.g. `image_size=384`.
     """
     if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(
+                f"num_labels={num_labels!r} must be a positive int (the number of classes); leave it None (no "
+                "--num-labels) for an encoder without a classifier."
+            )
         overrides["num_labels"] = num_labels
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}.")
     config = VisionTransformerConfig.from_preset(preset, **overrides)
     torch.manual_seed(seed)
     model_class = VisionTransformerForImageClassification if num_labels is not None else VisionTransformerModel
