@@ -284,3 +284,66 @@ def test_a_config_json_with_an_unknown_key_is_refused(folder):
     (folder / "config.json").write_text(json.dumps({**saved, "hiden_size": 64}))
     with pytest.raises(TypeError, match=r"has no field 'hiden_size' \(did you mean 'hidden_size'\?\)"):
         AutoModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"output_hiden_states": True}, TypeError, r"unexpected keyword arguments \['output_hiden_states'\]"),
+        ({"labels": torch.tensor([0])}, TypeError, r"unexpected keyword arguments \['labels'\]"),
+        ({"output_hidden_states": "yes"}, TypeError, r"output_hidden_states must be an int or a sequence of ints"),
+        ({"output_hidden_states": 9}, ValueError, r"output_hidden_states=9 is out of range: .*4 hidden states"),
+        ({"output_attentions": 1}, TypeError, r"output_attentions must be True, False or None"),
+    ],
+)
+def test_misspelt_or_mistyped_forward_options_are_refused(pixel_values, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        build()(pixel_values, **kwargs)
+
+
+def test_transformers_forward_options_still_work(pixel_values):
+    model = build()
+    assert model(pixel_values, output_hidden_states=[-2, 1], return_dict=False)[0].shape == (2, 65, 32)
+    assert model(pixel_values, output_attentions=True, image_sizes=None).attentions[0].shape == (2, 4, 65, 65)
+
+
+def test_boolean_options_of_the_feature_methods_are_checked(pixel_values):
+    model = build()
+    with pytest.raises(TypeError, match=r"apply_layernorm must be True or False, got 'yes'"):
+        model.get_intermediate_layers(pixel_values, -2, apply_layernorm="yes")
+    with pytest.raises(TypeError, match=r"stop_early must be True or False"):
+        model.forward_intermediates(pixel_values, stop_early=1)
+
+
+def test_configs_of_other_models_and_bad_sub_configs_are_named(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**TINY)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"'clip_vision_model' config, not a 'vlm_vit' one: .*--from clip"):
+        VisionTransformerModel.from_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"id2label must be a dict"):
+        tiny_config(id2label=["cat", "dog"])
+    with pytest.raises(ValueError, match=r"backbone_config has unknown keys \['layer_typ'\]"):
+        tiny_config(patch_size=16, backbone_config={"layer_typ": "bottleneck"})
+    with pytest.raises(ValueError, match=r"backbone_config is not a valid BitConfig"):
+        tiny_config(patch_size=16, backbone_config={"depths": "3, 4"})
+
+
+def test_save_pretrained_onto_a_file_raises(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"is a file: save_pretrained writes a folder"):
+        build().save_pretrained(tmp_path / "file")  # transformers logs an error and returns
+
+
+def test_classifier_labels_of_the_wrong_kind_are_named(pixel_values):
+    model = VisionTransformerForImageClassification(tiny_config(num_labels=3))
+    with pytest.raises(ValueError, match=r"float labels of shape \(2,\) are read as multi-label.*labels.long\(\)"):
+        model(pixel_values, labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"labels \[3, 7\] are outside 0..2"):
+        model(pixel_values, labels=torch.tensor([3, 7]))
+    assert model(pixel_values, labels=torch.tensor([-100, 2])).loss.isfinite()  # -100: ignored
+    # transformers fixes problem_type at the first loss: float labels are now a mistake
+    with pytest.raises(ValueError, match=r"problem_type is single_label_classification"):
+        model(pixel_values, labels=torch.zeros(2, 3))
+    fresh = VisionTransformerForImageClassification(tiny_config(num_labels=3))
+    assert fresh(pixel_values, labels=torch.zeros(2, 3)).loss.isfinite()  # multi-label targets

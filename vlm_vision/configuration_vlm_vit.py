@@ -68,6 +68,16 @@ TRANSFORMERS_CONFIG_KWARGS = frozenset(
         "sep_token_id", "decoder_start_token_id", "use_return_dict",
     }
 )  # fmt: skip
+# transformers model types the package's converters read (`--from`), for a config of one of them loaded as ours.
+CONVERTIBLE_MODEL_TYPES = {
+    "vit": "hf",
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
+}
 # What `from_pretrained` may hand to `from_dict` besides config fields (internal flags, loading options).
 _LOADING_KWARGS = frozenset({"_from_auto", "_from_pipeline", "trust_remote_code", "code_revision", "gguf_file"})
 
@@ -176,6 +186,9 @@ class VisionTransformerConfig(PretrainedConfig):
     interpolation_antialias: bool = False
 
     def __post_init__(self, **kwargs):
+        for name in ("id2label", "label2id"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, e.g. {{0: 'cat', 1: 'dog'}}, got {getattr(self, name)!r}.")
         unknown = sorted(set(kwargs) - TRANSFORMERS_CONFIG_KWARGS - _generation_parameters())
         if unknown:
             raise TypeError(self._unknown_fields_message(unknown))
@@ -212,6 +225,18 @@ class VisionTransformerConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict, **kwargs):
         """transformers' `from_dict`, which sets `from_pretrained`'s overrides after the config is made: they are
         checked here as a whole, and an override that names no field is refused instead of dropped."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            source = CONVERTIBLE_MODEL_TYPES.get(model_type)
+            raise ValueError(
+                f"This is a {model_type!r} config, not a {cls.model_type!r} one: "
+                + (
+                    f"convert the checkpoint first (vlm-vision-convert --from {source} SRC --out DIR), or load it "
+                    "with transformers' Auto classes."
+                    if source
+                    else "load it with transformers' Auto classes (AutoConfig / AutoModel)."
+                )
+            )
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
         config.check_fields()
@@ -285,11 +310,8 @@ class VisionTransformerConfig(PretrainedConfig):
             value = getattr(self, name)
             if not _is_number(value) or value < 0 or (name == "layer_norm_eps" and value == 0):
                 raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
-        if self.backbone_config is not None and not isinstance(self.backbone_config, dict):
-            raise ValueError(
-                f"backbone_config must be None or a dict of BitConfig arguments (see R50_BACKBONE_CONFIG), got "
-                f"{type(self.backbone_config).__name__}."
-            )
+        if self.backbone_config is not None:
+            self._check_backbone_config()
         if self.backbone_norm_eps is not None:
             if not (_is_number(self.backbone_norm_eps) and self.backbone_norm_eps > 0):
                 raise ValueError(f"backbone_norm_eps must be None or a positive float, got {self.backbone_norm_eps!r}.")
@@ -315,6 +337,28 @@ class VisionTransformerConfig(PretrainedConfig):
             raise ValueError(
                 f"num_labels must be an int >= 0 (0: a classifier without its last layer), got {self.num_labels!r}."
             )
+
+    def _check_backbone_config(self) -> None:
+        from transformers import BitConfig
+
+        if not isinstance(self.backbone_config, dict):
+            raise ValueError(
+                f"backbone_config must be None or a dict of BitConfig arguments (see R50_BACKBONE_CONFIG), got "
+                f"{type(self.backbone_config).__name__}."
+            )
+        shared = set(PretrainedConfig.__dataclass_fields__)
+        known = {k for k in BitConfig.__dataclass_fields__ if not k.startswith("_") and k not in shared}
+        known = (known - {"num_channels"}) | {"out_features", "out_indices"}
+        unknown = sorted(set(self.backbone_config) - known)
+        if unknown:
+            raise ValueError(
+                f"backbone_config has unknown keys {unknown} (num_channels is the model's own): BitConfig takes "
+                f"{sorted(known)}."
+            )
+        try:
+            BitConfig(num_channels=self.num_channels, **self.backbone_config)
+        except Exception as error:  # BitConfig's strict field validation
+            raise ValueError(f"backbone_config is not a valid BitConfig ({error}).") from error
 
     @property
     def image_size_hw(self) -> tuple[int, int]:

@@ -361,6 +361,12 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
         _warn_if_processor_keeps_other_modes(pretrained_model_name_or_path, model.config)
         return model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, except that a file in the way raises (transformers logs and returns)."""
+        if os.path.isfile(save_directory):
+            raise FileExistsError(f"{save_directory} is a file: save_pretrained writes a folder; choose another path.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         """Load as transformers does, but check the files first and resample a position-embedding table made for
@@ -448,6 +454,43 @@ def _warn_if_processor_keeps_other_modes(folder, config) -> None:
             'grayscale, RGBA and palette images. Add "do_convert_rgb": true to that file (`vlm-vision-create-'
             "checkpoint --upgrade FOLDER` does it), or pass do_convert_rgb=True when loading the processor."
         )
+
+
+def _forward_kwargs() -> frozenset[str]:
+    """What `forward` accepts besides its own arguments: transformers' shared kwargs (`output_hidden_states`,
+    `return_dict`, attention options) and `image_sizes`, which transformers' LLaVA-family models pass to any tower."""
+    from transformers.utils.generic import TransformersKwargs
+
+    names = {k for c in TransformersKwargs.__mro__ for k in getattr(c, "__annotations__", {})}
+    return frozenset(names | {"pixel_values", "interpolate_pos_encoding", "return_dict", "image_sizes"})
+
+
+def _check_forward_kwargs(module, args, kwargs) -> None:
+    unknown = sorted(set(kwargs) - _forward_kwargs())
+    if unknown:
+        raise TypeError(
+            f"{type(module).__name__}.forward got unexpected keyword arguments {unknown}: it takes pixel_values, "
+            "interpolate_pos_encoding, output_hidden_states, output_attentions and return_dict."
+        )
+    for name in ("output_attentions", "return_dict"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], bool):
+            raise TypeError(f"{name} must be True, False or None, got {kwargs[name]!r}.")
+    selected = kwargs.get("output_hidden_states")
+    if selected is None or isinstance(selected, bool):
+        return
+    num_states = module.config.num_hidden_layers + 1
+    indices = _layer_indices(selected, "output_hidden_states")
+    if any(not -num_states <= i < num_states for i in indices):
+        raise ValueError(
+            f"output_hidden_states={selected!r} is out of range: this model has {num_states} hidden states (indices "
+            f"{-num_states}..{num_states - 1}); pass True for all of them."
+        )
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files):
@@ -547,6 +590,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         self.head = VisionTransformerAttentionPoolingHead(config) if config.pooling == "map" else None
         self.pooler = VisionTransformerPooler(config) if config.pooler_act is not None else None
         self.post_init()
+        # before transformers' output capturing reads them: a misspelt or mistyped option fails here, named
+        self.register_forward_pre_hook(_check_forward_kwargs, with_kwargs=True)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
@@ -684,6 +729,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         Returns:
             One `(B, T, D)` (or `(B, N, D)`) tensor per requested index, in the order asked.
         """
+        _check_flags(apply_layernorm=apply_layernorm, drop_prefix_tokens=drop_prefix_tokens)
         indices = _layer_indices(layers, "layers")
         num_states = self.config.num_hidden_layers + 1
         if not indices or any(not -num_states <= i < num_states for i in indices):
@@ -768,6 +814,12 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}; use 'NCHW' (a feature map per layer) or 'NLC' (tokens).")
+        _check_flags(
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            stop_early=stop_early,
+            intermediates_only=intermediates_only,
+        )
         num_blocks = self.config.num_hidden_layers
         if indices is None:
             take = list(range(num_blocks))
@@ -959,11 +1011,29 @@ class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
             )
         if self.config.num_labels == 0:
             raise ValueError("This classifier has num_labels=0 (no last layer): it has no classes for a loss.")
-        if labels.shape[0] != logits.shape[0]:
+        if labels.dim() == 0 or labels.shape[0] != logits.shape[0]:
             raise ValueError(
                 f"labels has shape {tuple(labels.shape)} but the batch holds {logits.shape[0]} images: give one label "
                 "per image."
             )
+        if labels.is_floating_point():  # transformers reads float labels as regression or multi-label targets
+            if self.config.problem_type == "single_label_classification":
+                raise ValueError(
+                    f"labels are {labels.dtype}, but this classifier's problem_type is single_label_classification "
+                    "(set by its config or its first loss): class indices are integers, labels.long()."
+                )
+            if self.config.num_labels > 1 and labels.shape != logits.shape:
+                raise ValueError(
+                    f"float labels of shape {tuple(labels.shape)} are read as multi-label targets, which need the "
+                    f"logits' shape {tuple(logits.shape)}; class indices are integers: labels.long()."
+                )
+        elif self.config.num_labels > 1:
+            outside = (labels >= self.config.num_labels) | ((labels < 0) & (labels != -100))  # -100: ignored
+            if bool(outside.any()):
+                raise ValueError(
+                    f"labels {sorted(set(labels[outside].tolist()))[:5]} are outside 0..{self.config.num_labels - 1} "
+                    f"(num_labels={self.config.num_labels}); -100 marks an ignored image."
+                )
 
     # timm's model contract (see VisionTransformerModel)
 
