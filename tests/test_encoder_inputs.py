@@ -347,3 +347,16 @@ def test_classifier_labels_of_the_wrong_kind_are_named(pixel_values):
         model(pixel_values, labels=torch.zeros(2, 3))
     fresh = VisionTransformerForImageClassification(tiny_config(num_labels=3))
     assert fresh(pixel_values, labels=torch.zeros(2, 3)).loss.isfinite()  # multi-label targets
+
+
+def test_the_hybrid_interpolates_to_any_multiple_of_its_stride():
+    backbone = {
+        "layer_type": "bottleneck", "depths": [1, 1, 1], "hidden_sizes": [16, 32, 64, 128], "embedding_size": 8,
+        "num_groups": 4, "global_padding": "SAME", "embedding_dynamic_padding": True, "out_features": ["stage3"],
+    }  # fmt: skip
+    model = build(image_size=64, patch_size=16, backbone_config=backbone)
+    for size in ((16, 16), (48, 80), (96, 64)):
+        out = model(torch.randn(1, 3, *size), interpolate_pos_encoding=True)
+        assert out.last_hidden_state.shape == (1, 1 + (size[0] // 16) * (size[1] // 16), 32)
+    with pytest.raises(ValueError, match=r"40x64 is not divisible by the patch size 16x16"):
+        model(torch.randn(1, 3, 40, 64), interpolate_pos_encoding=True)
