@@ -15,8 +15,8 @@ of them:
 - ``forward(image_features, grid_size)``: checks the input once, calls ``project``, then applies
   ``output = output_scale * output_norm(project(x))`` (norm first, then scale; both optional, see ``AdapterConfig``).
 - ``save_pretrained(directory)`` / ``from_pretrained(directory)``: ``projector_config.json`` and
-  ``projector.safetensors``, written atomically, loaded strictly. ``Adapter.from_pretrained`` rebuilds whichever
-  type the config names.
+  ``projector.safetensors``, written as a pair atomically (a failed save leaves the previous pair), loaded strictly.
+  ``Adapter.from_pretrained`` rebuilds whichever type the config names.
 
 Init, for every adapter: ``nn.Linear`` weights trunc-normal(std=0.02) and biases zero (the ViT rule; the original
 LLaVA code keeps torch's default instead); norms weight one, bias zero; learned queries trunc-normal(std=0.02).
@@ -31,13 +31,16 @@ Subclasses register themselves by type name (their config's ``adapter_type``) in
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
 import operator
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -107,6 +110,9 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for config_field in dataclasses.fields(self):  # e.g. `bias`: "yes" would silently count as True
+            if config_field.type in ("bool", bool) and not isinstance(getattr(self, config_field.name), bool):
+                raise ValueError(f"{config_field.name} must be True or False, got {getattr(self, config_field.name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict that ``from_dict`` (or ``adapter_config_from_dict``) turns back into an equal config."""
@@ -130,8 +136,19 @@ class AdapterConfig:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(config_dict) - known)
         if unknown:
+            matches = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+            hints = [f"{name!r} -> {close[0]!r}?" for name, close in matches.items() if close]
             raise ValueError(
-                f"unknown keys {unknown} for a {adapter_type!r} adapter config; known keys: {sorted(known)}"
+                f"unknown keys {unknown} for a {adapter_type!r} adapter config"
+                + (f" (did you mean: {', '.join(hints)})" if hints else "")
+                + f"; known keys: {sorted(known)}"
+            )
+        required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING]
+        if missing := [name for name in required if name not in config_dict]:
+            raise ValueError(
+                f"a {adapter_type!r} adapter config needs {missing}: vision_hidden_size is the vision tower's "
+                "hidden size (times the number of feature layers concatenated), text_hidden_size the language "
+                "model's embedding width"
             )
         return cls(**config_dict)
 
@@ -143,7 +160,10 @@ def adapter_config_from_dict(config_dict: dict[str, Any]) -> AdapterConfig:
     adapter_type = config_dict.get("adapter_type")
     if adapter_type not in ADAPTER_CONFIGS:
         hint = " (this is a peft adapter config, not a projection adapter)" if "peft_type" in config_dict else ""
-        raise ValueError(f"unknown adapter_type {adapter_type!r}{hint}; known adapter types: {sorted(ADAPTER_CONFIGS)}")
+        missing = "" if "adapter_type" in config_dict or hint else '; the dict needs an "adapter_type" key'
+        raise ValueError(
+            f"unknown adapter_type {adapter_type!r}{hint}; known adapter types: {sorted(ADAPTER_CONFIGS)}{missing}"
+        )
     return ADAPTER_CONFIGS[adapter_type].from_dict(config_dict)
 
 
@@ -152,25 +172,30 @@ def build_adapter(config: dict[str, Any] | AdapterConfig) -> Adapter:
     if isinstance(config, dict):
         config = adapter_config_from_dict(config)
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"build_adapter takes an AdapterConfig or a dict, got {type(config).__name__}")
+        raise TypeError(
+            f"build_adapter takes an AdapterConfig or a dict, got {type(config).__name__}, e.g. "
+            '{"adapter_type": "mlp", "vision_hidden_size": 768, "text_hidden_size": 576}'
+        )
     return ADAPTER_CLASSES[config.adapter_type](config)
 
 
-def _atomic_write(path: str, write) -> None:
-    """Calls ``write(tmp_path)`` on a temporary file next to ``path``, then renames it over ``path``.
+def check_features(name: str, features: Any) -> None:
+    """Raises TypeError unless ``features`` is a float tensor (numpy arrays, lists and integer tensors refused)."""
+    if not isinstance(features, torch.Tensor):
+        kind = type(features).__module__.split(".")[0] + "." + type(features).__name__
+        raise TypeError(
+            f"{name} must be a torch.Tensor (batch, tokens, vision_hidden_size), got {kind}; the vision tower's "
+            "outputs are tensors (torch.from_numpy for an array)"
+        )
+    if not features.is_floating_point():
+        raise TypeError(f"{name} has dtype {features.dtype}; pass the vision tower's float features")
 
-    The rename is atomic on one file system, so a crash leaves either the old file or the new one, never half a file.
-    """
-    directory = os.path.dirname(path)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+
+def _link_or_copy(source: str, destination: str) -> None:
     try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+        os.link(source, destination)  # same file system: no data is copied
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 class Adapter(nn.Module):
@@ -255,9 +280,10 @@ class Adapter(nn.Module):
             (B, N', D_lm) with ``N' == self.num_output_tokens(grid_h, grid_w)``.
         """
         if not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2:
-            raise ValueError(f"grid_size must be a (grid_h, grid_w) pair, got {grid_size!r}")
+            raise ValueError(f"grid_size must be a (grid_h, grid_w) pair such as (14, 14), got {grid_size!r}")
         grid_h, grid_w = _grid_side("grid_h", grid_size[0]), _grid_side("grid_w", grid_size[1])
         self.num_output_tokens(grid_h, grid_w)  # refuses grids this adapter cannot take
+        check_features("image_features", image_features)
         if image_features.dim() != 3:
             raise ValueError(
                 f"image_features must be 3-D (batch, num_patches, vision_hidden_size), got shape "
@@ -276,12 +302,20 @@ class Adapter(nn.Module):
                 f"{grid_h}x{grid_w} needs {grid_h * grid_w}; drop prefix tokens (CLS, registers) before the adapter "
                 "and pass the patch grid of the image that was encoded"
             )
-        return self._output(self.project(image_features, grid_h, grid_w))
+        return self._output(self.project(self._as_own_dtype(image_features), grid_h, grid_w))
+
+    def _as_own_dtype(self, features: torch.Tensor) -> torch.Tensor:
+        """Features of another float dtype (a bf16 tower, an fp32 adapter) are cast, as the encoder casts pixels."""
+        parameter = next(self.parameters(), None)
+        if parameter is None or torch.is_autocast_enabled(features.device.type):
+            return features
+        return features.to(parameter.dtype)
 
     def forward_prefix_tokens(self, prefix_features: torch.Tensor) -> torch.Tensor:
         """Projects the tower's prefix tokens ([CLS], registers) kept as image tokens: (B, P, D_vision) ->
         (B, P, D_lm). A token-wise adapter projects each like a patch token; adapters that mix tokens (the
         resampler) cannot, and say so; pixel_shuffle overrides this."""
+        check_features("prefix_features", prefix_features)
         if not self.supports_prefix_tokens:
             raise ValueError(
                 f"The {self.config.adapter_type} adapter cannot project prefix tokens ([CLS], registers) on their own; "
@@ -299,24 +333,37 @@ class Adapter(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes ``projector_config.json`` and ``projector.safetensors`` into ``directory`` (created if needed).
 
-        Each file is written to a temporary file in the same folder and renamed into place, so a crash never leaves a
-        half-written file. The names differ from peft's (``adapter_config.json``/``adapter_model.safetensors``), so a
-        projector and a LoRA adapter can share a folder.
+        The pair is written as one: into a staging folder next to ``directory``, together with (hard links to) the
+        other files ``directory`` already holds, which then replaces ``directory`` in one rename. A save that fails
+        (a full disk, an interrupt) leaves the previous pair in place, never a new config beside old weights. The
+        names differ from peft's (``adapter_config.json``/``adapter_model.safetensors``), so a projector and a LoRA
+        adapter can share a folder.
         """
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
+        from ..checkpoint import replace_directory_atomically
+
+        directory = Path(directory).resolve()
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"{directory} is a file: save_pretrained takes a folder to write the adapter into")
         config_json = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-
-        def write_config(path: str) -> None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(config_json)
-
         # safetensors refuses non-contiguous tensors.
         state_dict = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
-        _atomic_write(
-            os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state_dict, path, metadata={"format": "pt"})
-        )
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            if directory.is_dir():  # keep what else the folder holds (a LoRA adapter, a model)
+                for item in directory.iterdir():
+                    if item.name in (CONFIG_NAME, WEIGHTS_NAME):
+                        continue
+                    if item.is_dir():
+                        shutil.copytree(item, staging / item.name, copy_function=_link_or_copy, symlinks=True)
+                    else:
+                        _link_or_copy(str(item), str(staging / item.name))
+            (staging / CONFIG_NAME).write_text(config_json, encoding="utf-8")
+            save_file(state_dict, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            staging.chmod(directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
+            replace_directory_atomically(staging, directory, overwrite=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         logger.info("saved %s adapter to %s", self.config.adapter_type, directory)
 
     @classmethod
@@ -333,6 +380,8 @@ class Adapter(nn.Module):
                 lists missing keys, unexpected keys and shape mismatches).
         """
         directory = os.fspath(directory)
+        if os.path.isfile(directory):
+            raise NotADirectoryError(f"{directory} is a file: pass the folder save_pretrained wrote")
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         for path in (config_path, weights_path):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import check_positive_int
+from .base import check_features, check_positive_int
 from .mlp import MLPAdapter, MLPAdapterConfig
 
 
@@ -88,12 +88,13 @@ class PixelShuffleAdapter(MLPAdapter):
 
     def forward_prefix_tokens(self, prefix_features: torch.Tensor) -> torch.Tensor:
         """(B, P, D_vision) -> (B, P, D_lm): each prefix token tiled over a block, then the MLP (module docstring)."""
+        check_features("prefix_features", prefix_features)
         if prefix_features.dim() != 3 or prefix_features.shape[-1] != self.config.vision_hidden_size:
             raise ValueError(
                 f"prefix_features must be (batch, num_prefix_tokens, {self.config.vision_hidden_size}), got shape "
                 f"{tuple(prefix_features.shape)}"
             )
-        tiled = prefix_features.repeat(1, 1, self.config.scale_factor**2)
+        tiled = self._as_own_dtype(prefix_features).repeat(1, 1, self.config.scale_factor**2)
         return self._output(super().project(tiled, 1, prefix_features.shape[1]))
 
     def project(self, image_features: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -454,3 +454,80 @@ def test_adapter_refuses_a_config_of_another_type():
     assert type(build_adapter(config)) is PixelShuffleAdapter
     assert isinstance(build_adapter(tiny_config("linear")), LinearAdapter)
     assert isinstance(build_adapter(tiny_config("resampler")), ResamplerAdapter)
+
+
+def test_a_failed_save_keeps_the_previous_pair(tmp_path, monkeypatch):
+    import adapters.base as base_module  # noqa: F401  (the installed name is vlm_vision.adapters.base)
+    import vlm_vision.adapters.base as base
+
+    old = tiny_adapter("linear", seed=0)
+    old.save_pretrained(tmp_path / "projector")
+    (tmp_path / "projector" / "adapter_model.safetensors").write_bytes(b"a LoRA adapter sharing the folder")
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(base, "save_file", fail)
+    with pytest.raises(OSError, match="No space left"):  # the new config was written, the weights were not
+        tiny_adapter("mlp", seed=1).save_pretrained(tmp_path / "projector")
+    monkeypatch.undo()
+    loaded = Adapter.from_pretrained(tmp_path / "projector")  # still the old, complete pair
+    assert type(loaded) is LinearAdapter
+    torch.testing.assert_close(loaded.proj.weight, old.proj.weight, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projector"]  # no staging folder left
+    new = tiny_adapter("mlp", seed=1)
+    new.save_pretrained(tmp_path / "projector")
+    assert type(Adapter.from_pretrained(tmp_path / "projector")) is MLPAdapter
+    # the other files of the folder are kept
+    assert (tmp_path / "projector" / "adapter_model.safetensors").read_bytes() == b"a LoRA adapter sharing the folder"
+
+
+def test_save_and_load_refuse_files_where_folders_belong(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"file is a file: save_pretrained takes a folder"):
+        tiny_adapter("linear").save_pretrained(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match=r"file is a file: pass the folder"):
+        Adapter.from_pretrained(tmp_path / "file")
+
+
+@pytest.mark.parametrize("adapter_type", TYPES)
+def test_wrong_feature_types_are_named_and_other_float_dtypes_cast(adapter_type):
+    import numpy as np
+
+    adapter = tiny_adapter(adapter_type)
+    with pytest.raises(TypeError, match=r"image_features must be a torch.Tensor .*got numpy.ndarray"):
+        adapter(np.zeros((1, 16, VISION), np.float32), (4, 4))
+    with pytest.raises(TypeError, match=r"image_features has dtype torch.int64; pass the vision tower's float"):
+        adapter(torch.zeros(1, 16, VISION, dtype=torch.long), (4, 4))
+    with pytest.raises(ValueError, match=r"grid_size must be a \(grid_h, grid_w\) pair such as \(14, 14\), got 4"):
+        adapter(torch.zeros(1, 16, VISION), 4)
+    features = torch.randn(1, 16, VISION)
+    expected = adapter(features, (4, 4))
+    torch.testing.assert_close(adapter(features.double(), (4, 4)), expected)  # a float64 / bf16 tower's output
+    assert adapter(features.bfloat16(), (4, 4)).dtype == torch.float32
+    if adapter.supports_prefix_tokens:
+        with pytest.raises(TypeError, match=r"prefix_features must be a torch.Tensor"):
+            adapter.forward_prefix_tokens([[0.0] * VISION])
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "pattern"),
+    [
+        ("mlp", TypeError, r'got str, e.g. \{"adapter_type": "mlp", "vision_hidden_size"'),
+        (
+            {"adapter_type": "mlp", "vision_hidden_size": 8},
+            ValueError,
+            r"'mlp' adapter config needs \['text_hidden_size'\]",
+        ),
+        ({**tiny_config("mlp"), "bias": "yes"}, ValueError, r"bias must be True or False, got 'yes'"),
+        (
+            {**tiny_config("linear"), "bais": False},
+            ValueError,
+            r"unknown keys \['bais'\].*did you mean: 'bais' -> 'bias'",
+        ),
+        ({"vision_hidden_size": 8, "text_hidden_size": 8}, ValueError, r'the dict needs an "adapter_type" key'),
+    ],
+)
+def test_build_adapter_names_what_is_wrong(config, error, pattern):
+    with pytest.raises(error, match=pattern):
+        build_adapter(config)

@@ -12,7 +12,12 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
 from tests.launch import launch_two_processes
-from vlm_vision import VisionTransformerForImageClassification, VisionTransformerModel, resample_position_embeddings
+from vlm_vision import (
+    VisionTransformerConfig,
+    VisionTransformerForImageClassification,
+    VisionTransformerModel,
+    resample_position_embeddings,
+)
 from vlm_vision.training import ClassifierStage, prepare_classifier
 from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
 
@@ -150,3 +155,44 @@ def test_two_processes_match_one_and_resume_skips_finished_stages(tmp_path):
     # --resume: both stages are finished, nothing retrains, the same figures come back
     again = run_recipe(ClassifierRecipe.from_json(recipe_path), str(tmp_path / "one"), resume=True, progress_bar=False)
     assert again == rows
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"batch_size": 0}, r"batch_size=0 must be a positive int"),
+        ({"num_epochs": 0}, r"num_epochs=0 must be a positive int"),
+        ({"max_steps": -1}, r"max_steps=-1 must be a positive int or None"),
+        ({"image_size": True}, r"image_size=True must be a positive int"),
+        ({"horizontal_flip": "no"}, r"horizontal_flip='no' must be true or false"),
+        ({"train_subset": 0.5}, r"train_subset=0.5 must be a positive int or None"),
+        ({"name": "a/b"}, r"name='a/b'"),
+        ({"data": ""}, r"data='' must be a non-empty string"),
+        ({"optimizer": "adamw"}, r"optimizer must be an OptimizerConfig"),
+    ],
+)
+def test_stage_fields_are_checked_when_the_recipe_is_read(fields, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ClassifierStage(**fields)
+
+
+def test_recipe_files_that_are_not_recipes_are_named(tmp_path):
+    path = tmp_path / "recipe.json"
+    for text, message in (
+        ("", r"recipe.json is not valid JSON"),
+        ("[]", r"holds a JSON list"),
+        ('{"stages": 3}', "list of objects"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ClassifierRecipe.from_json(path)
+
+
+def test_prepare_classifier_checks_its_arguments():
+    config = VisionTransformerConfig(**TINY_MODEL, image_size=8)
+    with pytest.raises(ValueError, match=r"num_labels=0 must be a positive int"):
+        prepare_classifier(config, image_size=8, head="linear", num_labels=0)
+    with pytest.raises(ValueError, match=r"id2label has the labels \[0\] but num_labels=3"):
+        prepare_classifier(config, image_size=8, head="linear", num_labels=3, id2label={0: "a"})
+    with pytest.raises(TypeError, match="share_encoder must be True or False"):
+        prepare_classifier(config, image_size=8, head="linear", num_labels=3, share_encoder="yes")

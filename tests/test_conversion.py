@@ -281,7 +281,11 @@ def test_cli_writes_a_complete_folder_with_the_source_preprocessing(tmp_path, pi
     assert "modeling_vlm_vit.py" in names and not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.1, 0.2, 0.3] and processor["image_std"] == [0.4, 0.5, 0.6]
-    assert processor["resample"] == 3 and processor["size"] == {"height": 32, "width": 32}
+    # CLIP's own processor (the file names no class: the CLIP family's), sized for the 32 px model: shortest edge,
+    # then centre crop, not a squash to 32x32
+    assert processor["image_processor_type"] == "CLIPImageProcessor" and processor["resample"] == 3
+    assert processor["size"] == {"shortest_edge": 32} and processor["crop_size"] == {"height": 32, "width": 32}
+    assert processor["do_center_crop"] is True and processor["do_convert_rgb"] is True
     card = (out / "README.md").read_text()
     assert "base_model: openai/clip-vit-base-patch32" in card and "--from clip" in card
     model = AutoModel.from_pretrained(out).eval()
@@ -292,7 +296,9 @@ def test_cli_writes_a_complete_folder_with_the_source_preprocessing(tmp_path, pi
 
 def test_default_preprocessing_per_source(tmp_path):
     siglip = convert_checkpoint("siglip", saved(randomised(SiglipVisionModel(SiglipVisionConfig(**TINY))), tmp_path))
-    assert siglip.image_mean == (0.5, 0.5, 0.5) and siglip.resample.name == "BILINEAR"
+    # SigLIP's own processor class and defaults (google/siglip-* ship resample 3, bicubic), not ViT's bilinear
+    assert type(siglip.image_processor).__name__ == "SiglipImageProcessorPil"
+    assert siglip.image_mean == (0.5, 0.5, 0.5) and siglip.resample.name == "BICUBIC"
     clip = convert_checkpoint("clip", _clip_folder(tmp_path / "clip"))
     assert clip.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073)) and clip.resample.name == "BICUBIC"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -138,3 +139,66 @@ def test_easy_vqa_labels_come_from_the_questions():
         load_easy_vqa("train", "size")
     with pytest.raises(ValueError, match="split"):
         easy_vqa_image_labels("val")
+
+
+def test_load_image_scales_high_bit_depths_instead_of_clipping(tmp_path):
+    from tests.image_files import write_mode_files
+
+    files = write_mode_files(tmp_path)
+    reference = np.asarray(load_image(files["gray.png"]))  # the same photo, 8-bit grayscale
+    for name in ("gray16.png", "float.tif"):  # 16-bit and float [0, 1] grayscale: the same 8-bit image
+        pixels = np.asarray(load_image(files[name]))
+        assert pixels.shape == reference.shape and np.abs(pixels.astype(int) - reference).max() <= 1, name
+        assert len(np.unique(pixels)) > 200, name  # not clipped to 0/255
+    # a 32-bit image whose values exceed 16 bits is stretched from its minimum to its maximum
+    stretched = np.asarray(load_image(files["int32.tif"]))
+    assert stretched.min() == 0 and stretched.max() == 255 and len(np.unique(stretched)) > 200
+    # a 32-bit ("I") image holding 16-bit values (how older Pillow opens 16-bit PNGs) scales by 65535
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32)).save(tmp_path / "i16_as_i.tif")
+    assert np.asarray(load_image(tmp_path / "i16_as_i.tif"))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_load_image_applies_the_exif_orientation_and_refuses_non_paths(tmp_path):
+    image = Image.new("RGB", (6, 2), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the stored 6x2 pixels are shown as 2x6
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").size == (2, 6)
+    with pytest.raises(ImageLoadError, match="it is a folder"):
+        load_image(tmp_path)
+    with pytest.raises(TypeError, match=r"load_image takes a file path .*got Image"):
+        load_image(image)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: LabelledImages("a.png", [0], ["x"]), TypeError, r"paths must be a sequence .*single value 'a.png'"),
+        (lambda: LabelledImages(["a"], [0], "cat"), TypeError, r"class_names must be a sequence .*'cat'"),
+        (lambda: LabelledImages(["a"], [0.5], ["x"]), ValueError, r"labels must be integer class indices, got \[0.5\]"),
+        (lambda: LabelledImages(["a"], ["x"], ["x"]), ValueError, r"labels must be integer class indices"),
+        (lambda: LabelledImages(["a", "b"], [0, 1], ["x", "x"]), ValueError, r"class_names repeats \['x'\]"),
+    ],
+)
+def test_labelled_images_refuse_what_would_be_misread(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_image_folder_and_dataset_arguments_are_checked(tmp_path):
+    root = write_folder(tmp_path / "train")
+    with pytest.raises(TypeError, match=r"root must be a folder path"):
+        load_image_folder(3)
+    with pytest.raises(TypeError, match=r"class_names must be a sequence of class names"):
+        load_image_folder(root, class_names="blue")  # would be read as ('b', 'l', 'u', 'e')
+    with pytest.raises(ValueError, match=r"repeats a name"):
+        load_image_folder(root, class_names=("blue", "blue", "red"))
+    images = load_image_folder(root)
+    with pytest.raises(ValueError, match=r"image_size must be a positive int"):
+        ImageClassificationDataset(images, True)
+    dataset = ImageClassificationDataset(images, 4)
+    with pytest.raises(IndexError, match=r"index 4 is out of range for 4 images"):
+        dataset[4]
+    assert torch.equal(dataset[-1]["pixel_values"], dataset[3]["pixel_values"])
+    with pytest.raises(ValueError, match=r"num_images=0.5"):
+        images.subset(0.5)

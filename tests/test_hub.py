@@ -117,3 +117,32 @@ def test_incomplete_folders_bad_ids_and_no_token_are_refused(
     with pytest.raises(ValueError, match=message):
         hub.push_folder(folder, repo_id)
     assert recorder == []  # nothing was sent
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]), "truncated"),
+        (lambda f: (f / "model.safetensors").write_bytes(b""), "truncated or corrupt"),
+        (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_m'), "not a valid shard index"),
+    ],
+)
+def test_truncated_weights_are_not_pushed(encoder_folder, tmp_path, recorder, edit, message):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(encoder_folder, folder)
+    edit(folder)
+    with pytest.raises(ValueError, match=message):
+        hub.push_folder(folder, "me/model")
+    assert recorder == []
+
+
+def test_wrong_argument_types_are_refused(encoder_folder, recorder):
+    with pytest.raises(TypeError, match=r"folder must be a path"):
+        hub.push_folder(3, "me/model")
+    with pytest.raises(TypeError, match=r"private='yes' must be bool or NoneType"):
+        hub.push_folder(encoder_folder, "me/model", private="yes")
+    with pytest.raises(ValueError, match="Bad repo id"):
+        hub.push_folder(encoder_folder, 3)
+    assert recorder == []

@@ -75,3 +75,27 @@ def test_infer_square_grid():
     assert infer_square_grid(196) == (14, 14)
     with pytest.raises(ValueError, match="not a perfect square"):
         infer_square_grid(195)
+
+
+@pytest.mark.parametrize(
+    ("make_table", "kwargs", "error", "message"),
+    [
+        (lambda: table(grid=(4, 6)).numpy(), {}, TypeError, r"must be a float torch.Tensor"),
+        (lambda: table(grid=(4, 6)).long(), {}, TypeError, r"got torch.int64"),
+        (lambda: table(grid=(4, 6)), {"new_grid": 3}, ValueError, r"new_grid must be a \(rows, columns\) pair"),
+        (lambda: table(grid=(4, 6)), {"new_grid": (3.0, 3)}, ValueError, r"new_grid must be a \(rows, columns\)"),
+        (lambda: table(grid=(4, 6)), {"old_grid": (4, 6, 1)}, ValueError, r"old_grid must be a \(rows, columns\)"),
+        (lambda: table(grid=(4, 6)), {"num_prefix_tokens": 1.0}, ValueError, r"num_prefix_tokens must be an int"),
+        (lambda: table(grid=(4, 6)), {"antialias": "yes"}, ValueError, r"antialias must be True or False"),
+        (lambda: torch.zeros(1, 1, 8), {}, ValueError, r"all prefix rows.*no patch rows"),
+    ],
+)
+def test_wrong_arguments_are_named(make_table, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        resample_position_embeddings(make_table(), **{"new_grid": (3, 3), "old_grid": (4, 6), **kwargs})
+
+
+def test_infer_square_grid_refuses_non_positive_counts():
+    for count in (0, -4, 2.0):
+        with pytest.raises(ValueError, match="need a positive count"):
+            infer_square_grid(count)

@@ -193,3 +193,87 @@ def test_create_checkpoint_script_writes_a_loadable_classifier_with_a_model_card
     processor = AutoImageProcessor.from_pretrained(out)
     pixel_values = processor(images=Image.fromarray(np.zeros((100, 80, 3), np.uint8)), return_tensors="pt")
     assert pixel_values.pixel_values.shape == (1, 3, 64, 64)
+
+
+def test_the_saved_image_processor_takes_every_pillow_mode_from_real_files(saved, tmp_path):
+    """transformers' ViT processor does not convert to RGB by default: a grayscale file used to fail with "mean must
+    have 1 elements". Saved folders convert (do_convert_rgb), like CLIP's and SigLIP's processors."""
+    from tests.image_files import write_mode_files
+
+    _, path = saved
+    assert json.loads((path / "preprocessor_config.json").read_text())["do_convert_rgb"] is True
+    processor = AutoImageProcessor.from_pretrained(path)
+    files = write_mode_files(tmp_path / "images")
+    for name, file in files.items():
+        with Image.open(file) as image:
+            pixel_values = processor(images=image, return_tensors="pt").pixel_values
+        assert pixel_values.shape == (1, 3, 32, 32), name
+    with Image.open(files["gray.png"]) as gray:
+        pixels = processor(images=gray, return_tensors="pt").pixel_values[0]
+    torch.testing.assert_close(pixels[0], pixels[1])  # grey: R = G = B
+    with Image.open(files["rgba.png"]) as rgba:  # the left half is fully transparent: white, 1.0 after normalising
+        left = processor(images=rgba, return_tensors="pt").pixel_values[0, :, :, :8]
+    torch.testing.assert_close(left, torch.ones_like(left))
+
+
+def test_old_folders_without_rgb_conversion_are_upgraded_or_loaded_with_it(saved, tmp_path, caplog):
+    from vlm_vision.checkpoint import load_image_processor, main, upgrade_checkpoint
+
+    _, path = saved
+    config_file = path / "preprocessor_config.json"
+    old = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "do_convert_rgb"}
+    config_file.write_text(json.dumps(old))  # as every folder written before
+    gray = Image.new("L", (40, 30), 128)
+    with pytest.raises(ValueError, match="mean must have 1 elements"):  # transformers' own processor, as loaded
+        AutoImageProcessor.from_pretrained(path)(images=gray)
+    with caplog.at_level("WARNING"):
+        AutoModel.from_pretrained(path)
+    assert "does not convert images to RGB" in caplog.text and "--upgrade" in caplog.text
+    # without touching the folder
+    assert load_image_processor(path)(images=gray, return_tensors="pt").pixel_values.shape == (1, 3, 32, 32)
+    assert load_image_processor(path, do_convert_rgb=False).do_convert_rgb is False  # an explicit choice is kept
+    # or fixed in place, once
+    main(["--upgrade", str(path)])
+    assert json.loads(config_file.read_text()) == {**old, "do_convert_rgb": True}
+    assert AutoImageProcessor.from_pretrained(path)(images=gray, return_tensors="pt").pixel_values.shape[1] == 3
+    assert upgrade_checkpoint(path) == []  # already up to date
+    names = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "position_embeddings.py"}
+    assert {p.name for p in path.iterdir()} == names | {"configuration_vlm_vit.py", "modeling_vlm_vit.py"}
+    with pytest.raises(SystemExit):
+        main(["--upgrade", str(tmp_path / "nowhere")])
+
+
+def test_image_processor_for_other_channel_counts():
+    from vlm_vision.checkpoint import image_processor_for
+
+    gray_model = tiny_config(num_channels=1)
+    processor = image_processor_for(gray_model)
+    assert not processor.do_convert_rgb and list(processor.image_mean) == [0.5]
+    assert processor(images=Image.new("L", (40, 30)), return_tensors="pt").pixel_values.shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"image_mean=\[0.1, 0.2\] has 2 values but the model has num_channels=3"):
+        image_processor_for(tiny_config(), image_mean=[0.1, 0.2])
+
+
+def test_create_checkpoint_and_save_checkpoint_check_their_arguments(tmp_path, capsys):
+    from vlm_vision.checkpoint import main
+
+    with pytest.raises(ValueError, match=r"num_labels=0 must be a positive int.*leave it None"):
+        create_checkpoint("vit-ti16", tmp_path / "a", num_labels=0, image_size=32)
+    with pytest.raises(ValueError, match=r"seed must be an int, got 'a'"):
+        create_checkpoint("vit-ti16", tmp_path / "a", seed="a", image_size=32)
+    with pytest.raises(TypeError, match=r"has no field 'image_sise'"):
+        create_checkpoint("vit-ti16", tmp_path / "a", image_sise=32)
+    with pytest.raises(TypeError, match=r"save_checkpoint writes VisionTransformerModel.*got Linear"):
+        save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "a", title="t", summary="s")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"file exists and is not a folder"):
+        create_checkpoint("vit-ti16", tmp_path / "file", image_size=32, overwrite=True)
+    for argv, message in (
+        (["--preset", "vit-x16"], "Unknown preset 'vit-x16'"),
+        (["--preset", "vit-ti16", "--image-size", "30"], "image_size=30 is not divisible by patch_size=16"),
+        (["--preset", "vit-ti16", "--num-labels", "0"], "num_labels=0 must be a positive int"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path / "cli")])
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half-written

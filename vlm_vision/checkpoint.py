@@ -4,11 +4,16 @@ A folder holds `config.json` (with `auto_map`), `model.safetensors`, `preprocess
 and modeling source files (for `trust_remote_code=True`), and a model card (`README.md`). It is written into a
 temporary sibling folder and moved into place at the end, so an interrupted run never leaves a folder that looks
 complete but is not.
+
+The image processor converts every image to RGB (`do_convert_rgb`), so grayscale, RGBA and palette images work.
+Folders written before that (their `preprocessor_config.json` has no `do_convert_rgb`) load with
+`load_image_processor`, or are fixed once with `upgrade_checkpoint` (`vlm-vision-create-checkpoint --upgrade DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -16,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import ViTImageProcessorPil
+from transformers import AutoImageProcessor, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from .configuration_vlm_vit import PRESET_NAMES, VisionTransformerConfig
@@ -27,32 +32,123 @@ logger = logging.getLogger(__name__)
 
 # The reference ViT preprocessing: resize to the model's size (bilinear), scale to [0, 1], normalise to [-1, 1].
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def image_processor_for(
     config: VisionTransformerConfig,
-    image_mean=IMAGE_MEAN,
-    image_std=IMAGE_STD,
+    image_mean=None,
+    image_std=None,
     resample: PILImageResampling = PILImageResampling.BILINEAR,
 ) -> ViTImageProcessorPil:
-    """transformers' ViT image processor (PIL backend) sized for `config`."""
+    """transformers' ViT image processor (PIL backend) sized for `config`.
+
+    For a 3-channel model it converts every image to RGB first (`do_convert_rgb=True`: grayscale, palette, CMYK,
+    16-bit; transparency composited on white), as CLIP's and SigLIP's processors do; transformers' ViT processor
+    does not by default, and a grayscale image then fails in the normalisation. A model of other `num_channels`
+    gets no conversion and a mean/std of that length (a single value is repeated). The default mean and std are 0.5
+    per channel (the reference ViT preprocessing).
+    """
     height, width = config.image_size_hw
+    channels = config.num_channels
+    image_mean = list(IMAGE_MEAN[:1] if image_mean is None else image_mean)
+    image_std = list(IMAGE_STD[:1] if image_std is None else image_std)
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        if len(values) not in (1, channels):
+            raise ValueError(
+                f"{name}={values} has {len(values)} values but the model has num_channels={channels}: give one value "
+                f"per channel (or a single value for all)."
+            )
     return ViTImageProcessorPil(
         size={"height": height, "width": width},
-        image_mean=list(image_mean),
-        image_std=list(image_std),
+        image_mean=image_mean * channels if len(image_mean) == 1 else image_mean,
+        image_std=image_std * channels if len(image_std) == 1 else image_std,
         resample=resample,
+        do_convert_rgb=channels == 3,
     )
+
+
+def _saved_processor_converts_rgb(folder: Path) -> bool | None:
+    """What `folder/preprocessor_config.json` says about RGB conversion: True/False, None when it says nothing."""
+    try:
+        saved = json.loads((folder / PREPROCESSOR_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("do_convert_rgb") if isinstance(saved, dict) else None
+
+
+def load_image_processor(folder: str | os.PathLike, **kwargs):
+    """`AutoImageProcessor.from_pretrained(folder, **kwargs)` (PIL backend unless `backend=` is given), with RGB
+    conversion switched on for folders written before it was saved (`do_convert_rgb` absent), so that grayscale and
+    RGBA images work there too. An explicit `do_convert_rgb` in the file or in `kwargs` is kept."""
+    folder = Path(folder)
+    kwargs.setdefault("backend", "pil")
+    processor = AutoImageProcessor.from_pretrained(folder, **kwargs)
+    unset = "do_convert_rgb" not in kwargs and getattr(processor, "do_convert_rgb", None) is None
+    if unset and _saved_processor_converts_rgb(folder) is None:
+        logger.info("%s: its image processor predates do_convert_rgb; converting images to RGB.", folder)
+        processor.do_convert_rgb = True
+    return processor
+
+
+def upgrade_checkpoint(folder: str | os.PathLike) -> list[str]:
+    """Bring a folder written by an earlier vlm-vision up to date in place; returns what was changed.
+
+    Today one thing: `preprocessor_config.json` without `do_convert_rgb` gets `"do_convert_rgb": true` (for a
+    3-channel model), so that `AutoImageProcessor.from_pretrained(folder)` accepts grayscale, RGBA and palette images.
+    The file is rewritten atomically (a temporary file renamed over it).
+    """
+    folder = Path(folder)
+    file = folder / PREPROCESSOR_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: pass a checkpoint folder written by save_checkpoint.")
+    try:
+        saved = json.loads(file.read_text())
+    except ValueError as error:
+        raise ValueError(f"{file} is not valid JSON ({error}): write the folder again (create_checkpoint).") from error
+    config_file = folder / "config.json"
+    channels = json.loads(config_file.read_text()).get("num_channels", 3) if config_file.is_file() else 3
+    changes = []
+    if saved.get("do_convert_rgb") is None and channels == 3:
+        saved["do_convert_rgb"] = True
+        changes.append(f"{PREPROCESSOR_CONFIG}: do_convert_rgb = true (grayscale, RGBA and palette images work)")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PREPROCESSOR_CONFIG}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    for change in changes:
+        logger.info("%s: %s", folder, change)
+    return changes
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Whether `out_dir` exists (to be replaced); refuses a file in the way, and an existing folder unless
+    `overwrite`."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return False
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder: choose another output folder.")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) to replace it.")
+    return True
 
 
 def replace_directory_atomically(staging: Path, out_dir: Path, overwrite: bool) -> None:
     """Move a fully written `staging` folder to `out_dir` (same file system), replacing it only when `overwrite`."""
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) to replace it.")
+    if check_out_dir(out_dir, overwrite):
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, trash / out_dir.name)
-        os.replace(staging, out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:  # put the previous folder back rather than leave none
+            os.replace(trash / out_dir.name, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            raise
         shutil.rmtree(trash)
     else:
         os.replace(staging, out_dir)
@@ -70,7 +166,13 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Save `model`, its image processor, code files and model card into `out_dir`, atomically."""
+    if not isinstance(model, (VisionTransformerModel, VisionTransformerForImageClassification)):
+        raise TypeError(
+            f"save_checkpoint writes VisionTransformerModel / VisionTransformerForImageClassification folders, got "
+            f"{type(model).__name__}: use its own save_pretrained."
+        )
     out_dir = Path(out_dir).resolve()
+    check_out_dir(out_dir, overwrite)  # before the work, not after it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
@@ -114,7 +216,14 @@ def create_checkpoint(
         overrides: config fields, e.g. `image_size=384`.
     """
     if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(
+                f"num_labels={num_labels!r} must be a positive int (the number of classes); leave it None (no "
+                "--num-labels) for an encoder without a classifier."
+            )
         overrides["num_labels"] = num_labels
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}.")
     config = VisionTransformerConfig.from_preset(preset, **overrides)
     torch.manual_seed(seed)
     model_class = VisionTransformerForImageClassification if num_labels is not None else VisionTransformerModel
@@ -134,17 +243,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-labels", type=int, default=None, help="write an image classifier with K classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument(
+        "--upgrade",
+        metavar="FOLDER",
+        default=None,
+        help="instead of writing a folder, bring FOLDER (written by an earlier vlm-vision) up to date in place",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {"image_size": args.image_size} if args.image_size else {}
-    out = create_checkpoint(
-        args.preset,
-        args.out or f"./{args.preset}",
-        num_labels=args.num_labels,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        **overrides,
-    )
+    try:
+        if args.upgrade is not None:
+            changes = upgrade_checkpoint(args.upgrade)
+            logger.info("%s: %s", args.upgrade, "; ".join(changes) if changes else "already up to date")
+            return
+        overrides = {"image_size": args.image_size} if args.image_size is not None else {}
+        out = create_checkpoint(
+            args.preset,
+            args.out or f"./{args.preset}",
+            num_labels=args.num_labels,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            **overrides,
+        )
+    except (ValueError, OSError) as error:  # a wrong option or folder: the message says what to change
+        parser.error(str(error))
     logger.info("wrote %s: %s", out, ", ".join(sorted(p.name for p in out.iterdir())))
 
 

@@ -3,14 +3,23 @@
 The defaults are ViT-B/16 at 224 x 224. Presets are data, decoded from a name like big_vision does ("B/16" ->
 width 768, depth 12, 12 heads, MLP 3072, patch 16): see `PRESET_SIZES` and `VisionTransformerConfig.from_preset`.
 
-This file imports only transformers: it is copied into saved checkpoints for `trust_remote_code` users.
+Every field is checked when a config is made, when `from_pretrained` overrides set fields afterwards, when a model
+is built and when the config is saved: a wrong value raises ValueError with the value and the fix, an unknown field
+name (a typo such as `image_sise`) raises TypeError listing the valid names.
+
+This file imports only torch, transformers and a sibling file: it is copied into saved checkpoints for
+`trust_remote_code` users.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 
 from transformers import PretrainedConfig
+
+from .position_embeddings import INTERPOLATION_MODES
 
 # Table 1 of the paper: (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size); the Ti and S rows
 # are DeiT's, as in the reference code.
@@ -45,11 +54,56 @@ POOLER_ACTIVATIONS = ("tanh", *ACTIVATIONS)
 CLASSIFIER_HEADS = ("linear", "mlp")
 
 
+# Keys transformers itself passes to every config besides the dataclass fields, or that configs saved by it carry:
+# bookkeeping written into config.json, loading options, the `PretrainedConfig` arguments of transformers 4 and the
+# generation parameters older configs hold (transformers drops those). Any other name is refused as a typo.
+TRANSFORMERS_CONFIG_KWARGS = frozenset(
+    {
+        "model_type", "auto_map", "_name_or_path", "name_or_path", "_commit_hash", "num_labels", "torch_dtype",
+        "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+        "_attn_implementation_internal", "_experts_implementation_internal", "_attn_implementation_autoset",
+        "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings", "is_decoder",
+        "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task",
+        "task_specific_params", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
+        "sep_token_id", "decoder_start_token_id", "use_return_dict",
+    }
+)  # fmt: skip
+# transformers model types the package's converters read (`--from`), for a config of one of them loaded as ours.
+CONVERTIBLE_MODEL_TYPES = {
+    "vit": "hf",
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
+}
+# What `from_pretrained` may hand to `from_dict` besides config fields (internal flags, loading options).
+_LOADING_KWARGS = frozenset({"_from_auto", "_from_pipeline", "trust_remote_code", "code_revision", "gguf_file"})
+
+
+def _generation_parameters() -> frozenset[str]:
+    try:
+        from transformers import GenerationConfig
+
+        return frozenset(GenerationConfig._get_default_generation_params())
+    except (ImportError, AttributeError):  # a transformers without this helper: nothing more is accepted
+        return frozenset()
+
+
 def _pair(value: int | list[int] | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}.")
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints (height, width), got {value!r}.")
     return pair
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class VisionTransformerConfig(PretrainedConfig):
@@ -132,9 +186,81 @@ class VisionTransformerConfig(PretrainedConfig):
     interpolation_antialias: bool = False
 
     def __post_init__(self, **kwargs):
+        for name in ("id2label", "label2id"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, e.g. {{0: 'cat', 1: 'dog'}}, got {getattr(self, name)!r}.")
+        unknown = sorted(set(kwargs) - TRANSFORMERS_CONFIG_KWARGS - _generation_parameters())
+        if unknown:
+            raise TypeError(self._unknown_fields_message(unknown))
+        num_labels = kwargs.get("num_labels")  # transformers turns a negative count into 0 labels
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0
+        ):
+            raise ValueError(
+                f"num_labels must be an int >= 0 (0: a classifier without its last layer), got {num_labels!r}."
+            )
+        super().__post_init__(**kwargs)
+        self.check_fields()
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The names of this config's own fields (those of the ViT, not transformers' shared ones)."""
+        shared = set(PretrainedConfig.__dataclass_fields__)
+        return [name for name in cls.__dataclass_fields__ if name not in shared]
+
+    @classmethod
+    def _unknown_fields_message(cls, unknown: list[str]) -> str:
+        known = cls.field_names()
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known + sorted(PretrainedConfig.__dataclass_fields__), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return (
+            f"{cls.__name__} has no field {', '.join(hints)}. Its fields are: {', '.join(known)}; transformers' own "
+            "(id2label, label2id, num_labels, dtype, return_dict, output_hidden_states, attn_implementation, ...) "
+            "are accepted too."
+        )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`, which sets `from_pretrained`'s overrides after the config is made: they are
+        checked here as a whole, and an override that names no field is refused instead of dropped."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            source = CONVERTIBLE_MODEL_TYPES.get(model_type)
+            raise ValueError(
+                f"This is a {model_type!r} config, not a {cls.model_type!r} one: "
+                + (
+                    f"convert the checkpoint first (vlm-vision-convert --from {source} SRC --out DIR), or load it "
+                    "with transformers' Auto classes."
+                    if source
+                    else "load it with transformers' Auto classes (AutoConfig / AutoModel)."
+                )
+            )
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        config.check_fields()
+        if return_unused_kwargs:  # a model's from_pretrained: the model refuses what its config did not take
+            return config, unused
+        unknown = sorted(set(unused) - _LOADING_KWARGS)
+        if unknown:
+            raise TypeError(cls._unknown_fields_message(unknown))
+        return config
+
+    def validate(self) -> None:
+        """transformers' checks, then ours (`check_fields`); `save_pretrained` calls this before writing."""
+        super().validate()
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Check every field of the ViT (at creation, after `from_pretrained` overrides, when a model is built).
+
+        Raises:
+            ValueError: a value the model cannot be built with, naming it and the fix.
+        """
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_positive_int(value):
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -147,8 +273,13 @@ class VisionTransformerConfig(PretrainedConfig):
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}: use an image size "
                 "that is a multiple of the patch size."
             )
+        if isinstance(self.num_register_tokens, bool) or not isinstance(self.num_register_tokens, int):
+            raise ValueError(f"num_register_tokens must be an int >= 0, got {self.num_register_tokens!r}.")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}.")
+        for name in ("qkv_bias", "use_class_token", "pre_norm", "patch_embedding_bias", "interpolation_antialias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}.")
         if self.pooling not in POOLING_TYPES:
@@ -168,12 +299,21 @@ class VisionTransformerConfig(PretrainedConfig):
             )
         if self.classifier_head not in CLASSIFIER_HEADS:
             raise ValueError(f"classifier_head={self.classifier_head!r} is not supported; use {CLASSIFIER_HEADS}.")
-        if self.representation_size is not None and self.representation_size <= 0:
-            raise ValueError(f"representation_size must be positive, got {self.representation_size}.")
+        if self.representation_size is not None and not _is_positive_int(self.representation_size):
+            raise ValueError(f"representation_size must be None or a positive int, got {self.representation_size!r}.")
+        if self.layer_scale_init_value is not None and not _is_number(self.layer_scale_init_value):
+            raise ValueError(
+                "layer_scale_init_value must be None or a number (DINOv2 uses 1.0), got "
+                f"{self.layer_scale_init_value!r}."
+            )
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0 or (name == "layer_norm_eps" and value == 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
+        if self.backbone_config is not None:
+            self._check_backbone_config()
         if self.backbone_norm_eps is not None:
-            if isinstance(self.backbone_norm_eps, bool) or not (
-                isinstance(self.backbone_norm_eps, (int, float)) and self.backbone_norm_eps > 0
-            ):
+            if not (_is_number(self.backbone_norm_eps) and self.backbone_norm_eps > 0):
                 raise ValueError(f"backbone_norm_eps must be None or a positive float, got {self.backbone_norm_eps!r}.")
             if self.backbone_config is None:
                 raise ValueError(
@@ -181,9 +321,44 @@ class VisionTransformerConfig(PretrainedConfig):
                     "but backbone_config is None (no backbone): set backbone_config or leave backbone_norm_eps None."
                 )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        super().__post_init__(**kwargs)
+            value = getattr(self, name)
+            if not (_is_number(value) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+        if self.interpolation_mode not in INTERPOLATION_MODES:
+            raise ValueError(
+                f"interpolation_mode={self.interpolation_mode!r} is not supported; use one of {INTERPOLATION_MODES}."
+            )
+        if self.interpolation_antialias and self.interpolation_mode not in ("bilinear", "bicubic"):
+            raise ValueError(
+                f"interpolation_antialias=True needs interpolation_mode 'bilinear' or 'bicubic', got "
+                f"{self.interpolation_mode!r}."
+            )
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise ValueError(
+                f"num_labels must be an int >= 0 (0: a classifier without its last layer), got {self.num_labels!r}."
+            )
+
+    def _check_backbone_config(self) -> None:
+        from transformers import BitConfig
+
+        if not isinstance(self.backbone_config, dict):
+            raise ValueError(
+                f"backbone_config must be None or a dict of BitConfig arguments (see R50_BACKBONE_CONFIG), got "
+                f"{type(self.backbone_config).__name__}."
+            )
+        shared = set(PretrainedConfig.__dataclass_fields__)
+        known = {k for k in BitConfig.__dataclass_fields__ if not k.startswith("_") and k not in shared}
+        known = (known - {"num_channels"}) | {"out_features", "out_indices"}
+        unknown = sorted(set(self.backbone_config) - known)
+        if unknown:
+            raise ValueError(
+                f"backbone_config has unknown keys {unknown} (num_channels is the model's own): BitConfig takes "
+                f"{sorted(known)}."
+            )
+        try:
+            BitConfig(num_channels=self.num_channels, **self.backbone_config)
+        except Exception as error:  # BitConfig's strict field validation
+            raise ValueError(f"backbone_config is not a valid BitConfig ({error}).") from error
 
     @property
     def image_size_hw(self) -> tuple[int, int]:
@@ -217,6 +392,8 @@ class VisionTransformerConfig(PretrainedConfig):
         Any `vit-{ti,s,b,l,h}{patch}` decodes (so `"vit-b8"` works too). Keyword arguments override fields, e.g.
         `from_preset("vit-b16", image_size=384, num_labels=10)`.
         """
+        if not isinstance(name, str):
+            raise TypeError(f"A preset name is a string such as 'vit-b16', got {type(name).__name__}.")
         match = _PRESET_PATTERN.match(name.lower().replace("/", ""))
         if match is None:
             raise ValueError(

@@ -11,7 +11,14 @@ One loader per source layout; each is a key map (data) plus the few tensor trans
     npz     the original JAX checkpoints: google-research/vision_transformer (also the ResNet hybrids) and big_vision
 
 Strict, like nanoGPT's loader: every source key is used (or explicitly declared as not part of the vision tower),
-every parameter of the target model is filled, shapes agree; otherwise a ValueError lists the leftovers.
+every parameter of the target model is filled, shapes agree; otherwise a ValueError lists the leftovers. A truncated,
+empty or foreign file raises a ValueError naming it.
+
+Preprocessing: the converted folder carries the source's own image processor (its `preprocessor_config.json`, loaded
+with transformers' `AutoImageProcessor`, PIL backend): CLIP's shortest-edge resize and centre crop, SigLIP's resize,
+DINOv2's resize-256/crop-224, each with its mean and std. A source without one gets its family's defaults in that
+family's processor class (`DEFAULT_IMAGE_PROCESSORS`; timm's from its `pretrained_cfg`). Every one converts images to
+RGB.
 Safe with untrusted files: safetensors first, PyTorch files with `torch.load(weights_only=True)`, `.npz` with
 `allow_pickle=False`. Nothing is downloaded: the source is a local folder or file. What is written is safetensors.
 
@@ -23,9 +30,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +46,8 @@ from transformers.image_utils import (
     IMAGENET_DEFAULT_STD,
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
     PILImageResampling,
+    SizeDict,
 )
 
 from .configuration_vlm_vit import VisionTransformerConfig
@@ -55,17 +63,63 @@ SOURCE_FORMATS = ("hf", "clip", "siglip", "dinov2", "timm", "npz")
 # a classifier's keys get the `vit.` prefix later.
 Rule = tuple[str, "str | tuple[str, ...]", "Callable[[torch.Tensor], object] | None"]
 
-# Preprocessing of each source when its folder has no preprocessor_config.json: (mean, std, resampling).
-DEFAULT_PREPROCESSING = {
-    "hf": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BILINEAR),
-    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling.BICUBIC),
-    "siglip": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BILINEAR),
-    "dinov2": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling.BICUBIC),
-    # timm's vision_transformer `_cfg`: the Inception mean/std (0.5), bicubic
-    "timm": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BICUBIC),
-    # the reference input pipeline: bilinear resize, x / 127.5 - 1
-    "npz": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling.BILINEAR),
+
+# The image processor of each source whose folder has no preprocessor_config.json, at the model's (H, W) `size`: the
+# family's transformers class with its published defaults (openai/clip-*, google/siglip-*, facebook/dinov2-*: resize
+# the shortest edge to 256 and crop 224, ImageNet mean/std), scaled to other sizes like timm's crop_pct (224 / 256).
+def _clip_processor(size: tuple[int, int]):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": max(size)}, crop_size={"height": size[0], "width": size[1]})
+
+
+def _siglip_processor(size: tuple[int, int]):
+    from transformers import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": size[0], "width": size[1]})
+
+
+def _dinov2_processor(size: tuple[int, int]):
+    from transformers import BitImageProcessorPil
+
+    return BitImageProcessorPil(
+        size={"shortest_edge": math.floor(max(size) * 256 / 224)},
+        crop_size={"height": size[0], "width": size[1]},
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+
+
+def _vit_processor(size: tuple[int, int]):  # transformers' ViT, and the JAX reference: resize, x / 127.5 - 1
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": size[0], "width": size[1]}, do_convert_rgb=True)
+
+
+DEFAULT_IMAGE_PROCESSORS = {
+    "hf": _vit_processor,
+    "clip": _clip_processor,
+    "siglip": _siglip_processor,
+    "dinov2": _dinov2_processor,
+    "npz": _vit_processor,
 }
+# timm's vision_transformer `_cfg`, for a state dict without a pretrained_cfg
+TIMM_DEFAULT_CFG = {
+    "mean": IMAGENET_STANDARD_MEAN,
+    "std": IMAGENET_STANDARD_STD,
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+}
+# transformers sources whose own image processor the converted folder keeps
+PROCESSOR_SOURCES = ("hf", "clip", "siglip", "dinov2")
+FAMILY_IMAGE_PROCESSORS = {
+    "hf": "ViTImageProcessorPil",
+    "clip": "CLIPImageProcessorPil",
+    "siglip": "SiglipImageProcessorPil",
+    "dinov2": "BitImageProcessorPil",
+}
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 # How each source resamples position embeddings to another grid (run time and `image_size=`): (mode, antialias).
 # transformers' ViT/CLIP/SigLIP/DINOv2 interpolate bicubic without antialias; timm's `resample_abs_pos_embed` uses
@@ -84,15 +138,28 @@ INTERPOLATION = {
 
 @dataclass
 class ConvertedCheckpoint:
-    """The result of a conversion: the loaded model, its preprocessing and what to say about the source."""
+    """The result of a conversion: the loaded model, its image processor and what to say about the source.
+
+    `image_mean`, `image_std` and `resample` repeat the processor's, for code that builds its own processor.
+    """
 
     model: VisionTransformerModel | VisionTransformerForImageClassification
-    image_mean: tuple[float, ...]
-    image_std: tuple[float, ...]
-    resample: PILImageResampling
+    image_processor: object
     source_format: str
     source: str
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.image_processor.image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.image_processor.image_std)
+
+    @property
+    def resample(self) -> PILImageResampling:
+        return PILImageResampling(self.image_processor.resample)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -104,8 +171,10 @@ def _find_weight_files(folder: Path) -> list[Path]:
     for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
         indices = sorted(folder.glob(pattern))
         if indices:
-            shards = json.loads(indices[0].read_text())["weight_map"].values()
-            return [folder / name for name in sorted(set(shards))]
+            index = _read_json(folder, indices[0].name)
+            if not isinstance(index.get("weight_map"), dict):
+                raise ValueError(f"{indices[0]} has no weight_map: it is not a sharded-checkpoint index.")
+            return [folder / name for name in sorted(set(index["weight_map"].values()))]
     for name in ("model.safetensors", "pytorch_model.bin"):  # the standard names win over any other file
         if (folder / name).is_file():
             return [folder / name]
@@ -150,37 +219,70 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     files = _find_weight_files(path) if path.is_dir() else [path]
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        suffix = file.name.rsplit(".", 1)[-1]
-        if suffix == "safetensors":
-            from safetensors.torch import load_file
-
-            state.update(load_file(str(file)))
-        elif suffix in ("bin", "pt", "pth"):
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as error:
-                raise ValueError(
-                    f"Refusing to load {file}: it pickles objects other than tensors, and unpickling them could run "
-                    f"arbitrary code ({str(error).splitlines()[0]}). Re-save its state dict with safetensors."
-                ) from error
-            state.update(_unwrap_torch_checkpoint(obj, file))
-        elif suffix == "npz":
-            try:
-                with np.load(file, allow_pickle=False) as archive:
-                    state.update({k: torch.from_numpy(np.array(archive[k])) for k in archive.files})
-            except ValueError as error:
-                raise ValueError(
-                    f"Refusing to load {file} ({error}): pickled objects are not loaded (allow_pickle=False); a JAX "
-                    "checkpoint holds only arrays."
-                ) from error
-        else:
-            raise ValueError(f"Unknown weight file type {file.name}: use .safetensors, .bin/.pt/.pth or .npz.")
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist (a shard the index names?): copy the whole checkpoint.")
+        state.update(_read_weight_file(file))
     return state
 
 
+def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    """One file's tensors; a file that cannot be read raises a ValueError naming it and the fix."""
+    from safetensors.torch import load_file
+
+    suffix = file.name.rsplit(".", 1)[-1]
+    if suffix not in ("safetensors", "bin", "pt", "pth", "npz"):
+        raise ValueError(f"Unknown weight file type {file.name}: use .safetensors, .bin/.pt/.pth or .npz.")
+    try:
+        if suffix == "safetensors":
+            return load_file(str(file))
+        if suffix == "npz":
+            if not zipfile.is_zipfile(file):  # np.load would read anything else as a pickle
+                raise zipfile.BadZipFile("not a zip archive (an .npz is one)")
+            with np.load(file, allow_pickle=False) as archive:
+                return {k: torch.from_numpy(np.array(archive[k])) for k in archive.files}
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise ValueError(_unreadable(file, error)) from error
+        raise ValueError(
+            f"Refusing to load {file}: it pickles objects other than tensors, and unpickling them could run "
+            f"arbitrary code ({str(error).splitlines()[0]}). Re-save its state dict with safetensors."
+        ) from error
+    except ValueError as error:
+        if suffix != "npz" or "allow_pickle" not in str(error):
+            raise ValueError(_unreadable(file, error)) from error
+        raise ValueError(
+            f"Refusing to load {file} ({error}): pickled objects are not loaded (allow_pickle=False); a JAX "
+            "checkpoint holds only arrays."
+        ) from error
+    except Exception as error:  # SafetensorError, EOFError, BadZipFile, torch's RuntimeError/IndexError/KeyError...
+        raise ValueError(_unreadable(file, error)) from error
+    return _unwrap_torch_checkpoint(obj, file)
+
+
+def _unreadable(file: Path, error: Exception) -> str:
+    size = file.stat().st_size if file.exists() else 0
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (
+        f"Cannot read {file} ({size} bytes; {reason}): it is truncated, empty or not a weight file, as after an "
+        "interrupted download or copy. Download or copy the checkpoint again."
+    )
+
+
 def _read_json(folder: Path, name: str) -> dict | None:
+    """`folder/name` as a dict, None when there is no such file; a file that is not a JSON object is named."""
     file = folder / name
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{file} is not valid JSON ({error}): it is empty or truncated. Copy it again from the source checkpoint."
+        ) from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object: it is not a checkpoint config.")
+    return data
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -910,22 +1012,87 @@ LOADERS = {
 }
 
 
-def _preprocessing(source_format: str, folder: Path | None):
-    """(mean, std, resampling) from the source folder's preprocessor_config.json (or timm's pretrained_cfg)."""
-    mean, std, resample = DEFAULT_PREPROCESSING[source_format]
-    if folder is None:
-        return tuple(mean), tuple(std), resample
-    processor = _read_json(folder, "preprocessor_config.json") or {}
-    pretrained = (
-        ((_read_json(folder, "config.json") or {}).get("pretrained_cfg") or {}) if source_format == "timm" else {}
+def _source_image_processor(source_format: str, folder: Path | None):
+    """The source folder's own image processor (transformers sources with a preprocessor_config.json), or None."""
+    if source_format not in PROCESSOR_SOURCES or folder is None or not (folder / PREPROCESSOR_CONFIG).is_file():
+        return None
+    import transformers
+
+    saved = _read_json(folder, PREPROCESSOR_CONFIG)  # an empty or truncated file is named
+    try:
+        if saved.get("image_processor_type") or saved.get("feature_extractor_type"):
+            return transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+        # no class named (transformers' vision-only towers have no image processor mapping): the family's
+        return getattr(transformers, FAMILY_IMAGE_PROCESSORS[source_format]).from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"Cannot load the source's image processor {folder / PREPROCESSOR_CONFIG} ({str(error)[:300]}): fix that "
+            f"file, or remove it to use the {source_format} family's default preprocessing."
+        ) from error
+
+
+def _timm_image_processor(folder: Path | None, size: tuple[int, int]):
+    """timm's eval transform from the folder's `pretrained_cfg` (else its ViT `_cfg`): resize to size / crop_pct
+    (the shortest edge, or both sides with crop_mode 'squash'), centre-crop `size`, normalise."""
+    from transformers import ViTImageProcessorPil
+
+    config_json = (_read_json(folder, "config.json") if folder is not None else None) or {}
+    pretrained = config_json.get("pretrained_cfg") or {} if "architecture" in config_json else {}
+    cfg = {**TIMM_DEFAULT_CFG, **{k: v for k, v in pretrained.items() if v is not None}}
+    crop_pct = float(cfg["crop_pct"])
+    interpolation = str(cfg["interpolation"]).upper()
+    resample = PILImageResampling[interpolation] if interpolation in PILImageResampling.__members__ else None
+    if cfg["crop_mode"] == "squash":
+        resize = {"height": math.floor(size[0] / crop_pct), "width": math.floor(size[1] / crop_pct)}
+    else:  # "center" (timm's default); "border" pads instead of cropping, which this processor does not do
+        resize = {"shortest_edge": math.floor(max(size) / crop_pct)}
+    return ViTImageProcessorPil(
+        size=resize,
+        do_center_crop=True,
+        crop_size={"height": size[0], "width": size[1]},
+        resample=resample or PILImageResampling.BICUBIC,
+        image_mean=list(cfg["mean"]),
+        image_std=list(cfg["std"]),
+        do_convert_rgb=True,
     )
-    mean = processor.get("image_mean") or pretrained.get("mean") or mean
-    std = processor.get("image_std") or pretrained.get("std") or std
-    if "resample" in processor:
-        resample = PILImageResampling(processor["resample"])
-    elif pretrained.get("interpolation") in ("bilinear", "bicubic", "nearest"):
-        resample = PILImageResampling[pretrained["interpolation"].upper()]
-    return tuple(mean), tuple(std), resample
+
+
+def _processor_output_size(processor) -> tuple[int, int] | None:
+    """(H, W) of what `processor` produces: its crop, else a fixed resize; None when it depends on the image."""
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop is not None and crop.height and crop.width:
+        return crop.height, crop.width
+    size = getattr(processor, "size", None)
+    if size is not None and size.height and size.width:
+        return size.height, size.width
+    return None
+
+
+def _fit_image_processor(processor, size: tuple[int, int]) -> None:
+    """Make `processor` produce `size`, scaling its resize by the same factor as its crop."""
+    old = _processor_output_size(processor)
+    resize = processor.size
+    if getattr(processor, "do_center_crop", False) and old is not None:
+        if resize.shortest_edge:
+            processor.size = SizeDict(shortest_edge=round(resize.shortest_edge * max(size) / max(old)))
+        elif resize.height and resize.width:
+            processor.size = SizeDict(
+                height=round(resize.height * size[0] / old[0]), width=round(resize.width * size[1] / old[1])
+            )
+        processor.crop_size = SizeDict(height=size[0], width=size[1])
+    else:
+        processor.size = SizeDict(height=size[0], width=size[1])
+
+
+def _describe(processor) -> str:
+    size = {k: v for k, v in dict(processor.size).items() if v is not None}
+    crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
+    resample = PILImageResampling(processor.resample).name.lower()
+    return (
+        f"`{type(processor).__name__}`: resize to {size} ({resample})"
+        + (f", centre crop { ({k: v for k, v in crop.items() if v is not None}) }" if crop else "")
+        + f", mean {[round(v, 4) for v in processor.image_mean]}, std {[round(v, 4) for v in processor.image_std]}"
+    )
 
 
 def _at_image_size(model, image_size):
@@ -962,7 +1129,9 @@ def convert_checkpoint(
 
     Returns:
         A `ConvertedCheckpoint` with the model (`VisionTransformerForImageClassification` when the source has a
-        classifier head, else `VisionTransformerModel`) in eval mode and the source's preprocessing.
+        classifier head, else `VisionTransformerModel`) in eval mode and the source's image processor (see the
+        module docstring), sized for the model's image size. A DINOv2 source whose processor crops to another
+        size than its config's `image_size` (facebook/dinov2-*: 224 and 518) is converted at the crop's size.
     """
     if source_format not in SOURCE_FORMATS:
         raise ValueError(f"Unknown source format {source_format!r}; use one of {SOURCE_FORMATS}.")
@@ -983,10 +1152,35 @@ def convert_checkpoint(
         _check_bit_standardization(model)
     load_strictly(model, target, unused, f"{path} (--from {source_format})")
     model = model.eval()
+    notes = list(plan.notes)
+    processor = _source_image_processor(source_format, folder)
+    crop = _processor_output_size(processor) if processor is not None else None
+    if image_size is None and source_format == "dinov2" and crop is not None and crop != config.image_size_hw:
+        # transformers' Dinov2Model interpolates its table to every input; its processor crops to less than its
+        # config's image_size (224 against 518): convert at the size the processor gives, so both agree.
+        image_size = _size(*crop)
+        notes.append(
+            f"Position embeddings resampled from the source config's image size {config.image_size} to {image_size}, "
+            "the size its image processor crops to (transformers' Dinov2Model interpolates them at every call); "
+            "pass image_size= (--image-size) for another."
+        )
     if image_size is not None:
         model = _at_image_size(model, image_size)
-    mean, std, resample = _preprocessing(source_format, folder)
-    return ConvertedCheckpoint(model, mean, std, resample, source_format, str(path), plan.notes)
+    size = model.config.image_size_hw
+    if processor is None:
+        origin = f"the {source_format} defaults"
+        make = DEFAULT_IMAGE_PROCESSORS.get(source_format)
+        processor = make(size) if make is not None else _timm_image_processor(folder, size)
+    else:
+        origin = f"the source's {PREPROCESSOR_CONFIG}"
+        if crop != size:
+            _fit_image_processor(processor, size)
+            if crop is not None:
+                origin += f", resized from {crop[0]}x{crop[1]} to the model's {size[0]}x{size[1]}"
+    if model.config.num_channels == 3 and getattr(processor, "do_convert_rgb", None) is None:
+        processor.do_convert_rgb = True
+    notes.append(f"Preprocessing ({origin}): {_describe(processor)}.")
+    return ConvertedCheckpoint(model, processor, source_format, str(path), notes)
 
 
 def convert(
@@ -1003,11 +1197,10 @@ def convert(
 
     `base_model` is the Hub id of the source (e.g. "openai/clip-vit-base-patch16") for the card's metadata.
     """
-    from .checkpoint import image_processor_for, save_checkpoint
+    from .checkpoint import save_checkpoint
 
     converted = convert_checkpoint(source_format, src, image_size=image_size, **overrides)
     model, config = converted.model, converted.model.config
-    processor = image_processor_for(config, converted.image_mean, converted.image_std, converted.resample)
     source_name = base_model or Path(src).name
     conversion = "\n".join(
         [
@@ -1018,8 +1211,6 @@ def convert(
             f"{config.num_register_tokens} registers); `model.patch_tokens(...)` drops them"
             + (" (this tower has none: a VLM keeps every token)." if config.num_prefix_tokens == 0 else "."),
             f"- `final_norm={config.final_norm!r}`, `pooling={config.pooling!r}`, `hidden_act={config.hidden_act!r}`.",
-            f"- Preprocessing: resize to {config.image_size_hw} ({converted.resample.name.lower()}), mean "
-            f"{list(converted.image_mean)}, std {list(converted.image_std)}.",
             *(
                 [f"- Resampled to image size {image_size} ({config.interpolation_mode} E_pos interpolation)."]
                 if image_size is not None
@@ -1030,7 +1221,7 @@ def convert(
     return save_checkpoint(
         model,
         out_dir,
-        image_processor=processor,
+        image_processor=converted.image_processor,
         title=f"{source_name} (vlm-vision)",
         summary=f"The vision tower of `{source_name}` converted into vlm-vision's `VisionTransformerModel` with exact "
         "numerical parity.",
@@ -1061,18 +1252,23 @@ def main(argv: list[str] | None = None) -> None:
         overrides["num_attention_heads"] = args.num_heads
     if args.hidden_act is not None:
         overrides["hidden_act"] = args.hidden_act
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
+        parser.error(f"--image-size takes H or H W, got {len(args.image_size)} values.")
     image_size = (
         None if args.image_size is None else (args.image_size[0] if len(args.image_size) == 1 else args.image_size)
     )
-    out = convert(
-        args.source_format,
-        args.src,
-        args.out,
-        image_size=image_size,
-        base_model=args.base_model,
-        overwrite=args.overwrite,
-        **overrides,
-    )
+    try:
+        out = convert(
+            args.source_format,
+            args.src,
+            args.out,
+            image_size=image_size,
+            base_model=args.base_model,
+            overwrite=args.overwrite,
+            **overrides,
+        )
+    except (ValueError, TypeError) as error:  # a wrong option or a bad source file: the message says what to do
+        parser.error(str(error))
     logger.info("wrote %s: %s", out, ", ".join(sorted(p.name for p in out.iterdir())))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from safetensors import safe_open
 from transformers import AutoConfig
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def folder_files(folder: Path) -> list[str]:
 def check_folder(folder: str | os.PathLike) -> dict:
     """Refuse a folder that is not a complete saved model; return what it holds: `kind` ("model" or "peft"),
     `files`, and the loaded `config` (None for a peft adapter)."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}.")
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder: pass the folder written by save_pretrained / create_checkpoint.")
@@ -72,9 +75,21 @@ def check_folder(folder: str | os.PathLike) -> dict:
             "Save the model again."
         )
     for index in (name for name in files if name.endswith(".safetensors.index.json")):
-        shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        try:
+            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{folder / index} is not a valid shard index ({error}): save the model again.") from error
         if missing := sorted(shards - set(files)):
             raise ValueError(f"{folder}: {index} lists shards that are missing: {', '.join(missing)}.")
+    for name in weights:  # a truncated file would upload as is: read every header
+        try:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # SafetensorError
+            raise ValueError(
+                f"{folder / name} is not a readable safetensors file ({error}): it is truncated or corrupt. Save the "
+                "model again before pushing."
+            ) from error
     return {"kind": kind, "files": files, "config": config}
 
 
@@ -123,8 +138,17 @@ def push_folder(
         The `CommitInfo` (`commit_url`, `pr_url`).
     """
     check_repo_id(repo_id)
-    folder = Path(folder)
+    for name, value, kinds in (
+        ("commit_message", commit_message, (str, type(None))),
+        ("private", private, (bool, type(None))),
+        ("revision", revision, (str, type(None))),
+        ("create_pr", create_pr, (bool,)),
+        ("token", token, (str, type(None))),
+    ):
+        if not isinstance(value, kinds):
+            raise TypeError(f"{name}={value!r} must be {' or '.join(k.__name__ for k in kinds)}.")
     contents = check_folder(folder)
+    folder = Path(folder)
     token = token or get_token()
     if not token:
         raise ValueError(

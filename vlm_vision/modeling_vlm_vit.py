@@ -28,7 +28,9 @@ This file imports only torch, transformers and sibling files: it is copied into 
 
 from __future__ import annotations
 
+import contextvars
 import json
+import operator
 import os
 from collections.abc import Callable, Sequence
 
@@ -51,6 +53,22 @@ from .position_embeddings import infer_square_grid, resample_position_embeddings
 logger = logging.get_logger(__name__)
 
 POSITION_EMBEDDING_SUFFIX = "embeddings.position_embeddings"
+# timm's names for `global_pool` in `reset_classifier`, and ours
+GLOBAL_POOL_NAMES = {"token": "cls", "avg": "mean", "map": "map", "cls": "cls", "mean": "mean"}
+
+
+class CheckpointMismatchError(RuntimeError, ValueError):
+    """A checkpoint that does not fit the model: weights of another shape, or weights the model needs and the
+    checkpoint lacks. A RuntimeError, as transformers raises for mismatched sizes, and a ValueError (bad input)."""
+
+
+class CheckpointFileError(OSError, ValueError):
+    """A weight file that cannot be read: truncated, empty or not a safetensors file. An OSError, as transformers
+    raises for unreadable files, and a ValueError (bad input)."""
+
+
+# Set by `from_pretrained(..., allow_missing_keys=True)` for the one load it runs (the loading hooks are static).
+_ALLOW_MISSING_KEYS = contextvars.ContextVar("vlm_vit_allow_missing_keys", default=False)
 
 
 class VisionTransformerPatchEmbeddings(nn.Module):
@@ -297,13 +315,67 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
             init.xavier_uniform_(module.attention.in_proj_weight)
             init.zeros_(module.attention.in_proj_bias)
 
+    # Modules that a checkpoint of another task may lack: loading an encoder into a classifier gives a new head.
+    _new_head_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, config: VisionTransformerConfig, *inputs, **kwargs):
+        # by model type: with trust_remote_code the config class may come from another copy of this file
+        if getattr(config, "model_type", None) != VisionTransformerConfig.model_type or not hasattr(
+            config, "check_fields"
+        ):
+            raise TypeError(
+                f"{type(self).__name__} takes a VisionTransformerConfig, got {type(config).__name__}. Build one with "
+                "VisionTransformerConfig(...) or VisionTransformerConfig.from_preset('vit-b16'); a transformers "
+                "ViT/CLIP/SigLIP/DINOv2 checkpoint converts with vlm-vision's converters (vlm-vision-convert)."
+            )
+        if inputs or kwargs:
+            unknown = [*map(repr, inputs), *kwargs]
+            raise TypeError(
+                f"{type(self).__name__} got unexpected arguments {', '.join(unknown)}: it takes only its config. "
+                + (config._unknown_fields_message(sorted(kwargs)) if kwargs else "")
+            )
+        config.check_fields()  # fields may have been set one by one since the config was made
+        super().__init__(config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_keys: bool = False, **kwargs):
+        """transformers' `from_pretrained`, stricter about what the checkpoint holds.
+
+        - A weight of another shape raises `CheckpointMismatchError` listing every such key (transformers raises a
+          RuntimeError pointing at its log); `ignore_mismatched_sizes=True` re-initialises them instead.
+        - A weight the checkpoint lacks raises `CheckpointMismatchError` listing the missing keys (transformers
+          initialises them afresh with a log line). Exception: a classifier's head when the checkpoint has none
+          of it (an encoder loaded into `...ForImageClassification`), which starts zero-initialised, as in
+          transformers. `allow_missing_keys=True` (or the class attribute `_keys_to_ignore_on_load_missing`)
+          accepts missing weights, freshly initialised.
+        - A position-embedding table made for another grid is resampled (Sec. 3.2), never re-initialised.
+        - A truncated or empty weight file raises `CheckpointFileError` naming it.
+        """
+        if not isinstance(allow_missing_keys, bool):
+            raise TypeError(f"allow_missing_keys must be True or False, got {allow_missing_keys!r}.")
+        token = _ALLOW_MISSING_KEYS.set(allow_missing_keys)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            _ALLOW_MISSING_KEYS.reset(token)
+        _warn_if_processor_keeps_other_modes(pretrained_model_name_or_path, model.config)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, except that a file in the way raises (transformers logs and returns)."""
+        if os.path.isfile(save_directory):
+            raise FileExistsError(f"{save_directory} is a file: save_pretrained writes a folder; choose another path.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        """Load as transformers does, but resample a position-embedding table made for another grid first.
+        """Load as transformers does, but check the files first and resample a position-embedding table made for
+        another grid.
 
         transformers would report a size mismatch (or re-initialise it with `ignore_mismatched_sizes=True`); the paper
         (Sec. 3.2) interpolates the pre-trained table instead, which is what happens here.
         """
+        _check_weight_files(checkpoint_files)
         state_dict = _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files)
         if state_dict is not None:
             checkpoint_files = None
@@ -311,19 +383,114 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):
-        """Refuse a checkpoint of another shape with the keys in the message (transformers only points at its log)."""
+        """Refuse a checkpoint of another shape, or one that lacks weights, with the keys in the message
+        (transformers only points at its log)."""
+        source = load_config.pretrained_model_name_or_path or "state dict"
         if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
             lines = sorted(
                 f"  {key}: checkpoint {tuple(old)} vs model {tuple(new)}"
                 for key, old, new in loading_info.mismatched_keys
             )
-            raise ValueError(
-                f"The checkpoint {load_config.pretrained_model_name_or_path} has weights of another shape than this "
+            raise CheckpointMismatchError(
+                f"The checkpoint {source} has weights of another shape than this "
                 f"{type(model).__name__}:\n" + "\n".join(lines) + "\nLoad it with its own config.json (don't "
                 "override sizes such as hidden_size or intermediate_size), or pass ignore_mismatched_sizes=True to "
                 "re-initialise these weights."
             )
-        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        missing = set(loading_info.missing_keys)
+        head = {k for k in model.state_dict() if k.startswith(model._new_head_prefixes)}
+        if head and head <= missing:  # an encoder checkpoint: the head is new, as the task is
+            logger.info(f"{type(model).__name__}: a new head {sorted(head)} (the checkpoint {source} has none).")
+            missing -= head
+        if missing and not _ALLOW_MISSING_KEYS.get():
+            raise CheckpointMismatchError(
+                f"The checkpoint {source} lacks {len(missing)} weight(s) of this {type(model).__name__}: "
+                f"{sorted(missing)}. It was saved by another architecture or config, or a save did not finish. Load "
+                "it with its own config.json (don't override fields such as pooling, pooler_act or "
+                "num_register_tokens), or pass allow_missing_keys=True to initialise them afresh."
+            )
+        return loading_info
+
+
+def _check_weight_files(checkpoint_files) -> None:
+    """Open every safetensors file's header, so that a truncated or empty file is named with the fix."""
+    if not checkpoint_files:
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for file in checkpoint_files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            size = os.path.getsize(file) if os.path.exists(file) else 0
+            raise CheckpointFileError(
+                f"Cannot read the weights in {file} ({size} bytes: {error}): the file is truncated or corrupt, as "
+                "after an interrupted save or download. Save or download the checkpoint again."
+            ) from error
+
+
+def _warn_if_processor_keeps_other_modes(folder, config) -> None:
+    """Folders written before vlm-vision saved `do_convert_rgb` give grayscale/RGBA images to the model as 1 or 4
+    channels, which transformers' ViT image processor then fails to normalise: say how to fix the folder."""
+    path = os.path.join(str(folder), "preprocessor_config.json")
+    if config.num_channels != 3 or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    if (
+        isinstance(saved, dict)
+        and saved.get("image_processor_type") == "ViTImageProcessor"
+        and saved.get("do_convert_rgb") is None
+    ):
+        logger.warning_once(
+            f"{path} does not convert images to RGB: AutoImageProcessor.from_pretrained({str(folder)!r}) fails on "
+            'grayscale, RGBA and palette images. Add "do_convert_rgb": true to that file (`vlm-vision-create-'
+            "checkpoint --upgrade FOLDER` does it), or pass do_convert_rgb=True when loading the processor."
+        )
+
+
+def _forward_kwargs() -> frozenset[str]:
+    """What `forward` accepts besides its own arguments: transformers' shared kwargs (`output_hidden_states`,
+    `return_dict`, attention options) and `image_sizes`, which transformers' LLaVA-family models pass to any tower."""
+    from transformers.utils.generic import TransformersKwargs
+
+    names = {k for c in TransformersKwargs.__mro__ for k in getattr(c, "__annotations__", {})}
+    return frozenset(names | {"pixel_values", "interpolate_pos_encoding", "return_dict", "image_sizes"})
+
+
+def _check_forward_kwargs(module, args, kwargs) -> None:
+    unknown = sorted(set(kwargs) - _forward_kwargs())
+    if unknown:
+        raise TypeError(
+            f"{type(module).__name__}.forward got unexpected keyword arguments {unknown}: it takes pixel_values, "
+            "interpolate_pos_encoding, output_hidden_states, output_attentions and return_dict."
+        )
+    for name in ("output_attentions", "return_dict"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], bool):
+            raise TypeError(f"{name} must be True, False or None, got {kwargs[name]!r}.")
+    selected = kwargs.get("output_hidden_states")
+    if selected is None or isinstance(selected, bool):
+        return
+    num_states = module.config.num_hidden_layers + 1
+    indices = _layer_indices(selected, "output_hidden_states")
+    if any(not -num_states <= i < num_states for i in indices):
+        raise ValueError(
+            f"output_hidden_states={selected!r} is out of range: this model has {num_states} hidden states (indices "
+            f"{-num_states}..{num_states - 1}); pass True for all of them."
+        )
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files):
@@ -414,8 +581,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
     To get intermediate layers without running the blocks after them, use `get_intermediate_layers`.
     """
 
-    def __init__(self, config: VisionTransformerConfig):
-        super().__init__(config)
+    def __init__(self, config: VisionTransformerConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
         self.embeddings = VisionTransformerEmbeddings(config)
         self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else None
         self.layers = nn.ModuleList([VisionTransformerLayer(config) for _ in range(config.num_hidden_layers)])
@@ -423,6 +590,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         self.head = VisionTransformerAttentionPoolingHead(config) if config.pooling == "map" else None
         self.pooler = VisionTransformerPooler(config) if config.pooler_act is not None else None
         self.post_init()
+        # before transformers' output capturing reads them: a misspelt or mistyped option fails here, named
+        self.register_forward_pre_hook(_check_forward_kwargs, with_kwargs=True)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
@@ -431,22 +600,62 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
     def num_prefix_tokens(self) -> int:
         return self.config.num_prefix_tokens
 
-    def check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
+    def check_pixel_values(
+        self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None = None
+    ) -> None:
         """Reject inputs the model cannot embed, with the fix in the message."""
         if pixel_values is None:
             raise ValueError("pixel_values is required: a (batch, channels, height, width) tensor.")
+        if not isinstance(pixel_values, torch.Tensor):
+            kind = type(pixel_values).__module__.split(".")[0] + "." + type(pixel_values).__name__
+            hint = (
+                "torch.from_numpy(array) for a float array"
+                if kind.startswith("numpy.")
+                else "torch.tensor(...) for nested lists"
+                if isinstance(pixel_values, (list, tuple))
+                else "pass images through the image processor first"
+            )
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor (batch, channels, height, width), got {kind}: {hint}, or use "
+                'AutoImageProcessor.from_pretrained(folder)(images, return_tensors="pt").'
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}, but the model takes normalised float pixel values: "
+                "raw pixels (0-255) must be rescaled and normalised by the image processor "
+                '(processor(images, return_tensors="pt")), or convert with .float() if they already are.'
+            )
         if pixel_values.dim() != 4:
-            raise ValueError(
-                f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}. "
-                "Add a batch dimension with pixel_values[None] for a single image."
+            hint = (
+                " Add a batch dimension with pixel_values[None] for a single image."
+                if pixel_values.dim() == 3
+                else " Pass one (batch, channels, height, width) tensor."
             )
-        channels, height, width = pixel_values.shape[1:]
+            raise ValueError(
+                f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}."
+                + hint
+            )
+        batch, channels, height, width = pixel_values.shape
         if channels != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values has {channels} channels but the model expects num_channels={self.config.num_channels}. "
-                "Convert images to RGB (PIL: image.convert('RGB')) or channels-first (B, C, H, W)."
+            hint = (
+                " This looks like channels-last (B, H, W, C): use pixel_values.permute(0, 3, 1, 2)."
+                if pixel_values.shape[-1] == self.config.num_channels
+                else " Convert images to RGB (PIL: image.convert('RGB'); the image processor's do_convert_rgb=True)."
             )
+            raise ValueError(
+                f"pixel_values has {channels} channels but the model expects num_channels={self.config.num_channels} "
+                f"(shape {tuple(pixel_values.shape)}, read as (batch, channels, height, width)).{hint}"
+            )
+        if batch == 0:
+            raise ValueError(f"pixel_values holds no image (shape {tuple(pixel_values.shape)}): pass at least one.")
+        if interpolate_pos_encoding is not None and not isinstance(interpolate_pos_encoding, bool):
+            raise TypeError(f"interpolate_pos_encoding must be True, False or None, got {interpolate_pos_encoding!r}.")
         patch_h, patch_w = self.config.patch_size_hw
+        if height < patch_h or width < patch_w:
+            raise ValueError(
+                f"Image size {height}x{width} is smaller than one patch ({patch_h}x{patch_w}): resize it to at least "
+                "the patch size (the image processor resizes to the model's image_size)."
+            )
         if height % patch_h or width % patch_w:
             raise ValueError(
                 f"Image size {height}x{width} is not divisible by the patch size {patch_h}x{patch_w}: resize or crop "
@@ -459,7 +668,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         return pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
 
     def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None) -> torch.Tensor:
-        self.check_pixel_values(pixel_values)
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         return self.pre_layernorm(hidden_states) if self.pre_layernorm is not None else hidden_states
@@ -520,7 +729,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         Returns:
             One `(B, T, D)` (or `(B, N, D)`) tensor per requested index, in the order asked.
         """
-        indices = [layers] if isinstance(layers, int) else list(layers)
+        _check_flags(apply_layernorm=apply_layernorm, drop_prefix_tokens=drop_prefix_tokens)
+        indices = _layer_indices(layers, "layers")
         num_states = self.config.num_hidden_layers + 1
         if not indices or any(not -num_states <= i < num_states for i in indices):
             raise ValueError(
@@ -541,7 +751,200 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
 
     def patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The patch tokens of a `(B, T, D)` sequence, without [CLS] and registers: `(B, N, D)`."""
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            is_tensor = isinstance(hidden_states, torch.Tensor)
+            got = tuple(hidden_states.shape) if is_tensor else type(hidden_states).__name__
+            raise ValueError(
+                f"patch_tokens takes a (batch, tokens, hidden_size) tensor such as outputs.last_hidden_state or a "
+                f"hidden state, got {got}."
+            )
+        if hidden_states.shape[1] <= self.num_prefix_tokens or hidden_states.shape[2] != self.config.hidden_size:
+            raise ValueError(
+                f"patch_tokens got shape {tuple(hidden_states.shape)}, but this model's sequences are "
+                f"{self.num_prefix_tokens} prefix tokens then the patches, {self.config.hidden_size} wide: pass "
+                "outputs.last_hidden_state (or a hidden state) of this model, not patch tokens or pooled outputs."
+            )
         return hidden_states[:, self.num_prefix_tokens :]
+
+    # timm's model contract (timm.models.vision_transformer.VisionTransformer), for users and libraries built on it.
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
+    ) -> torch.Tensor:
+        """timm's `forward_features`: the token sequence after the blocks, `(B, num_prefix_tokens + N, D)`; the same
+        tensor as `last_hidden_state` (timm applies its final `norm` here, as `final_norm="all"` does; with
+        `final_norm="pooled"` the norm acts on the pooled vector, like timm's `fc_norm`, in `forward_head`)."""
+        return self(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's `forward_head` on `forward_features`' output: the pooled vector `(B, D)` (`pooler_output`). An
+        encoder has no classifier (timm's `num_classes=0`), so `pre_logits` changes nothing here."""
+        self.patch_tokens(x)  # checks the shape
+        return self.pool(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        interpolate_pos_encoding: bool | None = None,
+    ):
+        """timm's `forward_intermediates`: the outputs of chosen blocks, and the final features.
+
+        Args:
+            x: pixel values `(B, C, H, W)`.
+            indices: as timm, over the blocks (0 = the first block's output, i.e. `hidden_states[1]`): None for
+                every block, an int n for the last n blocks, a sequence for those blocks (negative from the end).
+            return_prefix_tokens: pair each intermediate with its prefix tokens `(B, num_prefix_tokens, D)` (when the
+                model has any).
+            norm: apply the final LayerNorm to each intermediate.
+            stop_early: run no block after the deepest one asked for (the final features are then the normalised
+                output of that block, as in timm).
+            output_fmt: `"NCHW"`: patch tokens as a `(B, D, grid_h, grid_w)` map; `"NLC"`: `(B, N, D)`.
+            intermediates_only: return only the list of intermediates.
+            interpolate_pos_encoding: as in `forward`, for inputs of another size.
+
+        Returns:
+            `(final_features, intermediates)`, or `intermediates`: a list in block order, each as `output_fmt`, or
+            `(patches, prefix_tokens)` pairs with `return_prefix_tokens`. `final_features` is `forward_features`'.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; use 'NCHW' (a feature map per layer) or 'NLC' (tokens).")
+        _check_flags(
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            stop_early=stop_early,
+            intermediates_only=intermediates_only,
+        )
+        num_blocks = self.config.num_hidden_layers
+        if indices is None:
+            take = list(range(num_blocks))
+        elif _is_index(indices):
+            count = operator.index(indices)
+            if not 0 < count <= num_blocks:
+                raise ValueError(
+                    f"indices={indices}: an int takes the last n blocks, so it must be in 1..{num_blocks} (this model "
+                    f"has {num_blocks} blocks); pass a list such as [-2] for single blocks."
+                )
+            take = list(range(num_blocks - count, num_blocks))
+        else:
+            requested = _layer_indices(indices, "indices")
+            if not requested or any(not -num_blocks <= i < num_blocks for i in requested):
+                raise ValueError(
+                    f"indices={indices} is out of range: this model has {num_blocks} blocks (indices "
+                    f"{-num_blocks}..{num_blocks - 1}; 0 = the first block's output)."
+                )
+            take = [i % num_blocks for i in requested]
+        hidden_states = self._embed(x, interpolate_pos_encoding)
+        grid_h, grid_w = self.grid_size_for(x)
+        blocks = self.layers[: max(take) + 1] if stop_early else self.layers
+        intermediates = []
+        for index, layer in enumerate(blocks):
+            hidden_states = layer(hidden_states)
+            if index in take:
+                intermediates.append(self.layernorm(hidden_states) if norm else hidden_states)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":  # (B, N, D) -> (B, D, grid_h, grid_w), patches row-major
+            intermediates = [
+                y.reshape(y.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
+        if return_prefix_tokens and self.num_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        final = self.layernorm(hidden_states) if self.config.final_norm == "all" or stop_early else hidden_states
+        return final, intermediates
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's `reset_classifier`. An encoder has no classifier: only `num_classes=0` is accepted (the pooled
+        features), and `global_pool` ('token'/'cls', 'avg'/'mean', or 'map' if the model has the MAP head) changes
+        `pooler_output`."""
+        if _checked_num_classes(num_classes):
+            raise ValueError(
+                f"{type(self).__name__} is an encoder without a classifier, so reset_classifier({num_classes}) has no "
+                "head to replace: load VisionTransformerForImageClassification.from_pretrained(folder, "
+                f"num_labels={num_classes}), or use vlm-vision's training.prepare_classifier."
+            )
+        if global_pool is not None:
+            _set_pooling(self, global_pool)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's `set_grad_checkpointing`: transformers' (non-reentrant) activation checkpointing of every block."""
+        _set_grad_checkpointing(self, enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's `no_weight_decay`: the parameters timm keeps out of weight decay by name (its `pos_embed`,
+        `cls_token`, `reg_token`): position embeddings, [CLS] and register tokens. Biases and norms (1-D) are left
+        out by the optimiser's own rule, as in timm."""
+        return _no_weight_decay(self)
+
+
+def _is_index(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _layer_indices(layers, name: str) -> list[int]:
+    """An int or a sequence of ints (numpy and 0-d tensor ints too) as a list of Python ints; bools refused."""
+    if _is_index(layers):
+        return [operator.index(layers)]
+    try:
+        values = None if isinstance(layers, (str, bytes, dict)) else list(layers)
+    except TypeError:
+        values = None
+    if values is None or not all(_is_index(i) for i in values):
+        raise TypeError(f"{name} must be an int or a sequence of ints (e.g. -2 or [-2, -1]), got {layers!r}.")
+    return [operator.index(i) for i in values]
+
+
+def _checked_num_classes(num_classes) -> int:
+    if not _is_index(num_classes) or operator.index(num_classes) < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier layer), got {num_classes!r}.")
+    return operator.index(num_classes)
+
+
+def _set_pooling(encoder: VisionTransformerModel, global_pool: str) -> None:
+    """Switch `encoder`'s pooling to timm's `global_pool` name (or ours), as `reset_classifier` does in timm."""
+    if global_pool not in GLOBAL_POOL_NAMES:
+        raise ValueError(
+            f"global_pool={global_pool!r} is not supported; use one of {sorted(GLOBAL_POOL_NAMES)} (timm's '' returns "
+            "the unpooled tokens: that is forward_features)."
+        )
+    pooling = GLOBAL_POOL_NAMES[global_pool]
+    if pooling == "map" and encoder.head is None:
+        raise ValueError(
+            "global_pool='map' needs the attention-pooling head, which this model does not have (as in timm, it "
+            "cannot be added here): build the model with pooling='map'."
+        )
+    config_dict = {**encoder.config.to_dict(), "pooling": pooling}
+    type(encoder.config).from_dict(config_dict)  # refuses e.g. 'token' without [CLS], naming the field
+    encoder.config.pooling = pooling
+    if pooling != "map":
+        encoder.head = None
+
+
+def _set_grad_checkpointing(model: PreTrainedModel, enable: bool) -> None:
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be True or False, got {enable!r}.")
+    if enable:
+        model.activation_checkpointing_enable()
+    else:
+        model.activation_checkpointing_disable()
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    names = ("embeddings.position_embeddings", "embeddings.cls_token", "embeddings.register_tokens")
+    return {name for name, _ in model.named_parameters() if name.endswith(names)}
 
 
 class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
@@ -549,22 +952,35 @@ class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
 
     `config.classifier_head="mlp"`: the pre-training head, one hidden layer (`representation_size`, tanh) then a
     linear layer. `"linear"`: the fine-tuning head (Sec. 3.2), a single D x K layer. The final layer is
-    zero-initialised in both, as in the reference code, so a fresh head starts from uniform predictions.
+    zero-initialised in both, as in the reference code, so a fresh head starts from uniform predictions. With
+    `num_labels=0` there is no final layer and `logits` are the pre-logits features (timm's `num_classes=0`).
     """
 
-    def __init__(self, config: VisionTransformerConfig):
-        super().__init__(config)
+    _new_head_prefixes = ("classifier.", "pre_logits.")
+
+    def __init__(self, config: VisionTransformerConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
         self.num_labels = config.num_labels
         self.vit = VisionTransformerModel(config)
-        features = config.hidden_size
         if config.classifier_head == "mlp":
             features = config.representation_size or config.hidden_size
             self.pre_logits = nn.Sequential(nn.Linear(config.hidden_size, features), nn.Tanh())
         else:
             self.pre_logits = None
-        self.classifier = nn.Linear(features, config.num_labels)
-        self.classifier._zero_init = True
+        self.classifier = self._new_classifier(config.num_labels)
         self.post_init()
+
+    @property
+    def num_features(self) -> int:
+        """The width of the features the last layer reads (timm's `num_features`)."""
+        return self.pre_logits[0].out_features if self.pre_logits is not None else self.config.hidden_size
+
+    def _new_classifier(self, num_labels: int) -> nn.Module:
+        if num_labels == 0:
+            return nn.Identity()
+        classifier = nn.Linear(self.num_features, num_labels)
+        classifier._zero_init = True
+        return classifier
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vit.get_input_embeddings()
@@ -578,15 +994,106 @@ class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput:
         outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        pooled = outputs.pooler_output
-        logits = self.classifier(self.pre_logits(pooled) if self.pre_logits is not None else pooled)
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        logits = self.forward_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            self._check_labels(labels, logits)
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
+    def _check_labels(self, labels, logits: torch.Tensor) -> None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(
+                f"labels must be a torch.Tensor of class indices (batch,), got {type(labels).__name__}: "
+                "torch.tensor(labels)."
+            )
+        if self.config.num_labels == 0:
+            raise ValueError("This classifier has num_labels=0 (no last layer): it has no classes for a loss.")
+        if labels.dim() == 0 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)} but the batch holds {logits.shape[0]} images: give one label "
+                "per image."
+            )
+        if labels.is_floating_point():  # transformers reads float labels as regression or multi-label targets
+            if self.config.problem_type == "single_label_classification":
+                raise ValueError(
+                    f"labels are {labels.dtype}, but this classifier's problem_type is single_label_classification "
+                    "(set by its config or its first loss): class indices are integers, labels.long()."
+                )
+            if self.config.num_labels > 1 and labels.shape != logits.shape:
+                raise ValueError(
+                    f"float labels of shape {tuple(labels.shape)} are read as multi-label targets, which need the "
+                    f"logits' shape {tuple(logits.shape)}; class indices are integers: labels.long()."
+                )
+        elif self.config.num_labels > 1:
+            outside = (labels >= self.config.num_labels) | ((labels < 0) & (labels != -100))  # -100: ignored
+            if bool(outside.any()):
+                raise ValueError(
+                    f"labels {sorted(set(labels[outside].tolist()))[:5]} are outside 0..{self.config.num_labels - 1} "
+                    f"(num_labels={self.config.num_labels}); -100 marks an ignored image."
+                )
+
+    # timm's model contract (see VisionTransformerModel)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
+    ) -> torch.Tensor:
+        """timm's `forward_features`: the encoder's token sequence `(B, num_prefix_tokens + N, D)`."""
+        return self.vit.forward_features(pixel_values, interpolate_pos_encoding)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's `forward_head`: logits `(B, num_labels)` from `forward_features`' output; with `pre_logits=True` the
+        features the last layer reads `(B, num_features)` (after the MLP head's tanh layer, if any)."""
+        features = self.vit.forward_head(x)
+        if self.pre_logits is not None:
+            features = self.pre_logits(features)
+        return features if pre_logits else self.classifier(features)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's `forward_intermediates` of the encoder (see `VisionTransformerModel.forward_intermediates`)."""
+        return self.vit.forward_intermediates(x, *args, **kwargs)
+
+    def get_classifier(self) -> nn.Module:
+        """timm's `get_classifier`: the last layer (`nn.Identity` when `num_labels=0`)."""
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's `reset_classifier`: a new last layer with `num_classes` outputs, zero-initialised like the paper's
+        fine-tuning head (0: none, `logits` are the pre-logits features); `config.num_labels` follows, with generic
+        `id2label` names when the count changes. `global_pool` ('token'/'cls', 'avg'/'mean', 'map' when the model
+        has the MAP head) changes the pooling. The MLP head's hidden layer stays: for the paper's linear fine-tuning
+        head use vlm-vision's `training.prepare_classifier(model, head="linear", ...)`."""
+        num_classes = _checked_num_classes(num_classes)
+        if global_pool is not None:
+            _set_pooling(self.vit, global_pool)
+            self.config.pooling = self.vit.config.pooling
+        reference = self.vit.layernorm.weight
+        classifier = self._new_classifier(num_classes).to(device=reference.device, dtype=reference.dtype)
+        if num_classes:
+            with torch.no_grad():
+                classifier.weight.zero_()
+                classifier.bias.zero_()
+        self.classifier = classifier.train(self.training)
+        self.config.num_labels = self.num_labels = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's `set_grad_checkpointing` (transformers' activation checkpointing of every block)."""
+        _set_grad_checkpointing(self, enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's `no_weight_decay` (see `VisionTransformerModel.no_weight_decay`), with the `vit.` prefix."""
+        return _no_weight_decay(self)
+
 
 __all__ = [
+    "CheckpointFileError",
+    "CheckpointMismatchError",
     "VisionTransformerForImageClassification",
     "VisionTransformerModel",
     "VisionTransformerPreTrainedModel",

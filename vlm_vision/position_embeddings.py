@@ -19,8 +19,19 @@ import torch.nn.functional as F
 INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 
 
+def _grid(value, name: str) -> tuple[int, int]:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be a (rows, columns) pair of ints, got {value!r}.")
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {pair}.")
+    return pair
+
+
 def infer_square_grid(num_patches: int) -> tuple[int, int]:
     """The (side, side) grid of `num_patches` patches, or a ValueError when it is not a perfect square."""
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches <= 0:
+        raise ValueError(f"Cannot infer the patch grid of {num_patches!r} position embeddings: need a positive count.")
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise ValueError(
@@ -56,10 +67,18 @@ def resample_position_embeddings(
     Returns:
         Same layout and dtype as the input, with `P + H_new * W_new` rows.
     """
+    if not isinstance(position_embeddings, torch.Tensor) or not position_embeddings.is_floating_point():
+        got = position_embeddings.dtype if isinstance(position_embeddings, torch.Tensor) else type(position_embeddings)
+        raise TypeError(f"position_embeddings must be a float torch.Tensor (1, T, D) or (T, D), got {got}.")
     if mode not in INTERPOLATION_MODES:
         raise ValueError(f"Unknown interpolation mode {mode!r}; use one of {INTERPOLATION_MODES}.")
+    if not isinstance(antialias, bool):
+        raise ValueError(f"antialias must be True or False, got {antialias!r}.")
     if antialias and mode not in ("bilinear", "bicubic"):
         raise ValueError(f"antialias=True needs mode 'bilinear' or 'bicubic', got {mode!r}.")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise ValueError(f"num_prefix_tokens must be an int (1 for [CLS], 0 without), got {num_prefix_tokens!r}.")
+    new_grid = _grid(new_grid, "new_grid")
     squeeze = position_embeddings.dim() == 2
     table = position_embeddings.unsqueeze(0) if squeeze else position_embeddings
     if table.dim() != 3 or table.shape[0] != 1:
@@ -69,15 +88,17 @@ def resample_position_embeddings(
     if not 0 <= num_prefix_tokens <= table.shape[1]:
         raise ValueError(f"num_prefix_tokens={num_prefix_tokens} is outside [0, {table.shape[1]}].")
     num_patches = table.shape[1] - num_prefix_tokens
-    old_grid = tuple(old_grid) if old_grid is not None else infer_square_grid(num_patches)
-    new_grid = tuple(new_grid)
+    if num_patches == 0:
+        raise ValueError(
+            f"The table has {table.shape[1]} rows, all prefix rows (num_prefix_tokens={num_prefix_tokens}): there are "
+            "no patch rows to resample."
+        )
+    old_grid = _grid(old_grid, "old_grid") if old_grid is not None else infer_square_grid(num_patches)
     if old_grid[0] * old_grid[1] != num_patches:
         raise ValueError(
             f"old_grid={old_grid} holds {old_grid[0] * old_grid[1]} patches but the table has {num_patches} patch "
             f"rows (after {num_prefix_tokens} prefix rows)."
         )
-    if min(new_grid) <= 0:
-        raise ValueError(f"new_grid must be positive, got {new_grid}.")
     if new_grid == old_grid:
         return position_embeddings
 

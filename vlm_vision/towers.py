@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, PreTrainedModel
+from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,9 @@ def load_image_processor(tower_path: str | os.PathLike, override: str | os.PathL
             "--image-processor FOLDER (vision.image_processor in a recipe): a folder with the tower's "
             "preprocessor_config.json, e.g. the original Hub folder's."
         )
-    return AutoImageProcessor.from_pretrained(folder)
+    from .checkpoint import load_image_processor as load_saved_processor
+
+    return load_saved_processor(folder)  # AutoImageProcessor, with RGB conversion for folders that predate it
 
 
 __all__ = ["TOWER_FAMILIES", "load_image_processor", "load_vision_tower", "resolve_dtype", "tower_family"]

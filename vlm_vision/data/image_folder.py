@@ -24,6 +24,12 @@ def load_image_folder(root: str | os.PathLike, class_names: tuple[str, ...] | No
         ValueError: `root` is not a folder, has no class sub-folders or no images, or has a class that is not in
             `class_names`.
     """
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or pathlib.Path), got {type(root).__name__}.")
+    if class_names is not None and (
+        isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names)
+    ):
+        raise TypeError(f"class_names must be a sequence of class names (strings), got {class_names!r}.")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(
@@ -34,6 +40,8 @@ def load_image_folder(root: str | os.PathLike, class_names: tuple[str, ...] | No
     if not found:
         raise ValueError(f"{root} has no sub-folders: put the images of each class in root/<class name>/.")
     names = tuple(class_names) if class_names is not None else tuple(found)
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names {list(names)} repeats a name: each class needs its own.")
     unknown = sorted(set(found) - set(names))
     if unknown:
         raise ValueError(f"{root} has classes {unknown} that are not among the training classes {list(names)}.")

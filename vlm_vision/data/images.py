@@ -1,9 +1,10 @@
 """Images for training: decode any file to RGB, labelled image sets, and the classification data set.
 
-Every image goes through :func:`load_image` (Pillow): grayscale, RGBA, palette and CMYK files all come out as RGB
-(transparent pixels composited on white), and a missing or undecodable file raises :class:`ImageLoadError` with the
-file named. Pixel values are prepared as the checkpoints' image processor does (transformers' ViT processor: bilinear
-resize, scale to [0, 1], normalise with mean = std = 0.5), so a model trained here sees at training time what
+Every image goes through :func:`load_image` (Pillow): grayscale, RGBA, palette, CMYK, 16-bit and float files all come
+out as 8-bit RGB (transparent pixels composited on white, 16-bit and float values scaled, not clipped, EXIF rotation
+applied), and a missing or undecodable file raises :class:`ImageLoadError` with the file named. Pixel values are
+prepared as the checkpoints' image processor does (transformers' ViT processor: bilinear resize, scale to [0, 1],
+normalise with mean = std = 0.5), so a model trained here sees at training time what
 `AutoImageProcessor.from_pretrained(folder)` gives it later.
 """
 
@@ -14,8 +15,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,14 @@ class ImageLoadError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode as RGB; transparent areas (RGBA, LA, palette with a transparent colour) composited on white,
-    so they do not turn into arbitrary colours. Always a new image (the caller may close the original)."""
+    """Any Pillow mode as RGB: 16-bit, 32-bit and float images scaled to 8 bits (not clipped), transparent areas
+    (RGBA, LA, palette with a transparent colour) composited on white, so they do not turn into arbitrary colours.
+    Always a new image (the caller may close the original)."""
+    if image.mode.startswith(("I", "F")):
+        image = _to_8_bit(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
@@ -50,20 +55,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as an RGB Pillow image, fully decoded.
 
-    Modes other than RGB are converted; images with transparency (RGBA, LA, palette with a transparent colour) are
-    composited on a white background first, so transparent areas do not turn into arbitrary colours.
+    - Modes other than RGB are converted; images with transparency (RGBA, LA, palette with a transparent colour) are
+      composited on a white background first, so transparent areas do not turn into arbitrary colours.
+    - High bit depths are scaled to 8 bits, not clipped: 16-bit grayscale ("I;16", e.g. 16-bit PNGs) by 255/65535;
+      32-bit integer ("I") and float ("F") images by the range their values fit (0-255, 0-65535 for "I"; 0-1,
+      0-255 for "F"), and otherwise stretched from their minimum to their maximum.
+    - The EXIF orientation is applied (as transformers' own `load_image` does), so phone photos are upright.
 
     Raises:
         ImageLoadError: the file does not exist or is not a decodable image (truncated, corrupt, not an image).
+        TypeError: `path` is not a path.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_image takes a file path (str or pathlib.Path), got {type(path).__name__}.")
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageLoadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "it is a folder, not an image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit "L", scaled as `load_image` documents
+    (Pillow's own conversion clips every value above 255)."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        ranges = (1.0, 255.0) if image.mode == "F" else (255.0, 65535.0)
+        top = next((r for r in ranges if low >= 0 and high <= r), None)
+        if top is None:  # another range: stretch what is there
+            values, top = values - low, max(high - low, 1e-12)
+    scaled = np.clip(np.nan_to_num(values / top * 255.0), 0, 255)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
 def _check_on_error(on_error: str) -> None:
@@ -86,9 +117,20 @@ class LabelledImages:
     class_names: tuple[str, ...]
 
     def __post_init__(self):
+        for name in ("paths", "labels", "class_names"):
+            if isinstance(getattr(self, name), (str, bytes, os.PathLike)):
+                raise TypeError(
+                    f"{name} must be a sequence (one entry per item), got the single value {getattr(self, name)!r}."
+                )
+        bad = [x for x in self.labels if isinstance(x, bool) or not isinstance(x, (int, np.integer))]
+        if bad:
+            raise ValueError(f"labels must be integer class indices, got {bad[:5]}: map class names to indices first.")
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
         object.__setattr__(self, "labels", tuple(int(x) for x in self.labels))
-        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        if len(set(self.class_names)) != len(self.class_names):
+            duplicates = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
+            raise ValueError(f"class_names repeats {duplicates}: each class needs its own name.")
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels: give one label per image.")
         if not self.class_names:
@@ -112,7 +154,7 @@ class LabelledImages:
 
     def subset(self, num_images: int, seed: int = 0) -> LabelledImages:
         """A seeded random subset of `num_images` images (in their original order)."""
-        if not 0 < num_images <= len(self):
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 0 < num_images <= len(self):
             raise ValueError(f"num_images={num_images} must be in 1..{len(self)} (the number of images).")
         chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
         return self._take(chosen.tolist())
@@ -146,8 +188,8 @@ class LabelledImages:
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}.")
     return pair
 
@@ -248,6 +290,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return pixels
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} images.")
+        index %= len(self)  # the flip coin and the cache see one index per image
         pixels = self._pixels(index)
         if self.horizontal_flip and _flip_bit(self.seed, self.epoch, index):
             pixels = pixels.flip(-1)

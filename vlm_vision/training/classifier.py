@@ -69,12 +69,24 @@ class ClassifierStage:
     def __post_init__(self):
         if isinstance(self.optimizer, dict):
             self.optimizer = OptimizerConfig(**self.optimizer)
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise TypeError(f"optimizer must be an OptimizerConfig or a dict of its fields, got {self.optimizer!r}.")
+        if not isinstance(self.name, str) or not self.name or self.name in (".", "..") or "/" in self.name:
+            raise ValueError(f"name={self.name!r}: a stage's name is its folder under the run folder, e.g. 'pretrain'.")
+        for name in ("data", "task"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a non-empty string.")
         if self.head not in CLASSIFIER_HEADS:
             raise ValueError(f"head={self.head!r}; choose 'mlp' (pre-training) or 'linear' (fine-tuning).")
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int.")
-        if self.train_subset is not None and self.train_subset <= 0:
-            raise ValueError(f"train_subset={self.train_subset} must be positive or None.")
+        if not isinstance(self.horizontal_flip, bool):
+            raise ValueError(f"horizontal_flip={self.horizontal_flip!r} must be true or false.")
+        if self.train_subset is not None and (
+            isinstance(self.train_subset, bool) or not isinstance(self.train_subset, int) or self.train_subset <= 0
+        ):
+            raise ValueError(f"train_subset={self.train_subset!r} must be a positive int or None.")
+        TrainingArguments.for_stage(self, "")  # the schedule fields (epochs, batch size, ...), checked now, not at run
         if not self.optimizer.parts:
             self.optimizer.parts = dict(CLASSIFIER_PARTS)
 
@@ -104,6 +116,15 @@ def prepare_classifier(
         share_encoder: use `model`'s encoder module itself (no copy) when the resolution is unchanged, so training
             the classifier trains that encoder (e.g. a VLM's vision tower pre-trained as a classifier).
     """
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels={num_labels!r} must be a positive int (the number of classes).")
+    if id2label is not None and sorted(id2label) != list(range(num_labels)):
+        raise ValueError(
+            f"id2label has the labels {sorted(id2label)[:10]} but num_labels={num_labels}: give one name per label "
+            f"0..{num_labels - 1}."
+        )
+    if not isinstance(share_encoder, bool):
+        raise TypeError(f"share_encoder must be True or False, got {share_encoder!r}.")
     if isinstance(model, VisionTransformerConfig):
         config = VisionTransformerConfig(
             **{
@@ -287,12 +308,19 @@ class ClassifierRecipe:
     def from_json(cls, path) -> ClassifierRecipe:
         """A recipe from a JSON file (configs/classifier/*.json); unknown keys are refused with the known ones."""
         with open(path) as f:
-            raw = json.load(f)
+            try:
+                raw = json.load(f)
+            except ValueError as error:
+                raise ValueError(f"{path} is not valid JSON ({error}): fix the recipe file.") from error
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} holds a JSON {type(raw).__name__}; a recipe is an object with model and stages.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known - {"description"})
         if unknown:
             raise ValueError(f"{path}: unknown recipe keys {unknown}; a recipe has {sorted(known)}.")
         stage_fields = {f.name for f in fields(ClassifierStage)}
+        if not isinstance(raw.get("stages", []), list) or not all(isinstance(x, dict) for x in raw.get("stages", [])):
+            raise ValueError(f"{path}: stages must be a list of objects (one per stage).")
         for stage in raw.get("stages", []):
             bad = sorted(set(stage) - stage_fields)
             if bad:
