@@ -17,15 +17,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` `scripts/<script>` with the shipped 2-process CPU config; returns the finished process."""
+def launch_two_processes(
+    script: str, *args: str, cwd: Path, config: str = "cpu_2proc.yaml"
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` `scripts/<script>` with a shipped 2-process CPU config (DDP by default, or
+    `fsdp_cpu_2proc.yaml`); returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        str(ROOT / "configs" / "accelerate" / config),
         "--main_process_port",
         str(free_port()),
         str(ROOT / "scripts" / script),

@@ -246,3 +246,31 @@ def llava_expand2square(image: Image.Image, background: tuple[int, ...]) -> Imag
     result = Image.new(image.mode, (height, height), background)
     result.paste(image, ((height - width) // 2, 0))
     return result
+
+
+def build_world(base: Path, num_images: int = 240) -> dict:
+    """All of it under `base`: the LLaVA data, the three tower folders and the LM folder."""
+    data = write_llava_data(base / "data", num_images=num_images)
+    return {
+        "data": data,
+        "clip": write_clip_folder(base / "clip-vit"),
+        "siglip": write_siglip_folder(base / "siglip"),
+        "dinov2": write_dinov2_folder(base / "dinov2"),
+        "lm": write_lm_folder(base / "lm", corpus_of(data)),
+    }
+
+
+def llava_command(world: dict, tower: str, out: Path, *extra: str, lm: Path | None = None, recipe: Path | None = None):
+    """The README's command for the LLaVA recipe (flags after `scripts/train_vlm.py`), with batch sizes and workers
+    small enough for a test."""
+    data = world["data"]
+    recipe = recipe or Path(__file__).resolve().parent.parent / "configs" / "vlm" / "llava_1_5.json"
+    return [
+        "--recipe", str(recipe), "--vision", str(world[tower]), "--lm", str(lm or world["lm"]),
+        "--output-dir", str(out), "--no-progress-bar", "--set",
+        f"stages.pretrain.data.train={data.pretrain}", f"stages.pretrain.data.image_folder={data.root}",
+        f"stages.finetune.data.train={data.finetune}", f"stages.finetune.data.image_folder={data.root}",
+        "stages.pretrain.batch_size=16", "stages.pretrain.per_device_batch_size=8",
+        "stages.finetune.batch_size=8", "stages.finetune.per_device_batch_size=4", "data.num_workers=1",
+        *extra,
+    ]  # fmt: skip

@@ -15,13 +15,11 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 from tests.launch import launch_two_processes
 from tests.real_path import (
     CHATML_TEMPLATE,
+    build_world,
     corpus_of,
+    llava_command,
     llava_expand2square,
-    write_clip_folder,
-    write_dinov2_folder,
-    write_llava_data,
     write_lm_folder,
-    write_siglip_folder,
 )
 from vlm_vision import VisionLanguageForConditionalGeneration, VisionTransformerModel
 from vlm_vision.data.images import load_image
@@ -33,30 +31,10 @@ LLAVA_RECIPE = ROOT / "configs" / "vlm" / "llava_1_5.json"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("real")
-    data = write_llava_data(base / "data")
-    return {
-        "data": data,
-        "clip": write_clip_folder(base / "clip-vit"),
-        "siglip": write_siglip_folder(base / "siglip"),
-        "dinov2": write_dinov2_folder(base / "dinov2"),
-        "lm": write_lm_folder(base / "lm", corpus_of(data)),
-    }
+    return build_world(tmp_path_factory.mktemp("real"))
 
 
-def command(world, tower: str, out: Path, *extra: str, lm: Path | None = None) -> list[str]:
-    """The README's command for the LLaVA recipe, with batch sizes and workers small enough for a test."""
-    data = world["data"]
-    return [
-        "--recipe", str(LLAVA_RECIPE), "--vision", str(world[tower]), "--lm", str(lm or world["lm"]),
-        "--output-dir", str(out),
-        "--no-progress-bar", "--set",
-        f"stages.pretrain.data.train={data.pretrain}", f"stages.pretrain.data.image_folder={data.root}",
-        f"stages.finetune.data.train={data.finetune}", f"stages.finetune.data.image_folder={data.root}",
-        "stages.pretrain.batch_size=16", "stages.pretrain.per_device_batch_size=8",
-        "stages.finetune.batch_size=8", "stages.finetune.per_device_batch_size=4", "data.num_workers=1",
-        *extra,
-    ]  # fmt: skip
+command = llava_command
 
 
 def train_vlm_main():

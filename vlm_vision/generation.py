@@ -49,11 +49,30 @@ def generate_answers(
 ) -> list[str | None]:
     """Greedy answers to each sample's first user turn, batched and left-padded on `model.device`.
 
+    Under several processes (call it on every one, each with the whole model), each process answers every
+    world-size-th sample and the answers are gathered: every process returns all of them, in order.
+
     Returns:
         Per sample, the decoded answer (stripped), or None when one of its images cannot be read.
     """
     if batch_size <= 0 or max_new_tokens <= 0:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be positive.")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+    if world > 1:
+        mine = _answer(
+            model, processor, list(samples)[rank::world], batch_size, max_new_tokens, progress_bar and not rank
+        )
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        answers: list[str | None] = [None] * len(samples)
+        for part_rank, part in enumerate(parts):
+            answers[part_rank::world] = part
+        return answers
+    return _answer(model, processor, samples, batch_size, max_new_tokens, progress_bar)
+
+
+def _answer(model, processor, samples, batch_size: int, max_new_tokens: int, progress_bar: bool) -> list[str | None]:
     model.eval()
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"

@@ -31,19 +31,25 @@ RESUME_LATEST = ("latest", "auto")
 
 @dataclass
 class TrainerState:
-    """Where a run is: optimizer steps done, the epoch, and the micro-batches (per process) consumed in it."""
+    """Where a run is: optimizer steps done, the epoch, the micro-batches (per process) and samples (all processes)
+    consumed in it, and what the run is (`config`, whose digest is `fingerprint`) on how many processes."""
 
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    samples_in_epoch: int = 0
     fingerprint: str = ""
+    config: dict | None = None
+    num_processes: int = 1
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
 
 
-def save_state_atomically(accelerator, checkpoints_dir: str | os.PathLike, state: TrainerState, keep_last=None) -> Path:
+def save_state_atomically(
+    accelerator, checkpoints_dir: str | os.PathLike, state: TrainerState, keep_last=None, sharded=None
+) -> Path:
     """`accelerator.save_state` into `checkpoints_dir/checkpoint-<step>`, all or nothing. Call on every process.
 
     Args:
@@ -51,6 +57,8 @@ def save_state_atomically(accelerator, checkpoints_dir: str | os.PathLike, state
         checkpoints_dir: the folder of the run's checkpoints.
         state: the loop's position, written as `trainer_state.json`.
         keep_last: delete all but the newest `keep_last` complete checkpoints after this one is in place.
+        sharded: `(model, optimizer)` of an FSDP2 run (not prepared by accelerate): saved sharded, by every process,
+            with torch's distributed checkpoint (:func:`.distributed.save_sharded`).
 
     Returns:
         The checkpoint folder.
@@ -63,6 +71,10 @@ def save_state_atomically(accelerator, checkpoints_dir: str | os.PathLike, state
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if sharded is not None:
+        from .distributed import save_sharded
+
+        save_sharded(*sharded, staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(staging / STATE_FILE, "w") as f:
@@ -118,24 +130,37 @@ def resolve_resume(resume: str | os.PathLike | None, checkpoints_dir: str | os.P
     return path
 
 
-def load_state(accelerator, checkpoint: str | os.PathLike, fingerprint: str | None = None) -> TrainerState:
+def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None = None, sharded=None) -> TrainerState:
     """Restore everything `save_state_atomically` saved; return the loop's position.
 
     Raises:
-        ValueError: the checkpoint is incomplete, or was written by a run with another `fingerprint` (a different
-            recipe, data set or number of processes would not continue the same run).
+        ValueError: the checkpoint is incomplete, or was written by a run with another configuration (the fields
+            that differ are named: a different recipe or data set would not continue the same run).
     """
     checkpoint = Path(checkpoint)
     state_file = checkpoint / STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
     state = TrainerState(**json.loads(state_file.read_text()))
-    if fingerprint is not None and state.fingerprint and state.fingerprint != fingerprint:
+    if config is not None and state.config is not None and state.config != config:
+        changes = "\n".join(f"  {key}: saved {a!r}, now {b!r}" for key, a, b in _differences(state.config, config))
         raise ValueError(
-            f"{checkpoint} was saved by a run with another configuration:\n  saved:   {state.fingerprint}\n"
-            f"  current: {fingerprint}\nResume with the same recipe, data and number of processes, or start a new "
-            "run in another output folder."
+            f"{checkpoint} was saved by a run with another configuration:\n{changes}\nResume with the same recipe "
+            "and data (the number of processes may change), or start a new run in another output folder."
         )
     accelerator.load_state(str(checkpoint))
+    if sharded is not None:
+        from .distributed import load_sharded
+
+        load_sharded(*sharded, checkpoint)
     logger.info("Resumed from %s (step %d, epoch %d)", checkpoint, state.global_step, state.epoch)
     return state
+
+
+def _differences(saved, now, prefix: str = ""):
+    """(dotted key, saved value, current value) for every leaf that differs between two JSON-like dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(set(saved) | set(now)):
+            yield from _differences(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+    elif saved != now:
+        yield prefix, saved, now

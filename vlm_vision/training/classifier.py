@@ -253,7 +253,7 @@ def train_classifier(
         if not hasattr(train_dataset, "subset"):
             raise ValueError("train_subset needs a data set with subset(n, seed) (ImageClassificationDataset).")
         train_dataset = train_dataset.subset(stage.train_subset, args.seed)
-    fingerprint_extra = {"model": model.config.to_json_string(use_diff=True), "stage": stage.name}
+    fingerprint_extra = {"stage": stage.name}
     result = train(
         model,
         train_dataset,

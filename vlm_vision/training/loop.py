@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpointing import TrainerState, load_state, resolve_resume, save_state_atomically
+from .distributed import FSDPSettings, is_sharded, meta_skeleton, shard, unsharded_copy
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -269,34 +270,74 @@ def default_compute_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
-def run_fingerprint(
-    args: TrainingArguments, optimizer: OptimizerConfig, num_samples: int, num_processes: int, extra: dict | None = None
-) -> str:
-    """A short digest of what must not change between a run and its resume."""
-    keep = {
-        k: v
-        for k, v in asdict(args).items()
-        if k
-        not in (
-            "resume",
-            "stop_after_steps",
-            "progress_bar",
-            "output_dir",
-            "report_to",
-            "num_workers",
-            "log_every_steps",
-            "keep_last_checkpoints",
-        )
-    }
-    payload = {
-        "args": keep,
-        "optimizer": asdict(optimizer),
-        "num_samples": num_samples,
-        "num_processes": num_processes,
-        **(extra or {}),
-    }
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return f"{hashlib.sha256(text.encode()).hexdigest()[:16]} ({num_samples} samples, {num_processes} processes)"
+# what may change between a run and its resume: how it is run, not what it computes
+RESUMABLE_CHANGES = (
+    "resume",
+    "stop_after_steps",
+    "progress_bar",
+    "output_dir",
+    "report_to",
+    "num_workers",
+    "log_every_steps",
+    "keep_last_checkpoints",
+    "save_every_steps",
+    # the number of processes may change: the global batch and the data order do not depend on it
+    "gradient_accumulation_steps_derived",
+)
+
+
+def run_config(
+    args: TrainingArguments, optimizer: OptimizerConfig, num_samples: int, extra: dict | None = None
+) -> dict:
+    """What must not change between a run and its resume (JSON-able): the schedule, the optimizer, the data size and
+    `extra` (the model and stage). The number of processes is not in it: a run may resume on another."""
+    arguments = {k: v for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES}
+    if args.per_device_batch_size is not None:
+        arguments.pop("gradient_accumulation_steps")  # derived from the number of processes
+    payload = {"args": arguments, "optimizer": asdict(optimizer), "num_samples": num_samples, **(extra or {})}
+    return json.loads(json.dumps(payload, sort_keys=True, default=str))
+
+
+def run_fingerprint(config: dict) -> str:
+    """A short digest of `run_config`."""
+    text = json.dumps(config, sort_keys=True)
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:16]} ({config['num_samples']} samples)"
+
+
+def release(accelerator: Accelerator) -> None:
+    """Leave `accelerator` as a stage found it, so the next stage of the run can use it: trackers finished (not with
+    `end_training`, which also destroys the process group), prepared objects and checkpoint registrations released."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()  # the stage's scheduler: the next stage registers its own
+
+
+def syncing(model: nn.Module, accelerator: Accelerator, sync: bool):
+    """The context of a micro-batch's backward: gradients are reduced over processes only when `sync` (the last
+    micro-batch of a step); FSDP2 modules are told so directly, DDP through accelerate's `no_sync`."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+def log_shards(model: nn.Module, accelerator: Accelerator) -> None:
+    """One line per process: how much of the model it holds (its DTensor shards)."""
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    name, biggest = max(model.named_parameters(), key=lambda item: item[1].numel())
+    logging.getLogger(__name__).info(
+        "FSDP2: process %d of %d holds %d of %d parameter values (%s: local %s of %s)",
+        accelerator.process_index,
+        accelerator.num_processes,
+        local,
+        total,
+        name,
+        tuple(biggest.to_local().shape),
+        tuple(biggest.shape),
+    )
 
 
 def train(
@@ -324,8 +365,10 @@ def train(
         optimizer_config: AdamW, its parameter groups and the cosine schedule (see :mod:`.optim`).
         compute_loss: `(model, batch) -> scalar loss`, for models whose loss is not `outputs.loss` (e.g. a VLM with
             an auxiliary classification loss).
-        accelerator: reuse one (its `gradient_accumulation_steps` must match); default: a new one for this stage.
-        fingerprint_extra: more things that identify the run (e.g. the model config), checked on resume.
+        accelerator: the run's (one for all its stages: made with `make_accelerator`, accumulation 1); default: a new
+            one. It is released at the end (:func:`release`), ready for the next stage.
+        fingerprint_extra: more things that identify the run (e.g. the stage), checked on resume with the model's
+            parameter names, shapes and trainability.
         tracker_config: hyper-parameters logged to the trackers.
         lengths, modalities: per sample, its (estimated) length and whether it has images, for
             `args.group_by_length` (see :class:`EpochSampler`).
@@ -380,18 +423,46 @@ def train(
         # RNG (dropout) at every epoch start, and a run resumed mid-epoch would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    optimizer = build_optimizer(model, optimizer_config)
+    # what the run trains, by parameter (not by config serialisation, which differs between a model built in memory
+    # and the same model loaded from its folder)
+    parameters = {name: [list(p.shape), p.requires_grad] for name, p in model.named_parameters()}
+    fsdp = FSDPSettings.from_env()
+    if fsdp is not None:
+        # sharded by the loop itself (the same on CPU and GPU), never handed to accelerate.prepare (see .distributed)
+        if accelerator.mixed_precision == "fp16":
+            raise ValueError("FSDP2 here trains in fp32 or bf16 (no fp16 loss scaling): use --mixed-precision bf16.")
+        skeleton = meta_skeleton(model)
+        model = shard(model.to(accelerator.device), fsdp)
+        log_shards(model, accelerator)
+        optimizer = build_optimizer(model, optimizer_config)
+        loader = accelerator.prepare(loader)
+    else:
+        optimizer = build_optimizer(model, optimizer_config)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = build_scheduler(optimizer, optimizer_config, num_training_steps)
     # The scheduler is not prepared: accelerate would step it once per process; here it steps once per update.
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
+    sharded = (model, optimizer) if fsdp is not None else None
+    # a prepared model runs under autocast itself; the sharded one, not prepared, in accelerate's autocast context
+    forward_context = accelerator.autocast if fsdp is not None else contextlib.nullcontext
 
-    fingerprint = run_fingerprint(args, optimizer_config, num_samples, num_processes, fingerprint_extra)
+    config = run_config(args, optimizer_config, num_samples, {"parameters": parameters, **(fingerprint_extra or {})})
     checkpoints_dir = Path(args.output_dir) / "checkpoints"
-    state = TrainerState(fingerprint=fingerprint)
+    state = TrainerState(fingerprint=run_fingerprint(config), config=config, num_processes=num_processes)
     checkpoint = resolve_resume(args.resume, checkpoints_dir)
     if checkpoint is not None:
-        state = load_state(accelerator, checkpoint, fingerprint)
+        state = load_state(accelerator, checkpoint, config, sharded=sharded)
+        if state.num_processes != num_processes:
+            logger.warning(
+                "Resuming a run saved on %d processes on %d: the data order, the samples of each step, the model, "
+                "optimizer and schedule continue exactly; random draws made by each process (dropout) do not.",
+                state.num_processes,
+                num_processes,
+            )
+            state.num_processes = num_processes
+        if state.batches_in_epoch and not state.samples_in_epoch:  # saved before samples were counted
+            state.samples_in_epoch = state.batches_in_epoch * per_device_batch * num_processes
+        state.batches_in_epoch = state.samples_in_epoch // (per_device_batch * num_processes)
     if args.report_to:
         accelerator.init_trackers(Path(args.output_dir).name, config=tracker_config or {})
 
@@ -425,7 +496,7 @@ def train(
         loader.set_epoch(state.epoch)
         if hasattr(train_dataset, "set_epoch"):
             train_dataset.set_epoch(state.epoch)
-        sampler.skip(state.batches_in_epoch * per_device_batch * num_processes)
+        sampler.skip(state.samples_in_epoch)
         batches = iter(loader)
         while state.global_step < stop_at:
             window = list(itertools.islice(batches, args.gradient_accumulation_steps))  # one optimizer step
@@ -437,7 +508,7 @@ def train(
             step_loss = 0.0
             for position, batch in enumerate(window):
                 last = position == len(window) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):  # all-reduce once a step
+                with syncing(model, accelerator, last), forward_context():  # gradients reduced once a step
                     if count_items is not None:
                         batch["num_items_in_batch"] = items
                         loss = compute_loss(model, batch)
@@ -446,6 +517,7 @@ def train(
                     accelerator.backward(loss)
                 step_loss += loss.detach().float().item()
                 state.batches_in_epoch += 1
+                state.samples_in_epoch += per_device_batch * num_processes
             if args.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -456,7 +528,7 @@ def train(
             state.global_step += 1
             samples_done += args.batch_size
             if state.batches_in_epoch >= batches_per_epoch:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batches_in_epoch, state.samples_in_epoch = state.epoch + 1, 0, 0
             bar.update(1)
             if state.global_step % args.log_every_steps == 0 or state.global_step == stop_at:
                 mean_loss = accelerator.reduce(
@@ -479,19 +551,20 @@ def train(
             if args.save_every_steps and (
                 state.global_step % args.save_every_steps == 0 or state.global_step == stop_at
             ):
-                save_state_atomically(accelerator, checkpoints_dir, state, args.keep_last_checkpoints)
+                save_state_atomically(accelerator, checkpoints_dir, state, args.keep_last_checkpoints, sharded=sharded)
             if state.global_step >= stop_at:
                 break
     bar.close()
     elapsed = time.perf_counter() - started
-    if args.report_to:
-        accelerator.end_training()
     accelerator.wait_for_everyone()
     finished = state.global_step >= num_training_steps
     if main:
         logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
+    # the result is an ordinary module on every process: under FSDP the full weights gathered into the skeleton
+    trained = unsharded_copy(model, skeleton) if fsdp is not None else accelerator.unwrap_model(model)
+    release(accelerator)
     return TrainResult(
-        model=accelerator.unwrap_model(model),
+        model=trained,
         state=state,
         num_training_steps=num_training_steps,
         last_loss=last_loss,

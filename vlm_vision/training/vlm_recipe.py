@@ -45,7 +45,7 @@ from ..smollm import as_plain_model
 from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
 from ..towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
-from .loop import process_state, train
+from .loop import TrainingArguments, make_accelerator, process_state, train
 from .schema import apply_overrides, check_keys, from_dict
 from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
 from .vlm import VLMLoss, WithAuxiliaryClassifier, count_supervised, save_json
@@ -314,6 +314,7 @@ class _Run:
     aux: tuple | None = None  # (head, label names, task) of the last vision_pretrain stage
     model: VisionLanguageForConditionalGeneration | None = None
     processor: VisionLanguageProcessor | None = None
+    accelerator: object = None  # one for the whole run, every stage's
 
     @property
     def process(self):
@@ -353,6 +354,9 @@ def run_vlm_recipe(
             "report_to": list(report_to or []),
         },
     )
+    run.accelerator = make_accelerator(
+        TrainingArguments(output_dir=output_dir, mixed_precision=mixed_precision, report_to=list(report_to or []))
+    )
     for stage in recipe.stages:
         finished = (run_vision_pretrain if stage.kind == "vision_pretrain" else run_vlm_stage)(run, stage, resume)
         if not finished:
@@ -386,6 +390,7 @@ def run_vision_pretrain(run: _Run, stage: VLMStage, resume: bool) -> bool:
             classifier_stage,
             classifier_stage.training_arguments(str(stage_dir), **run.options),
             eval_dataset=eval_data,
+            accelerator=run.accelerator,
         )
         if not result.train.finished:
             return False
@@ -466,7 +471,8 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         collate_fn=VLMCollator(run.processor),
         compute_loss=loss,
         count_items=count_supervised,
-        fingerprint_extra={"stage": stage_summary(stage), "model": run.model.config.to_json_string(use_diff=True)},
+        accelerator=run.accelerator,
+        fingerprint_extra={"stage": stage_summary(stage)},
         **grouping,
     )
     skipped = loss.all_skipped()
@@ -498,32 +504,33 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
 
 
 def finish(run: _Run, evaluate: bool) -> dict:
-    """Evaluate (main process) and write the final folder, the model card and `results.json`."""
-    recipe, evaluation = run.recipe, None
-    if run.process.is_main_process and run.model is not None:
-        eval_samples = load_eval_samples(recipe.data, recipe.seed) if evaluate else []
-        if eval_samples:
-            evaluation = evaluate_samples(
-                run.model,
-                run.processor,
-                eval_samples,
-                recipe.eval_metric or "exact_match",
-                batch_size=recipe.eval_batch_size,
-                max_new_tokens=recipe.eval_max_new_tokens,
-                progress_bar=run.options["progress_bar"],
-            )
-            predictions = evaluation.pop("predictions")
+    """Evaluate (every process answers its share of the questions) and write the final folder, the model card and
+    `results.json` (main process)."""
+    recipe, evaluation, main = run.recipe, None, run.process.is_main_process
+    eval_samples = load_eval_samples(recipe.data, recipe.seed) if evaluate and run.model is not None else []
+    if eval_samples:
+        evaluation = evaluate_samples(
+            run.model,
+            run.processor,
+            eval_samples,
+            recipe.eval_metric or "exact_match",
+            batch_size=recipe.eval_batch_size,
+            max_new_tokens=recipe.eval_max_new_tokens,
+            progress_bar=run.options["progress_bar"],
+        )
+        predictions = evaluation.pop("predictions")
+        evaluation["data"] = recipe.data["name"] if recipe.data["name"] == "easy-vqa" else recipe.data["eval"]
+        if main:
             rows = [{"id": s.id, "prediction": p} for s, p in zip(eval_samples, predictions, strict=True)]
             save_json(run.out / "eval_predictions.json", {"predictions": rows})
-            evaluation["data"] = recipe.data["name"] if recipe.data["name"] == "easy-vqa" else recipe.data["eval"]
+    summary = run.summary(evaluation=evaluation, seed=recipe.seed, recipe=getattr(recipe, "source", None))
+    if main and run.model is not None:
 
         def write(folder: Path) -> None:
             _save_vlm(run.model, run.processor, folder)
             write_vlm_card(folder, recipe.to_dict(), run.rows, evaluation, run.model)
 
         save_folder_atomically(run.out / "vlm", write)
-    summary = run.summary(evaluation=evaluation, seed=recipe.seed, recipe=getattr(recipe, "source", None))
-    if run.process.is_main_process and run.model is not None:
         save_json(run.out / "results.json", summary)
     run.process.wait_for_everyone()
     return summary

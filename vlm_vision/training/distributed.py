@@ -1,0 +1,176 @@
+"""FSDP2 (torch's `fully_shard`) for the training loop, the same code on CPU processes and GPUs.
+
+accelerate's FSDP plugin does not run on CPU (under a CPU launch it falls back to DDP), so the loop shards the model
+itself and never hands it to `accelerator.prepare` (which would wrap it in DDP): accelerate still starts the
+processes, shards the data and runs autocast. The settings come from the accelerate config, as for any accelerate
+FSDP run (`accelerate launch --config_file configs/accelerate/fsdp.yaml` on GPUs,
+`configs/accelerate/fsdp_cpu_2proc.yaml` on 2 CPU processes): `distributed_type: FSDP` with `fsdp_version: 2` sets
+the environment read here.
+
+- Wrapping: every module whose class is in the models' own `_no_split_modules` (our ViT layer, the LM's decoder layer)
+  is its own FSDP unit, then the root; `fsdp_transformer_layer_cls_to_wrap` names other classes (each must exist in
+  the model). Frozen and trainable parameters may share a unit (FSDP2 allows mixed `requires_grad`).
+- Checkpoints: the model and optimizer state are saved sharded with torch's distributed checkpoint (each process
+  writes its shards; a run can resume on another number of processes), next to accelerate's state.
+- Results: :func:`unsharded_copy` gathers the full weights into an ordinary module on every process, for the final
+  save, LoRA merging, evaluation on every process, and the next stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import parse_flag_from_env
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DCP_FOLDER = "sharded_model_optimizer"
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """FSDP2 settings, from the environment `accelerate launch` sets for `distributed_type: FSDP`."""
+
+    reshard_after_forward: bool = True
+    wrap_classes: tuple[str, ...] = ()  # empty: the models' `_no_split_modules`
+    offload_params: bool = False
+
+    @classmethod
+    def from_env(cls) -> FSDPSettings | None:
+        if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            return None
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise ValueError(
+                f"FSDP version {version} (fsdp_config.fsdp_version in the accelerate config): this package trains with "
+                "FSDP2 (torch's fully_shard), which allows frozen and trainable parameters in one unit; set "
+                "fsdp_version: 2 (configs/accelerate/fsdp.yaml)."
+            )
+        policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+        if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
+            raise ValueError(
+                f"fsdp_auto_wrap_policy={policy}: use TRANSFORMER_BASED_WRAP (one unit per transformer layer, the "
+                "models' _no_split_modules or fsdp_transformer_layer_cls_to_wrap) or NO_WRAP."
+            )
+        classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+        return cls(
+            reshard_after_forward=parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", True),
+            wrap_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+            offload_params=parse_flag_from_env("FSDP_OFFLOAD_PARAMS"),
+        )
+
+
+def layer_classes(model: nn.Module) -> set[str]:
+    """The class names of the transformer layers of `model`: the `_no_split_modules` of its (sub)models."""
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def shard(model: nn.Module, settings: FSDPSettings) -> nn.Module:
+    """`fully_shard` every transformer layer of `model`, then `model` itself (in place; returned)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    wanted = set(settings.wrap_classes) or layer_classes(model)
+    present = {type(module).__name__ for module in model.modules()}
+    missing = sorted(set(settings.wrap_classes) - present)
+    if missing:
+        raise ValueError(
+            f"fsdp_transformer_layer_cls_to_wrap names {missing}, which are not classes of this model: leave it empty "
+            f"(the models' own layers: {sorted(layer_classes(model) & present)}) or name classes it has."
+        )
+    options = {"reshard_after_forward": settings.reshard_after_forward}
+    if settings.offload_params:
+        options["offload_policy"] = CPUOffloadPolicy()
+    units = [m for m in model.modules() if type(m).__name__ in wanted and m is not model]
+    for module in units:
+        fully_shard(module, **options)
+    fully_shard(model, **options)
+    logger.info("FSDP2: %d units (%s) and the root", len(units), ", ".join(sorted(wanted & present)))
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are on the meta device (no memory), buffers copied: the shape of the
+    unsharded model, to load the gathered weights into after training. Tied parameters stay tied."""
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
+
+
+def unsharded_copy(sharded: nn.Module, skeleton: nn.Module) -> nn.Module:
+    """Gather the full weights of `sharded` (call on every process) into `skeleton` (:func:`meta_skeleton` of the
+    model before sharding), an ordinary module on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    shared = {}  # parameters that are one tensor under several names (tied embeddings)
+    for name, parameter in skeleton.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(parameter), []).append(name)
+    requires_grad = {name: p.requires_grad for name, p in skeleton.named_parameters(remove_duplicate=False)}
+    skeleton.load_state_dict(full, strict=True, assign=True)
+    for names in shared.values():
+        first = skeleton.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(skeleton.get_submodule(owner) if owner else skeleton, leaf, first)
+    for name, parameter in skeleton.named_parameters():
+        parameter.requires_grad_(requires_grad[name])
+    return skeleton
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
+    """The model's and optimizer's shards into `folder/sharded_model_optimizer` (every process writes its own)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=os.path.join(folder, DCP_FOLDER))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
+    """Load what :func:`save_sharded` wrote, resharded to this run's processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = os.path.join(folder, DCP_FOLDER)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{folder} has no {DCP_FOLDER}: it was saved without FSDP. Resume it with the accelerate config it was "
+            "saved with (DDP or one process), or start the stage again."
+        )
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+__all__ = [
+    "FSDPSettings",
+    "is_sharded",
+    "layer_classes",
+    "load_sharded",
+    "meta_skeleton",
+    "save_sharded",
+    "shard",
+    "unsharded_copy",
+]
