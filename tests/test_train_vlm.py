@@ -1,6 +1,7 @@
 """VLM training from recipes: all stages on tiny sizes, artefacts, frozen parts, exact resume, 2 processes = 1."""
 
 import json
+import logging
 import runpy
 from pathlib import Path
 
@@ -289,3 +290,35 @@ def test_every_recipe_key_is_documented():
     keys |= set(vlm_recipe.DATA_KEYS + stages.STAGE_DATA_KEYS) | set(stages.STAGE_KINDS)
     missing = sorted(key for key in keys if f"`{key}`" not in documented)
     assert not missing, f"docs/recipes.md does not document {missing}"
+
+
+def test_a_frozen_tower_stage_trains_the_same_from_cached_features(tmp_path, caplog):
+    frozen = {**ALIGN, "name": "lm", "kind": "full", "freeze_vision": True, "horizontal_flip": True}
+    run_vlm_recipe(recipe(ALIGN, frozen), str(tmp_path / "pixels"), progress_bar=False, evaluate=False)
+    cached = {**frozen, "cache_features": True}
+    again = {**cached, "name": "again", "max_steps": 1}
+    with caplog.at_level(logging.INFO, logger="vlm_vision.feature_cache"):
+        run_vlm_recipe(recipe(ALIGN, cached, again), str(tmp_path / "cached"), progress_bar=False, evaluate=False)
+    pixels, features = weights(tmp_path / "pixels" / "lm" / "model"), weights(tmp_path / "cached" / "lm" / "model")
+    for key in pixels:
+        torch.testing.assert_close(features[key], pixels[key], atol=1e-5, rtol=1e-4, msg=key)
+    # the images and their flips, once; the next stage with the same frozen tower reuses the store
+    assert "and their flips cached in" in caplog.text and "vision features: reusing" in caplog.text
+    stores = list((tmp_path / "cached" / "feature_cache").iterdir())
+    assert len(stores) == 1 and (stores[0] / "features.npy").is_file()
+    with pytest.raises(ValueError, match="cache_features needs a frozen tower"):
+        recipe({**ALIGN, "kind": "full", "cache_features": True})
+
+
+def test_compiled_layers_train_as_eager_ones(tmp_path):
+    """torch.compile (inductor, on this CPU) of the tower's and the LM's layers: the same weights after a stage."""
+    full = {**ALIGN, "name": "full", "kind": "full", "max_steps": 2}
+    eager = recipe(full)
+    run_vlm_recipe(eager, str(tmp_path / "eager"), progress_bar=False, evaluate=False)
+    compiled = recipe(full)
+    compiled.vision["compile"] = compiled.language_model["compile"] = True
+    run_vlm_recipe(compiled, str(tmp_path / "compiled"), progress_bar=False, evaluate=False)
+    a, b = weights(tmp_path / "eager" / "full" / "model"), weights(tmp_path / "compiled" / "full" / "model")
+    assert a.keys() == b.keys()  # the module names are unchanged
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)

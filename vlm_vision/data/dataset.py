@@ -75,6 +75,9 @@ class VLMDataset(torch.utils.data.Dataset):
             the flips are the same under any number of processes, DataLoader workers or a resume (call `set_epoch`).
         cache: keep each distinct conversation's encoding and each image's pixel values in memory after their first
             use (per process): for small data sets read many times (easy-VQA); off for large ones.
+        features: a :class:`~vlm_vision.feature_cache.FeatureStore` of a frozen tower: items then hold each image's
+            tower features (`"features"`) instead of its pixels, and the tower does not run (flipped images read
+            their flipped rows).
         on_error: "skip" (the next usable sample instead, reported in the batch) or "raise".
 
     Items: `{"encoded": {"input_ids", "labels"} (or a list of them, one per question), "images": [(C, H, W)],
@@ -93,6 +96,7 @@ class VLMDataset(torch.utils.data.Dataset):
         horizontal_flip: bool = False,
         seed: int = 0,
         cache: bool = False,
+        features=None,
         on_error: str = "skip",
     ):
         _check_on_error(on_error)
@@ -110,6 +114,7 @@ class VLMDataset(torch.utils.data.Dataset):
         self.on_error = on_error
         self._encodings: dict[str, Any] | None = {} if cache else None
         self._pixels: dict[str, torch.Tensor] | None = {} if cache else None
+        self.features = features
         self._unusable: set[int] = set()  # per process: known bad samples are not read again
 
     def __len__(self) -> int:
@@ -181,11 +186,28 @@ class VLMDataset(torch.utils.data.Dataset):
         else:
             encoded = self._encode(sample.messages)
         flip = self.horizontal_flip and _flip_bit(self.seed, self.epoch, index)
+        label = self.image_label(sample) if self.image_label is not None else -100
+        labels = [label] * len(sample.images)
+        if self.features is not None:
+            features = [self._features(image, flip) for image in sample.images]
+            return {"encoded": encoded, "images": features, "features": True, "image_labels": labels}
         images = [self._pixel_values(image) for image in sample.images]
         if flip:
             images = [image.flip(-1) for image in images]
-        label = self.image_label(sample) if self.image_label is not None else -100
-        return {"encoded": encoded, "images": images, "image_labels": [label] * len(images)}
+        return {"encoded": encoded, "images": images, "image_labels": labels}
+
+    def _features(self, image, flipped: bool) -> torch.Tensor:
+        path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+        if path is None or path not in self.features.index:
+            reason = self.features.unreadable.get(path) if path is not None else None
+            if reason is None:
+                raise ValueError(
+                    f"{image!r} is not in the feature store {self.features.folder}: build it over every image file "
+                    "of the data (in-memory images can't be cached)."
+                )
+            problem = UNREADABLE_IMAGE if os.path.exists(path) else MISSING_IMAGE
+            raise SampleProblem(problem, f"image {path}: {reason}", path)
+        return self.features.features(path, flipped)
 
     def _encode(self, messages: list[dict]) -> dict[str, list[int]]:
         key = json.dumps(messages) if self._encodings is not None else None
@@ -224,7 +246,8 @@ class VLMCollator:
 
     Returns:
         `input_ids`, `attention_mask`, `labels` `(B, T)` (-100 outside the assistant turns and on padding); with
-        images, `pixel_values` `(I, C, H, W)` (in placeholder order) and `image_labels` `(I,)`; with separated
+        images, `pixel_values` `(I, C, H, W)` (in placeholder order; or `vision_features` `(I, T, D)` from a feature
+        store) and `image_labels` `(I,)`; with separated
         questions, `image_index` `(B,)` (the image each sequence shows); and `skipped`, the samples left out for
         this batch (a list, for the loop's report).
     """
@@ -241,8 +264,8 @@ class VLMCollator:
                 raise ValueError("A batch with separated questions needs exactly one image per item.")
             batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
         images = [image for item in items for image in item["images"]]
-        if images:
-            batch["pixel_values"] = torch.stack(images)
+        if images:  # pixels, or the frozen tower's features from a feature store
+            batch["vision_features" if items[0].get("features") else "pixel_values"] = torch.stack(images)
             batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         batch["skipped"] = [skipped for item in items for skipped in item.get("skipped", ())]
         return batch

@@ -87,6 +87,9 @@ class VLMStage:
         horizontal_flip: flip a random half of the images (answers that are flip-invariant only).
         aux_classification_weight: weight of the tower's classification loss (needs `vision_pretrain` first).
         freeze_vision: for `full`: keep the tower frozen (the same as `finetune`).
+        cache_features: run the frozen tower once over the stage's images (their flips too with `horizontal_flip`)
+            and train from its features on disk (`vlm_vision.feature_cache.FeatureStore`, memory-mapped), instead of
+            running it every step: `true` (float32) or `"float16"`. Only for stages that keep the tower frozen.
         optimizer: AdamW and the per-part learning rates (`adapter`, `lm`, `lm_lora`, `vision`, `vision_lora`).
         classifier: for `vision_pretrain`: the `ClassifierStage` fields (task, image size, epochs, ...).
         data: overrides of the recipe's `data` for this stage (`STAGE_DATA_KEYS`): its own file and image folder
@@ -108,6 +111,7 @@ class VLMStage:
     horizontal_flip: bool = False
     aux_classification_weight: float = 0.0
     freeze_vision: bool = False
+    cache_features: bool | str = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     classifier: dict | None = None
     data: dict | None = None
@@ -134,6 +138,13 @@ class VLMStage:
             raise ValueError(
                 f"{where}: the auxiliary classification loss trains the tower, which this stage keeps frozen: set "
                 "aux_classification_weight to 0, or use a stage that trains the tower (full, or lora on vision)."
+            )
+        if self.cache_features not in (False, True, "float16", "float32"):
+            raise ValueError(f"{where}: cache_features={self.cache_features!r}; use true, false or 'float16'.")
+        if self.cache_features and "vision" in self.trained_sides():
+            raise ValueError(
+                f"{where}: cache_features needs a frozen tower (its features must not change), but this {self.kind} "
+                "stage trains it: drop cache_features, or keep the tower frozen (freeze_vision, finetune, pretrain)."
             )
         if self.per_device_batch_size is not None and (
             not isinstance(self.per_device_batch_size, int) or self.per_device_batch_size <= 0

@@ -37,6 +37,7 @@ from ..data.conversations import read_easy_vqa
 from ..data.dataset import VLMCollator, VLMDataset
 from ..data.index import SampleList, SubsetIndex, open_llava_index
 from ..export import save_folder_atomically, write_vlm_card
+from ..feature_cache import FeatureStore
 from ..generation import METRICS, evaluate_samples
 from ..modeling_vlm import VisionLanguageForConditionalGeneration
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
@@ -53,10 +54,18 @@ from .vlm import VLMLoss, WithAuxiliaryClassifier, count_supervised, save_json
 logger = logging.getLogger(__name__)
 
 # keys of `vision` that say how to load or run the tower (the others, for a fresh tower, are its config fields)
-VISION_KEYS = ("path", "image_processor", "convert", "dtype", "attn_implementation", "gradient_checkpointing")
+VISION_KEYS = (
+    "path",
+    "image_processor",
+    "convert",
+    "dtype",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "compile",
+)
 VISION_PROCESSING_KEYS = ("image_aspect_ratio",)
 # keys of `language_model` that say how to load or run it (the others, for a fresh tiny Llama, are LlamaConfig's)
-LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "chat_template")
+LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "compile", "chat_template")
 EASY_VQA_KEYS = ("questions_per_sample", "shown_fraction", "rewrite_shown_fraction", "negated_questions")
 DATA_KEYS = (
     "name",
@@ -450,6 +459,7 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         horizontal_flip=stage.horizontal_flip,
         seed=recipe.seed,
         cache=data.get("cache", data["name"] == "easy-vqa"),
+        features=feature_store(run, stage, index, data) if stage.cache_features else None,
         on_error=data.get("on_error", "skip"),
     )
     grouping = {}
@@ -501,6 +511,37 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         save_folder_atomically(stage_dir / "projector", run.model.adapter.save_pretrained)
     run.process.wait_for_everyone()
     return True
+
+
+def feature_store(run: _Run, stage: VLMStage, index, data: dict) -> FeatureStore:
+    """The frozen tower's features of every image file of the stage's data (and their flips when the stage flips),
+    built once by the main process under `<out>/feature_cache/` (memory-mapped; reused by later stages with the same
+    tower and preprocessing), then opened by every process."""
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ValueError(
+            f"Stage {stage.name!r}: cache_features under DeepSpeed ZeRO-3 (the tower's weights are partitioned, the "
+            "main process can't run it alone): drop cache_features or use ZeRO-2 / FSDP."
+        )
+    paths = set()
+    for i in range(len(index)):
+        try:
+            paths.update(str(image) for image in index.sample(i).images)
+        except ValueError:
+            continue  # a malformed entry: the data set reports it
+    options = {
+        "flips": stage.horizontal_flip,
+        "dtype": torch.float16 if stage.cache_features == "float16" else torch.float32,
+        "batch_size": run.recipe.eval_batch_size,
+        "num_workers": data.get("num_workers", default_num_workers(data)),
+    }
+    root = run.out / "feature_cache"
+    store = (
+        FeatureStore.build(run.model, run.processor, sorted(paths), root, **options)
+        if run.process.is_main_process
+        else None
+    )
+    run.process.wait_for_everyone()
+    return store or FeatureStore.build(run.model, run.processor, sorted(paths), root, **options)  # the main's
 
 
 def finish(run: _Run, evaluate: bool) -> dict:
@@ -661,6 +702,8 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
     for side, part in (("vision", model.vision_tower), ("language_model", model.language_model)):
         if getattr(recipe, side).get("gradient_checkpointing"):
             part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(recipe, side).get("compile"):
+            compile_layers(part)
     processor = VisionLanguageProcessor.from_model_config(
         model.config,
         image_processor,
@@ -676,6 +719,21 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
             "2048) or use an adapter that reduces tokens (pixel_shuffle, resampler)."
         )
     return model, processor
+
+
+def compile_layers(part: nn.Module) -> int:
+    """`torch.compile` each transformer layer of `part` in place (the classes of its `_no_split_modules`): regional
+    compilation, as accelerate's `compile_regions`: one layer's graph serves all of them (compiled once), the
+    module tree and its state-dict names stay as they are, and the tower's `get_intermediate_layers` (which a
+    compiled `forward` would bypass) runs compiled layers too. Returns the number of layers compiled."""
+    classes = set(getattr(part, "_no_split_modules", None) or ())
+    layers = [m for m in part.modules() if type(m).__name__ in classes and m is not part]
+    if not layers:
+        raise ValueError(f"{type(part).__name__} names no layer classes (_no_split_modules) to compile.")
+    for layer in layers:
+        layer.compile()
+    logger.info("torch.compile: %d %s layers", len(layers), type(part).__name__)
+    return len(layers)
 
 
 def initialise_from(run: _Run, stage: VLMStage) -> VisionLanguageForConditionalGeneration:
