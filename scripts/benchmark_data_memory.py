@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlm_vision import recipes
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/real_path.py builds the Hub-style folders
 
@@ -97,7 +99,7 @@ def child(data_file: Path, cache: Path, steps: int, workers: int) -> dict:
     index_seconds = time.perf_counter() - started
     del index
     recipe = VLMRecipe.from_json(
-        ROOT / "configs" / "vlm" / "llava_1_5.json",
+        recipes.path("vlm/llava_1_5.json"),
         [
             f"stages.finetune.data.train={data_file}",
             f"stages.finetune.data.image_folder={cache / 'images'}",

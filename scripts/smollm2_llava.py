@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlm_vision import recipes
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
     pretrain, finetune = out / "data" / "blip_laion_cc_sbu_558k.json", out / "data" / "llava_v1_5_mix665k.json"
     print(f"parts ready in {time.perf_counter() - started:.0f} s: {lm}, {tower}, {data_root}")
     command = [
-        sys.executable, str(ROOT / "scripts" / "train_vlm.py"), "--recipe", str(ROOT / "configs/vlm/llava_1_5.json"),
+        sys.executable, str(ROOT / "scripts" / "train_vlm.py"), "--recipe", str(recipes.path("vlm/llava_1_5.json")),
         "--vision", str(tower), "--lm", str(lm), "--output-dir", str(out / "run"), "--no-progress-bar", "--set",
         f"stages.pretrain.data.train={pretrain}", f"stages.pretrain.data.image_folder={data_root}",
         f"stages.finetune.data.train={finetune}", f"stages.finetune.data.image_folder={data_root}",

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from pathlib import Path
 
+from vlm_vision import recipes
 from vlm_vision.training import process_state
 from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "classifier" / "easy_vqa.json"
+DEFAULT_CONFIG = "easy_vqa"
 COLUMNS = (
     "stage",
     "task",
@@ -35,7 +35,9 @@ COLUMNS = (
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="recipe JSON (configs/classifier/*.json)")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="a recipe file, or a shipped recipe's name (default: easy_vqa)"
+    )
     parser.add_argument("--output-dir", default="outputs/classifier", help="run folder: one sub-folder per stage")
     parser.add_argument("--data", default=None, help="train every stage on this image folder instead of the recipe's")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    try:
+        args.config = str(recipes.resolve(args.config, "classifier"))
+    except ValueError as error:
+        parser.error(str(error))
 
     process = process_state()
     logging.basicConfig(

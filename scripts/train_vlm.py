@@ -18,17 +18,17 @@ import json
 import logging
 from pathlib import Path
 
+from vlm_vision import recipes
 from vlm_vision.training.loop import process_state
 from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RECIPE = ROOT / "configs" / "vlm" / "easy_vqa.json"
+DEFAULT_RECIPE = "easy_vqa"
 EPILOG = """\
 A recipe is a JSON file: the parts (vision, language_model, adapter), the data and the stages. Every field is
 documented in docs/recipes.md; any of them can be set here with --set dotted.key=value (a stage by its name:
 --set stages.finetune.batch_size=64 stages.finetune.optimizer.learning_rate=2e-5). Unknown keys are refused with
-the valid ones listed. Shipped recipes: configs/vlm/easy_vqa.json (the built-in default), configs/vlm/llava_1_5.json
-and configs/vlm/llava_1_5_lora.json (LLaVA-1.5's two stages on your tower, LM and LLaVA data).
+the valid ones listed. Shipped recipes, by name or as configs/vlm/<name>.json: easy_vqa (the built-in default),
+llava_1_5 and llava_1_5_lora (LLaVA-1.5's two stages on your tower, LM and LLaVA data).
 """
 
 
@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="a configs/vlm/*.json recipe")
+    parser.add_argument(
+        "--recipe", default=DEFAULT_RECIPE, help="a recipe file, or a shipped recipe's name (default: easy_vqa)"
+    )
     parser.add_argument("--output-dir", default=None, help="default: outputs/<recipe file name>")
     parser.add_argument("--vision", default=None, help="a vision tower folder (CLIP, SigLIP, DINOv2, ViT or ours)")
     parser.add_argument("--image-processor", default=None, help="a folder with the tower's preprocessor_config.json")
@@ -53,7 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report-to", nargs="*", default=[], help="accelerate trackers, e.g. tensorboard")
     parser.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     parser.add_argument("--no-progress-bar", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.recipe = str(recipes.resolve(args.recipe, "vlm"))
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def load_recipe(args: argparse.Namespace) -> VLMRecipe:

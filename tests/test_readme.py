@@ -1,9 +1,9 @@
 """The README and docs can't drift from the code: every shell command in their ```bash blocks is checked.
 
 - The two set-up commands: the test command is exactly `.ci/run`'s.
-- `python scripts/X.py ARGS` (also under `accelerate launch --config_file C`): ARGS parse with that script's own
-  argument parser (the script's `main` is entered and stopped right after `parse_args`), and the repository files
-  the command names exist.
+- `vlm-vision SUB ARGS` (also under `accelerate launch --config_file C -m vlm_vision.cli`) and `python scripts/X.py
+  ARGS`: ARGS parse with that command's own argument parser (its `main` is entered and stopped right after
+  `parse_args`), and the repository files the command names exist.
 - The fast ones run for real (`create_checkpoint.py` writes its folder, which then loads).
 - Every ```python block compiles.
 """
@@ -17,6 +17,8 @@ import shlex
 from pathlib import Path
 
 import pytest
+
+from vlm_vision import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -47,11 +49,15 @@ class _Parsed(Exception):
         self.namespace = namespace
 
 
-def _parse_with_script(script: Path, args: list[str], monkeypatch) -> argparse.Namespace:
-    """Enter the script's `main(args)` and stop it right after its parser accepted `args`."""
+def _load_script(script: Path):
     spec = importlib.util.spec_from_file_location(f"readme_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _parse_only(main, args: list[str], monkeypatch) -> argparse.Namespace:
+    """Enter `main(args)` and stop it right after its argument parser accepted `args`."""
     original = argparse.ArgumentParser.parse_args
 
     def parse_and_stop(self, argv=None, namespace=None):
@@ -59,17 +65,25 @@ def _parse_with_script(script: Path, args: list[str], monkeypatch) -> argparse.N
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
     with pytest.raises(_Parsed) as parsed:
-        module.main(args)
+        main(args)
     return parsed.value.namespace
 
 
-def _script_and_args(words: list[str]) -> tuple[Path, list[str]] | None:
+def _main_and_args(words: list[str]):
+    """`(main, args)` of a command of ours, or None for set-up lines."""
     if words and words[0] == "accelerate":
         assert words[1] == "launch" and words[2] == "--config_file", words
         assert (ROOT / words[3]).is_file(), f"accelerate config {words[3]} does not exist"
-        words = ["python", *words[4:]]
+        words = words[4:]
+        if words[:2] == ["-m", "vlm_vision.cli"]:
+            return cli.main, words[2:]
+        words = ["python", *words]
+    if words and Path(words[0]).name == "vlm-vision":
+        return cli.main, words[1:]
     if len(words) >= 2 and Path(words[0]).name in ("python", "python3") and words[1].startswith("scripts/"):
-        return ROOT / words[1], words[2:]
+        script = ROOT / words[1]
+        assert script.is_file(), f"{words[1]} does not exist"
+        return _load_script(script).main, words[2:]
     return None
 
 
@@ -93,33 +107,29 @@ def test_every_script_command_parses(page, command, monkeypatch):
     words = shlex.split(command)
     if words[0].endswith("/python") or words[0] == "python":
         words[0] = "python"
-    found = _script_and_args(words)
+    found = _main_and_args(words)
     if found is None:
         # set-up lines (venv, pip) and the test runner: nothing of ours to parse
         assert re.match(r"(python3 -m venv|\.venv/bin/pip|python -m pytest)", " ".join(words)), (
             f"{page}: a command this test does not know how to check: {command}"
         )
         return
-    script, args = found
-    assert script.is_file(), f"{page}: {script.relative_to(ROOT)} does not exist"
+    main, args = found
     for arg in args:
         if re.match(r"(configs|scripts|docs)/", arg):
             assert (ROOT / arg).exists(), f"{page}: {arg} (in {command!r}) does not exist"
     if "..." in args:  # "the rest as above": parse what is given
         args = [a for a in args if a != "..."]
-    _parse_with_script(script, args, monkeypatch)
+    _parse_only(main, args, monkeypatch)
 
 
 def test_the_checkpoint_command_runs_and_its_folder_loads(tmp_path, monkeypatch):
     from transformers import AutoImageProcessor, AutoModel
 
-    command = next(c for _, c in ALL_COMMANDS if "create_checkpoint.py --preset vit-s16" in c)
-    script, args = _script_and_args(shlex.split(command))
+    command = next(c for _, c in ALL_COMMANDS if "create --preset vit-s16" in c)
+    main, args = _main_and_args(shlex.split(command))
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location("readme_create_checkpoint", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(args)
+    main(args)
     out = tmp_path / args[args.index("--out") + 1]
     model = AutoModel.from_pretrained(out)
     assert model.config.image_size == 384 and model.config.hidden_size == 384
