@@ -18,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from vlm_vision import recipes
 from vlm_vision.training.loop import process_state
 from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
@@ -76,7 +78,8 @@ def load_recipe(args: argparse.Namespace) -> VLMRecipe:
 
 def set_up_logging(output_dir: Path, main_process: bool) -> Path:
     """Everything (INFO and up) into `<output_dir>/train.log`; on the console, this package's stage-level lines
-    and warnings only (accelerate's per-checkpoint lines stay in the file)."""
+    and warnings only (accelerate's per-checkpoint lines and its tied-weights notice stay in the file, and
+    transformers' loading/saving bars are off)."""
     log_file = output_dir / "train.log"
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -88,10 +91,21 @@ def set_up_logging(output_dir: Path, main_process: bool) -> Path:
         root.addHandler(file_handler)
     console = logging.StreamHandler()
     console.setFormatter(formatter)
-    stage_lines = ("vlm_vision.training.vlm_recipe", "vlm_vision.training.loop")
-    console.addFilter(lambda record: record.levelno >= logging.WARNING or record.name in stage_lines)
+    console.addFilter(_on_console)
     root.addHandler(console)
+    transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" at every checkpoint
     return log_file
+
+
+STAGE_LOGGERS = ("vlm_vision.training.vlm_recipe", "vlm_vision.training.loop")
+# harmless notices repeated at every checkpoint: kept in the log file, not on the console
+FILE_ONLY = (("accelerate.utils.other", "Removed shared tensor"),)
+
+
+def _on_console(record: logging.LogRecord) -> bool:
+    if any(record.name == name and record.getMessage().startswith(text) for name, text in FILE_ONLY):
+        return False
+    return record.levelno >= logging.WARNING or record.name in STAGE_LOGGERS
 
 
 def main(argv=None) -> None:

@@ -322,3 +322,46 @@ def test_compiled_layers_train_as_eager_ones(tmp_path):
     assert a.keys() == b.keys()  # the module names are unchanged
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_the_seeds_benchmark_runs_each_seed_and_summarizes_them(tmp_path, capsys):
+    from vlm_vision.commands import benchmark_seeds
+
+    recipe_file = tmp_path / "tiny.json"
+    recipe_file.write_text(json.dumps({**TINY, "stages": [ALIGN]}))
+    out = tmp_path / "seeds"
+    report = benchmark_seeds.main(["--recipe", str(recipe_file), "--seeds", "0", "1", "--output-dir", str(out)])
+    table = capsys.readouterr().out
+    rows = report["seeds"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    for r in rows:  # each row is that seed's own run, read back from its results.json
+        results = json.loads((out / f"seed_{r['seed']}" / "results.json").read_text())
+        assert results["seed"] == r["seed"]
+        assert r["accuracy"] == results["evaluation"]["accuracy"]
+        assert f"| {r['seed']} | {100 * r['accuracy']['overall']:.2f}%" in table
+    overall = [r["accuracy"]["overall"] for r in rows]
+    assert report["summary"]["overall"] == {"min": min(overall), "mean": sum(overall) / 2}
+    assert json.loads((out / "seeds.json").read_text())["summary"] == report["summary"]
+    assert "| min |" in table and "| mean |" in table and "machine:" in table
+    # --resume reads finished seeds instead of running them again
+    marked = {**results, "evaluation": {**results["evaluation"], "accuracy": {"overall": 0.125}}}
+    (out / "seed_1" / "results.json").write_text(json.dumps(marked))
+    resumed = benchmark_seeds.main(["--recipe", str(recipe_file), "--seeds", "1", "--output-dir", str(out), "--resume"])
+    assert resumed["seeds"][0]["accuracy"] == {"overall": 0.125}
+    with pytest.raises(SystemExit):
+        benchmark_seeds.main(["--seeds", "0", "0"])
+
+
+def test_the_console_gets_stage_lines_and_warnings_and_the_log_file_the_rest():
+    from vlm_vision.commands.train_vlm import _on_console
+
+    def record(name, level, message):
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    assert _on_console(record("vlm_vision.training.loop", logging.INFO, "Training: 11121 samples"))
+    assert _on_console(record("vlm_vision.training.vlm_recipe", logging.INFO, "stage full: every sample usable"))
+    assert _on_console(record("vlm_vision.data.dataset", logging.WARNING, "skipped 3 samples"))
+    assert not _on_console(record("accelerate.checkpointing", logging.INFO, "Model weights saved in /x"))
+    notice = "Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but check"
+    assert not _on_console(record("accelerate.utils.other", logging.WARNING, notice))
+    assert _on_console(record("accelerate.utils.other", logging.WARNING, "another accelerate warning"))
