@@ -99,3 +99,31 @@ def test_infer_square_grid_refuses_non_positive_counts():
     for count in (0, -4, 2.0):
         with pytest.raises(ValueError, match="need a positive count"):
             infer_square_grid(count)
+
+
+@pytest.mark.parametrize("new_grid", [(2, 8), (3, 5), (1, 16), (6, 2), (7, 9), (5, 5), (1, 1)])
+def test_triangle_is_antialiased_bilinear(new_grid):
+    # "triangle" computes F.interpolate(bilinear, antialias=True) as explicit separable weights
+    pos = table(prefix=1, grid=(5, 5))
+    out = resample_position_embeddings(pos, new_grid, mode="triangle")
+    image = pos[:, 1:].reshape(1, 5, 5, 8).permute(0, 3, 1, 2)
+    expected = F.interpolate(image, size=new_grid, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(out[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, -1, 8), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[:, :1], pos[:, :1])
+
+
+def test_triangle_is_right_where_torchs_antialiased_kernel_is_not():
+    # torch 2.13's CPU kernel gives every row the first row's value for a one-column output; the triangle filter
+    # (transformers' Siglip2 resize) interpolates the rows. A table whose value is its row index shows it.
+    rows = torch.arange(4.0)[:, None, None].expand(4, 4, 1)  # (4, 4, 1): row index
+    pos = rows.reshape(1, 16, 1)
+    out = resample_position_embeddings(pos, (16, 1), num_prefix_tokens=0, mode="triangle")[0, :, 0]
+    centres = ((torch.arange(16.0) + 0.5) * 0.25 - 0.5).clamp(0, 3)  # each output row's position in source rows
+    torch.testing.assert_close(out, centres)
+    torch_kernel = F.interpolate(rows.permute(2, 0, 1)[None], size=(16, 1), mode="bilinear", antialias=True)
+    assert torch_kernel.flatten().unique().numel() == 1, "torch's kernel was fixed: 'triangle' may defer to it"
+
+
+def test_triangle_takes_no_antialias_flag():
+    with pytest.raises(ValueError, match=r"antialias=True needs mode 'bilinear' or 'bicubic', got 'triangle'"):
+        resample_position_embeddings(table(), (2, 2), mode="triangle", antialias=True)
