@@ -80,9 +80,10 @@ def resample_position_embeddings(
         num_prefix_tokens: leading rows that are not patches (1 for [CLS], 0 for models without it).
         mode: `torch.nn.functional.interpolate` mode. "bicubic" (default) is what the reference implementations use.
             "triangle": antialiased bilinear as explicit separable weights (always antialiased; leave `antialias`
-            False), the way transformers' Siglip2 `resize_positional_embeddings` computes it. It equals
-            `F.interpolate(mode="bilinear", antialias=True)` except where that kernel is wrong: torch 2.13 on CPU
-            gives every row the first row's value when the new grid is one column wide (a 4x4 table to 16x1).
+            False), the way transformers' Siglip2 `resize_positional_embeddings` computes it. Its weights are those
+            of `F.interpolate(mode="bilinear", antialias=True)`, but that kernel (torch 2.13, CPU) was seen to give
+            every row the first row's value for a one-column grid (a 4x4 table to 16x1) on some inputs and not on
+            others of the same shape; explicit weights don't depend on it.
         antialias: anti-aliasing when down-sampling (bilinear/bicubic only). False matches transformers' and the
             original ViT fine-tuning code; timm's `resample_abs_pos_embed` uses True.
 
