@@ -19,8 +19,12 @@ Deviations and additions, all off by default unless stated:
   vector only (`final_norm="pooled"`: CLIP, timm's `fc_norm`), a dense pooler (`pooler_act`: transformers' ViTModel
   pooler) and a patch projection without bias (CLIP). The package's `conversion` module maps checkpoints onto them.
 - MSA runs through transformers' attention interface (sdpa by default; eager when attention weights are asked for).
+- Native resolution (SigLIP2 NaFlex's layout): pre-cut patches `(B, N, C*P*P)` of each image's own grid with
+  `spatial_shapes` and an optional `pixel_attention_mask`; E_pos is resampled per image (Sec. 3.2's interpolation
+  for every grid), padded patches are masked out of attention and pooling.
 
-Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid.
+Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid (then
+padding, in the native-resolution form).
 
 This file imports only torch, transformers and sibling files: it is copied into saved checkpoints, so
 `AutoModel.from_pretrained(path, trust_remote_code=True)` works without this package installed.
