@@ -314,3 +314,22 @@ def test_the_classifier_pools_with_the_mask():
     for i, image in enumerate(images):
         alone = model(image[None], interpolate_pos_encoding=True).logits[0]
         torch.testing.assert_close(logits[i], alone, atol=ATOL, rtol=0)
+
+
+def test_a_masked_batch_trains_with_checkpointing_as_without():
+    # the mask reaches every block also through activation checkpointing; padding gets no gradient
+    pixel_values, mask, shapes = patchify(images_of(GRIDS))
+    pixel_values.requires_grad_(True)
+    results = []
+    for checkpointing in (False, True):
+        model = build(pooling="mean").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        pixel_values.grad = None
+        out = model(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes)
+        out.pooler_output.pow(2).sum().backward()
+        results.append((out.pooler_output.detach(), pixel_values.grad.clone()))
+    (pooled_a, grad_a), (pooled_b, grad_b) = results
+    torch.testing.assert_close(pooled_a, pooled_b)
+    torch.testing.assert_close(grad_a, grad_b)
+    assert torch.all(grad_a[mask == 0] == 0) and bool(grad_a[mask == 1].abs().sum() > 0)
