@@ -333,3 +333,16 @@ def test_a_masked_batch_trains_with_checkpointing_as_without():
     torch.testing.assert_close(pooled_a, pooled_b)
     torch.testing.assert_close(grad_a, grad_b)
     assert torch.all(grad_a[mask == 0] == 0) and bool(grad_a[mask == 1].abs().sum() > 0)
+
+
+@torch.no_grad()
+def test_a_masked_batch_in_bfloat16_and_under_autocast():
+    model = build(pre_norm=True, final_norm="pooled")
+    pixel_values, mask, shapes = patchify(images_of(GRIDS))
+    reference = model(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
+    half = model.to(torch.bfloat16)(pixel_values.bfloat16(), pixel_attention_mask=mask, spatial_shapes=shapes)
+    assert half.pooler_output.dtype == torch.bfloat16
+    for got in (autocast, half.pooler_output):
+        torch.testing.assert_close(got.float(), reference, atol=0.05, rtol=0.05)

@@ -972,7 +972,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's `forward_head` on `forward_features`' output: the pooled vector `(B, D)` (`pooler_output`). An
-        encoder has no classifier (timm's `num_classes=0`), so `pre_logits` changes nothing here."""
+        encoder has no classifier (timm's `num_classes=0`), so `pre_logits` changes nothing here. It sees no padding
+        mask: for the native-resolution form take `pooler_output`, which leaves padded patches out."""
         self.patch_tokens(x)  # checks the shape
         return self.pool(x)
 
