@@ -346,3 +346,13 @@ def test_a_masked_batch_in_bfloat16_and_under_autocast():
     assert half.pooler_output.dtype == torch.bfloat16
     for got in (autocast, half.pooler_output):
         torch.testing.assert_close(got.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_without_resizing_images_must_already_fit():
+    processor = VisionTransformerImageProcessor(patch_size=4, max_num_patches=12, do_resize=False)
+    batch = processor(pil_images([(8, 24), (12, 4)]), return_tensors="pt")
+    assert batch["spatial_shapes"].tolist() == [[2, 6], [3, 1]] and batch["pixel_values"].shape == (2, 12, 48)
+    with pytest.raises(ValueError, match=r"Image 0 is 10x24 pixels and do_resize=False.*Set do_resize=True"):
+        processor(pil_images([(10, 24)]))
+    with pytest.raises(ValueError, match=r"at most max_num_patches=12 patches"):
+        processor(pil_images([(16, 16)]))
