@@ -19,6 +19,12 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
+    Siglip2Config,
+    Siglip2ImageProcessorPil,
+    Siglip2Model,
+    Siglip2TextConfig,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
@@ -166,6 +172,109 @@ def test_siglip_keeps_every_token(tmp_path, pixel_values):
     assert model.patch_tokens(tokens).shape == (2, 64, 32)  # nothing dropped: a VLM keeps all its tokens
 
 
+# SigLIP2 NaFlex: patchified inputs of their own grids, padded and masked; an 8 x 8 position table
+SIGLIP2_TINY = {k: v for k, v in TINY.items() if k != "image_size"} | {"num_patches": 64}
+# the table's grid, wide, tall and one column (where torch's antialiased kernel goes wrong), a small one
+SIGLIP2_GRIDS = [(8, 8), (2, 24), (16, 1), (3, 5)]
+
+
+def siglip2_batch(grids=SIGLIP2_GRIDS, length=64, seed=2):
+    """Random patches (as Siglip2's processor lays them out), zero padding, the mask and the grids."""
+    torch.manual_seed(seed)
+    pixel_values = torch.zeros(len(grids), length, 3 * 4 * 4)
+    mask = torch.zeros(len(grids), length, dtype=torch.int32)
+    for i, (h, w) in enumerate(grids):
+        pixel_values[i, : h * w] = torch.randn(h * w, 48)
+        mask[i, : h * w] = 1
+    return pixel_values, mask, torch.tensor(grids)
+
+
+def assert_siglip2_parity(reference, ours, pixel_values, mask, shapes, layer=1):
+    """Tokens (the real ones), pooled output and a middle layer within 1e-5 (fp32), image by image."""
+    with torch.no_grad():
+        expected = reference(pixel_values, mask, shapes, output_hidden_states=True)
+        got = ours(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes, output_hidden_states=True)
+    real = mask.bool()
+    torch.testing.assert_close(got.last_hidden_state[real], expected.last_hidden_state[real], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got.hidden_states[layer][real], expected.hidden_states[layer][real], atol=ATOL, rtol=0)
+    if expected.pooler_output is not None:
+        torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=ATOL, rtol=RTOL)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+
+
+def test_siglip2_naflex_parity_on_a_masked_batch_of_mixed_grids(tmp_path):
+    reference = randomised(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_TINY)))
+    converted = convert_checkpoint("siglip2", saved(reference, tmp_path))
+    model = converted.model
+    config = model.config
+    assert (config.image_size, config.grid_size, config.num_prefix_tokens) == (32, (8, 8), 0)
+    assert (config.pooling, config.interpolation_mode, config.interpolation_antialias) == ("map", "triangle", False)
+    assert_siglip2_parity(reference, model, *siglip2_batch())
+    # each image of the batch alone, unpadded, gives its own rows of the batch
+    pixel_values, mask, shapes = siglip2_batch()
+    with torch.no_grad():
+        batch = model(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes)
+        for i, (h, w) in enumerate(SIGLIP2_GRIDS):
+            alone = model(pixel_values[i : i + 1, : h * w], spatial_shapes=shapes[i : i + 1])
+            torch.testing.assert_close(
+                batch.last_hidden_state[i, : h * w], alone.last_hidden_state[0], atol=ATOL, rtol=0
+            )
+
+
+def test_siglip2_without_head_and_inside_a_siglip2_model_folder(tmp_path):
+    headless = randomised(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_TINY, vision_use_head=False)))
+    model = convert_checkpoint("siglip2", saved(headless, tmp_path, "headless")).model
+    assert model.config.pooling == "mean" and model.head is None
+    assert_siglip2_parity(headless, model, *siglip2_batch())
+    text = Siglip2TextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    full = Siglip2Model(Siglip2Config(text_config=text.to_dict(), vision_config=SIGLIP2_TINY))
+    full = randomised(full)
+    converted = convert_checkpoint("siglip2", saved(full, tmp_path, "full"))  # text tower declared, not used
+    assert_siglip2_parity(full.vision_model, converted.model, *siglip2_batch())
+
+
+def test_siglip2_preprocessing_is_the_sources(tmp_path):
+    from PIL import Image
+
+    from vlm_vision import VisionTransformerImageProcessor
+
+    reference = randomised(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_TINY)))
+    folder = saved(reference, tmp_path)
+    default = convert_checkpoint("siglip2", folder).image_processor
+    assert type(default) is VisionTransformerImageProcessor
+    assert (default.patch_size, default.max_num_patches, tuple(default.image_mean)) == (4, 64, (0.5, 0.5, 0.5))
+    theirs = Siglip2ImageProcessorPil(patch_size=4, max_num_patches=48, image_mean=[0.4] * 3, image_std=[0.3] * 3)
+    theirs.save_pretrained(folder)
+    converted = convert_checkpoint("siglip2", folder)
+    assert "native-resolution mode" in converted.notes[-1] and "at most 48 patches of 4 pixels" in converted.notes[-1]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(20, 90), (64, 40)]]
+    ours, expected = converted.image_processor(images, return_tensors="pt"), theirs(images, return_tensors="pt")
+    for key in expected:
+        assert torch.equal(ours[key], expected[key]), key
+    # the whole path: their processor and model against ours, through a written folder
+    out = tmp_path / "converted"
+    main(["--from", "siglip2", str(folder), "--out", str(out)])
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert type(processor) is VisionTransformerImageProcessor and processor.max_num_patches == 48
+    batch = processor(images, return_tensors="pt")
+    model = AutoModel.from_pretrained(out).eval()
+    assert_siglip2_parity(
+        reference, model, batch["pixel_values"], batch["pixel_attention_mask"], batch["spatial_shapes"]
+    )
+
+
+def test_siglip_and_siglip2_name_each_other(tmp_path):
+    siglip = saved(randomised(SiglipVisionModel(SiglipVisionConfig(**TINY))), tmp_path, "siglip")
+    with pytest.raises(ValueError, match=r"patches with a convolution: a SigLIP tower\? Use --from siglip\."):
+        convert_checkpoint("siglip2", siglip)
+    siglip2 = saved(randomised(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_TINY))), tmp_path, "siglip2")
+    with pytest.raises(ValueError, match=r"patches with a linear layer: a SigLIP2 NaFlex tower\? Use --from siglip2"):
+        convert_checkpoint("siglip", siglip2)
+
+
 @pytest.mark.parametrize("registers", [0, 3])
 def test_dinov2(tmp_path, pixel_values, registers):
     if registers:
@@ -220,6 +329,7 @@ def test_a_shape_mismatch_is_listed(tmp_path):
     [
         ("dinov2", r"do not look like a --from dinov2 checkpoint.*Found keys such as \['embeddings.class_embedding'"),
         ("siglip", r"class_embedding: a CLIP tower\? Use --from clip"),
+        ("siglip2", r"class_embedding: a CLIP tower\? Use --from clip"),
         ("hf", r"do not look like a --from hf checkpoint"),
         ("timm", r"do not look like a --from timm checkpoint"),
         ("jpeg", r"Unknown source format 'jpeg'; use one of"),

@@ -99,3 +99,41 @@ def test_infer_square_grid_refuses_non_positive_counts():
     for count in (0, -4, 2.0):
         with pytest.raises(ValueError, match="need a positive count"):
             infer_square_grid(count)
+
+
+@pytest.mark.parametrize("new_grid", [(2, 8), (3, 5), (1, 16), (6, 2), (7, 9), (5, 5), (1, 1)])
+def test_triangle_is_antialiased_bilinear(new_grid):
+    # "triangle" computes F.interpolate(bilinear, antialias=True) as explicit separable weights
+    pos = table(prefix=1, grid=(5, 5))
+    out = resample_position_embeddings(pos, new_grid, mode="triangle")
+    image = pos[:, 1:].reshape(1, 5, 5, 8).permute(0, 3, 1, 2)
+    expected = F.interpolate(image, size=new_grid, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(out[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, -1, 8), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[:, :1], pos[:, :1])
+
+
+@pytest.mark.parametrize("new_grid", [(16, 1), (5, 1), (2, 1), (1, 16), (3, 7), (12, 12)])
+def test_triangle_is_siglip2s_resize(new_grid):
+    # transformers' Siglip2VisionEmbeddings.resize_positional_embeddings, one-column grids included (where torch
+    # 2.13's antialiased kernel was seen to repeat the first row)
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    pos = table(prefix=0, grid=(4, 4))
+    count = new_grid[0] * new_grid[1]
+    expected = Siglip2VisionEmbeddings.resize_positional_embeddings(
+        pos.reshape(4, 4, 8), torch.tensor([new_grid]), count
+    )
+    out = resample_position_embeddings(pos, new_grid, num_prefix_tokens=0, mode="triangle")
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_triangle_interpolates_rows_on_a_one_column_grid():
+    # a table whose value is its row index: each output row holds its centre's position in source rows
+    pos = torch.arange(4.0)[:, None, None].expand(4, 4, 1).reshape(1, 16, 1)
+    out = resample_position_embeddings(pos, (16, 1), num_prefix_tokens=0, mode="triangle")[0, :, 0]
+    torch.testing.assert_close(out, ((torch.arange(16.0) + 0.5) * 0.25 - 0.5).clamp(0, 3))
+
+
+def test_triangle_takes_no_antialias_flag():
+    with pytest.raises(ValueError, match=r"antialias=True needs mode 'bilinear' or 'bicubic', got 'triangle'"):
+        resample_position_embeddings(table(), (2, 2), mode="triangle", antialias=True)

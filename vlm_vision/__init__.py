@@ -12,11 +12,11 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
 )
-from transformers.models.vit import ViTImageProcessorPil
 from transformers.utils import is_torchvision_available
 
 from .configuration_vlm import VisionLanguageConfig
 from .configuration_vlm_vit import PRESET_NAMES, PRESET_SIZES, VisionTransformerConfig
+from .image_processing_vlm_vit import VisionTransformerImageProcessor
 from .modeling_vlm import VisionLanguageForConditionalGeneration
 from .modeling_vlm_vit import (
     VisionTransformerForImageClassification,
@@ -31,9 +31,10 @@ AutoModel.register(VisionTransformerConfig, VisionTransformerModel, exist_ok=Tru
 AutoModelForImageClassification.register(
     VisionTransformerConfig, VisionTransformerForImageClassification, exist_ok=True
 )
-# transformers' own ViT preprocessing (resize, rescale, normalise) is all the encoder needs. Its torchvision backend
-# is registered only where torchvision imports (not beside the CPU torch wheel this project pins).
-_image_processors = {"pil": ViTImageProcessorPil}
+# transformers' own ViT preprocessing (resize, rescale, normalise), with a native-resolution mode (max_num_patches).
+# ViT's torchvision backend (classic mode only) is registered only where torchvision imports (not beside the CPU
+# torch wheel this project pins). Folders saved with ViT's processor keep loading it (by its saved type name).
+_image_processors = {"pil": VisionTransformerImageProcessor}
 if is_torchvision_available():
     from transformers.models.vit import ViTImageProcessor
 
@@ -58,6 +59,7 @@ __all__ = [
     "VisionLanguageProcessor",
     "VisionTransformerConfig",
     "VisionTransformerForImageClassification",
+    "VisionTransformerImageProcessor",
     "VisionTransformerModel",
     "VisionTransformerPreTrainedModel",
     "resample_position_embeddings",

@@ -5,7 +5,10 @@ One loader per source layout; each is a key map (data) plus the few tensor trans
     hf      transformers ViTModel / ViTForImageClassification, v5 names (`layers.N.attention.q_proj`) and the v4-era
             names on disk (`encoder.layer.N.attention.attention.query`, `intermediate.dense`, ...)
     clip    transformers CLIPVisionModel, or the vision tower of a CLIPModel folder
-    siglip  transformers SiglipVisionModel, or the vision tower of a SiglipModel folder (no [CLS]; MAP head)
+    siglip  transformers SiglipVisionModel, or the vision tower of a SiglipModel folder (no [CLS]; MAP head); also
+            the fixed-resolution SigLIP2 checkpoints, which transformers loads as SigLIP
+    siglip2 transformers Siglip2VisionModel (NaFlex), or the vision tower of a Siglip2Model folder: a linear patch
+            embedding over pre-cut patches, a square position table resized to every image's grid
     dinov2  transformers Dinov2Model and Dinov2WithRegistersModel (LayerScale, register tokens)
     timm    timm VisionTransformer state dicts (fused qkv split into q/k/v)
     npz     the original JAX checkpoints: google-research/vision_transformer (also the ResNet hybrids) and big_vision
@@ -56,7 +59,7 @@ from .position_embeddings import infer_square_grid, resample_position_embeddings
 
 logger = logging.getLogger(__name__)
 
-SOURCE_FORMATS = ("hf", "clip", "siglip", "dinov2", "timm", "npz")
+SOURCE_FORMATS = ("hf", "clip", "siglip", "siglip2", "dinov2", "timm", "npz")
 
 # A rule maps a source key (regex, full match) to one target key (template with \1 ...) or several (a tuple, when
 # the transform splits the tensor, e.g. a fused qkv). Keys are relative to the encoder (`VisionTransformerModel`);
@@ -130,6 +133,10 @@ INTERPOLATION = {
     "hf": ("bicubic", False),
     "clip": ("bicubic", False),
     "siglip": ("bicubic", False),
+    # Siglip2VisionEmbeddings.resize_positional_embeddings: antialiased bilinear as explicit separable weights, for
+    # every image (also at the table's own grid, where they are the identity). "triangle" is that computation;
+    # F.interpolate(bilinear, antialias=True) has the same weights but was seen to go wrong on one-column grids.
+    "siglip2": ("triangle", False),
     "dinov2": ("bicubic", False),
     "timm": ("bicubic", True),
     "npz": ("bilinear", True),
@@ -526,6 +533,8 @@ def _convert_siglip(source, folder, overrides):
     _detect(source, CLIP_LAYOUTS, "siglip")
     if any(k.endswith("embeddings.class_embedding") for k in source):
         raise ValueError("These weights have a class_embedding: a CLIP tower? Use --from clip.")
+    if any(k.endswith("embeddings.patch_embedding.weight") and v.dim() == 2 for k, v in source.items()):
+        raise ValueError("These weights embed patches with a linear layer: a SigLIP2 NaFlex tower? Use --from siglip2.")
     has_head = any(k.endswith("head.probe") for k in source)
     # SigLIP: no [CLS] (num_prefix_tokens = 0: a VLM keeps every token), post_layernorm on every token, then the
     # attention-pooling head. Without the head (vision_use_head=False) pooler_output is the mean of the tokens,
@@ -533,6 +542,78 @@ def _convert_siglip(source, folder, overrides):
     fields = {**_common_fields(cfg), "use_class_token": False, "pooling": "map" if has_head else "mean"}
     notes = ["SigLIP vision tower (transformers SiglipVisionModel); no [CLS] token."]
     return _Plan(fields, CLIP_RULES, NOT_THE_VISION_TOWER, notes, source)
+
+
+def _convert_siglip2(source, folder, overrides):
+    from transformers import Siglip2Config, Siglip2VisionConfig
+
+    cfg = _transformers_vision_config(folder, Siglip2VisionConfig, Siglip2Config, "siglip2")
+    _detect(source, CLIP_LAYOUTS, "siglip2")
+    if any(k.endswith("embeddings.class_embedding") for k in source):
+        raise ValueError("These weights have a class_embedding: a CLIP tower? Use --from clip.")
+    patch = next((v for k, v in source.items() if k.endswith("embeddings.patch_embedding.weight")), None)
+    if patch is not None and patch.dim() != 2:
+        raise ValueError("These weights embed patches with a convolution: a SigLIP tower? Use --from siglip.")
+    side = math.isqrt(cfg.num_patches)
+    if side * side != cfg.num_patches:
+        raise ValueError(
+            f"The source config's num_patches={cfg.num_patches} is not a square: Siglip2VisionModel reshapes its "
+            "position table to a square grid, so this config.json does not belong to a Siglip2 tower."
+        )
+    size, channels, dim = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+
+    def patch_kernel(t: torch.Tensor) -> torch.Tensor:
+        # nn.Linear over a patch flattened (P, P, C) -> the same map as a Conv2d kernel (D, C, P, P)
+        return t.reshape(dim, size, size, channels).permute(0, 3, 1, 2)
+
+    rules = [
+        (_VM + r"embeddings\.patch_embedding\.weight", "embeddings.patch_embeddings.projection.weight", patch_kernel),
+        *CLIP_RULES,
+    ]
+    has_head = any(k.endswith("head.probe") for k in source)
+    fields = {
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "image_size": side * size,  # the table's grid, side x side
+        "patch_size": size,
+        "num_channels": channels,
+        "use_class_token": False,
+        "pooling": "map" if has_head else "mean",
+    }
+    notes = [
+        f"SigLIP2 NaFlex vision tower (transformers Siglip2VisionModel); no [CLS] token; a {side}x{side} position "
+        "table resized to each image's grid (antialiased bilinear, `interpolation_mode='triangle'`). It takes the "
+        "native-resolution form: pixel_values (B, N, C*P*P), pixel_attention_mask, spatial_shapes."
+    ]
+    return _Plan(fields, rules, NOT_THE_VISION_TOWER, notes, source)
+
+
+def _siglip2_image_processor(folder: Path | None, config: VisionTransformerConfig):
+    """Our processor in native-resolution mode with the source's settings (its preprocessor_config.json, else
+    Siglip2ImageProcessor's defaults: bilinear, mean = std = 0.5, max_num_patches = the table's size)."""
+    from .image_processing_vlm_vit import VisionTransformerImageProcessor
+
+    settings = {
+        "patch_size": config.patch_size_hw[0],
+        "max_num_patches": config.num_patches,
+        "resample": PILImageResampling.BILINEAR,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    saved = (_read_json(folder, PREPROCESSOR_CONFIG) if folder is not None else None) or {}
+    keys = ("patch_size", "max_num_patches", "resample", "image_mean", "image_std", "rescale_factor")
+    keys += ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")
+    settings.update({k: saved[k] for k in keys if saved.get(k) is not None})
+    if settings["patch_size"] != config.patch_size_hw[0]:
+        raise ValueError(
+            f"The source's {PREPROCESSOR_CONFIG} cuts patches of {settings['patch_size']} pixels but its model's "
+            f"patch_size is {config.patch_size}: fix that file (or remove it for Siglip2's defaults)."
+        )
+    return VisionTransformerImageProcessor(**settings)
 
 
 DINOV2_LEAVES = {
@@ -1006,6 +1087,7 @@ LOADERS = {
     "hf": _convert_hf,
     "clip": _convert_clip,
     "siglip": _convert_siglip,
+    "siglip2": _convert_siglip2,
     "dinov2": _convert_dinov2,
     "timm": _convert_timm,
     "npz": _convert_npz,
@@ -1085,6 +1167,13 @@ def _fit_image_processor(processor, size: tuple[int, int]) -> None:
 
 
 def _describe(processor) -> str:
+    if getattr(processor, "max_num_patches", None) is not None:
+        resample = PILImageResampling(processor.resample).name.lower()
+        return (
+            f"`{type(processor).__name__}` in native-resolution mode: aspect-preserving resize ({resample}) to at most "
+            f"{processor.max_num_patches} patches of {processor.patch_size} pixels, mean "
+            f"{[round(v, 4) for v in processor.image_mean]}, std {[round(v, 4) for v in processor.image_std]}"
+        )
     size = {k: v for k, v in dict(processor.size).items() if v is not None}
     crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
     resample = PILImageResampling(processor.resample).name.lower()
@@ -1167,7 +1256,10 @@ def convert_checkpoint(
     if image_size is not None:
         model = _at_image_size(model, image_size)
     size = model.config.image_size_hw
-    if processor is None:
+    if source_format == "siglip2":
+        origin = "the source's settings" if (folder / PREPROCESSOR_CONFIG).is_file() else "Siglip2's defaults"
+        processor = _siglip2_image_processor(folder, model.config)
+    elif processor is None:
         origin = f"the {source_format} defaults"
         make = DEFAULT_IMAGE_PROCESSORS.get(source_format)
         processor = make(size) if make is not None else _timm_image_processor(folder, size)

@@ -19,8 +19,12 @@ Deviations and additions, all off by default unless stated:
   vector only (`final_norm="pooled"`: CLIP, timm's `fc_norm`), a dense pooler (`pooler_act`: transformers' ViTModel
   pooler) and a patch projection without bias (CLIP). The package's `conversion` module maps checkpoints onto them.
 - MSA runs through transformers' attention interface (sdpa by default; eager when attention weights are asked for).
+- Native resolution (SigLIP2 NaFlex's layout): pre-cut patches `(B, N, C*P*P)` of each image's own grid with
+  `spatial_shapes` and an optional `pixel_attention_mask`; E_pos is resampled per image (Sec. 3.2's interpolation
+  for every grid), padded patches are masked out of attention and pooling.
 
-Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid.
+Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid (then
+padding, in the native-resolution form).
 
 This file imports only torch, transformers and sibling files: it is copied into saved checkpoints, so
 `AutoModel.from_pretrained(path, trust_remote_code=True)` works without this package installed.
@@ -48,7 +52,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_vlm_vit import VisionTransformerConfig
-from .position_embeddings import infer_square_grid, resample_position_embeddings
+from .position_embeddings import MAX_RESAMPLE_FACTOR, infer_square_grid, resample_position_embeddings
 
 logger = logging.get_logger(__name__)
 
@@ -155,6 +159,34 @@ class VisionTransformerEmbeddings(nn.Module):
             embeddings = torch.cat([cls, self.register_tokens.expand(batch_size, -1, -1), patches], dim=1)
         return self.dropout(embeddings)  # (B, num_prefix_tokens + N, D)
 
+    def forward_patches(self, patches: torch.Tensor, spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """Eq. 1 for the native-resolution form: already patchified images, each on its own grid.
+
+        `patches` (B, N, C * P_h * P_w) hold each image's patches row-major on its grid `spatial_shapes[i]` (h_i, w_i)
+        in their first h_i * w_i rows, then padding; each patch is flattened (P_h, P_w, C), as transformers'
+        Siglip2 image processor does. E_pos is resampled per image to its grid by the same function as for whole
+        images; padded rows get none (what they hold is never attended to).
+        """
+        batch_size = patches.shape[0]
+        weight = self.patch_embeddings.projection.weight  # (D, C, P_h, P_w): the same linear map on each patch
+        weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (D, P_h * P_w * C)
+        embeddings = nn.functional.linear(patches, weight, self.patch_embeddings.projection.bias)  # (B, N, D)
+        num_prefix = int(self.config.use_class_token)
+        positions = embeddings.new_zeros(embeddings.shape)
+        tables = {}
+        for i, grid in enumerate(spatial_shapes):
+            if grid not in tables:
+                tables[grid] = self.position_embeddings_for(grid)[0, num_prefix:]  # (h * w, D)
+            positions[i, : grid[0] * grid[1]] = tables[grid]
+        embeddings = embeddings + positions
+        if self.cls_token is not None:
+            cls = self.cls_token + self.position_embeddings[:, :1]  # [CLS]'s row is never resampled
+            embeddings = torch.cat([cls.expand(batch_size, -1, -1), embeddings], dim=1)
+        if self.register_tokens is not None:
+            cls, patches_embedded = embeddings[:, :num_prefix], embeddings[:, num_prefix:]
+            embeddings = torch.cat([cls, self.register_tokens.expand(batch_size, -1, -1), patches_embedded], dim=1)
+        return self.dropout(embeddings)  # (B, num_prefix_tokens + N, D)
+
 
 class VisionTransformerAttention(nn.Module):
     """Multi-head self-attention (MSA, Appendix A of the paper) with separate q/k/v/o projections."""
@@ -171,7 +203,9 @@ class VisionTransformerAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, heads, T, head_dim)
@@ -190,7 +224,7 @@ class VisionTransformerAttention(nn.Module):
             query,
             key,
             value,
-            None,
+            attention_mask,  # None, or additive (B, 1, 1, T): padded keys at the dtype's minimum
             dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
             scaling=self.scaling,
             **{k: v for k, v in kwargs.items() if k != "output_attentions"},
@@ -237,8 +271,10 @@ class VisionTransformerLayer(GradientCheckpointingLayer):
         self.layer_scale2 = VisionTransformerLayerScale(config) if use_scale else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        attn_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + self.dropout(self.layer_scale1(attn_output))  # Eq. 2
         mlp_output = self.mlp(self.layernorm_after(hidden_states))
         return hidden_states + self.dropout(self.layer_scale2(mlp_output))  # Eq. 3
@@ -254,9 +290,10 @@ class VisionTransformerAttentionPoolingHead(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionTransformerMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         probe = self.probe.expand(hidden_states.shape[0], -1, -1)
-        pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]  # (B, 1, D)
+        padding = None if token_mask is None else ~token_mask  # (B, T), True = not attended to
+        pooled = self.attention(probe, hidden_states, hidden_states, key_padding_mask=padding, need_weights=False)[0]
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 
@@ -462,7 +499,8 @@ def _forward_kwargs() -> frozenset[str]:
     from transformers.utils.generic import TransformersKwargs
 
     names = {k for c in TransformersKwargs.__mro__ for k in getattr(c, "__annotations__", {})}
-    return frozenset(names | {"pixel_values", "interpolate_pos_encoding", "return_dict", "image_sizes"})
+    native = {"pixel_attention_mask", "spatial_shapes"}
+    return frozenset(names | native | {"pixel_values", "interpolate_pos_encoding", "return_dict", "image_sizes"})
 
 
 def _check_forward_kwargs(module, args, kwargs) -> None:
@@ -470,7 +508,8 @@ def _check_forward_kwargs(module, args, kwargs) -> None:
     if unknown:
         raise TypeError(
             f"{type(module).__name__}.forward got unexpected keyword arguments {unknown}: it takes pixel_values, "
-            "interpolate_pos_encoding, output_hidden_states, output_attentions and return_dict."
+            "interpolate_pos_encoding, pixel_attention_mask, spatial_shapes, output_hidden_states, output_attentions "
+            "and return_dict."
         )
     for name in ("output_attentions", "return_dict"):
         if kwargs.get(name) is not None and not isinstance(kwargs[name], bool):
@@ -627,7 +666,9 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
             )
         if pixel_values.dim() != 4:
             hint = (
-                " Add a batch dimension with pixel_values[None] for a single image."
+                " Add a batch dimension with pixel_values[None] for a single image; patchified (batch, patches, "
+                "channels * patch_h * patch_w) pixel values need spatial_shapes (batch, 2) with them, as the image "
+                "processor's native-resolution mode (max_num_patches=...) returns."
                 if pixel_values.dim() == 3
                 else " Pass one (batch, channels, height, width) tensor."
             )
@@ -662,28 +703,162 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 "to a multiple of the patch size."
             )
 
+    def check_patch_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None,
+        spatial_shapes,
+    ) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
+        """Check the native-resolution form; return each image's grid and the patch mask `(B, N)` (bool, None when
+        no patch is padding)."""
+        if spatial_shapes is None or not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            if spatial_shapes is None:
+                raise ValueError(
+                    f"pixel_attention_mask was given without spatial_shapes (pixel_values {got}): the model needs each "
+                    "image's (rows, columns) patch grid to place its position embeddings. Pass spatial_shapes from "
+                    "the same image-processor call (native-resolution mode, max_num_patches=...)."
+                )
+            raise ValueError(
+                f"pixel_attention_mask and spatial_shapes go with patchified pixel_values (batch, patches, channels * "
+                f"patch_h * patch_w), got pixel_values {got}. (batch, channels, height, width) images have every "
+                "patch valid: drop the mask and spatial_shapes, or preprocess with the image processor's "
+                "max_num_patches=... mode."
+            )
+        if self.embeddings.patch_embeddings.backbone is not None:
+            raise ValueError(
+                "This is a hybrid ViT (a CNN backbone makes its patches), which needs whole (batch, channels, height, "
+                "width) images: patchified pixel values with spatial_shapes cannot go through the backbone. Use the "
+                "image processor's classic mode (max_num_patches=None)."
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float patches from the image "
+                "processor."
+            )
+        batch, length, width = pixel_values.shape
+        patch_h, patch_w = self.config.patch_size_hw
+        expected = self.config.num_channels * patch_h * patch_w
+        if width != expected:
+            raise ValueError(
+                f"Patchified pixel_values have {width} values per patch, but this model's patches hold num_channels * "
+                f"patch_h * patch_w = {self.config.num_channels} * {patch_h} * {patch_w} = {expected}: preprocess "
+                f"with patch_size={self.config.patch_size} (the image processor's patch_size must be the model's)."
+            )
+        if batch == 0:
+            raise ValueError("pixel_values holds no image (batch 0): pass at least one.")
+        shapes = torch.as_tensor(spatial_shapes)
+        if shapes.dim() != 2 or shapes.shape != (batch, 2) or shapes.is_floating_point() or shapes.dtype == torch.bool:
+            raise ValueError(
+                f"spatial_shapes must be integers of shape (batch, 2) = ({batch}, 2), one (rows, columns) patch grid "
+                f"per image, got {tuple(shapes.shape)} {shapes.dtype}: pass the image processor's spatial_shapes."
+            )
+        grids = [(int(h), int(w)) for h, w in shapes.tolist()]
+        table_h, table_w = self.config.grid_size
+        limit_h, limit_w = MAX_RESAMPLE_FACTOR * table_h, MAX_RESAMPLE_FACTOR * table_w
+        for i, (grid_h, grid_w) in enumerate(grids):
+            if grid_h < 1 or grid_w < 1 or grid_h * grid_w > length:
+                raise ValueError(
+                    f"spatial_shapes[{i}] = ({grid_h}, {grid_w}) does not fit the {length} patch rows of pixel_values: "
+                    "a grid needs 1..patches rows x columns in patches (not pixels). Pass pixel_values and "
+                    "spatial_shapes from the same image-processor call."
+                )
+            if grid_h > limit_h or grid_w > limit_w:
+                raise ValueError(
+                    f"spatial_shapes[{i}] = ({grid_h}, {grid_w}) stretches the {table_h}x{table_w} position table more "
+                    f"than {MAX_RESAMPLE_FACTOR}x along a side: allowed grids are 1..{limit_h} rows and 1..{limit_w} "
+                    "columns. Lower the image processor's max_num_patches, crop extreme aspect ratios, or use a "
+                    "model whose image_size gives a larger table."
+                )
+        counts = torch.tensor([h * w for h, w in grids], device=pixel_values.device)
+        expected_mask = torch.arange(length, device=pixel_values.device)[None, :] < counts[:, None]  # (B, N)
+        if pixel_attention_mask is not None:
+            mask = pixel_attention_mask
+            if not isinstance(mask, torch.Tensor) or mask.shape != (batch, length) or mask.is_floating_point():
+                got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"pixel_attention_mask must be a (batch, patches) = ({batch}, {length}) tensor of 0/1 or bools, "
+                    f"one per patch row of pixel_values, got {got}: pass the image processor's pixel_attention_mask."
+                )
+            mask = mask.to(device=pixel_values.device) != 0
+            wrong = (mask != expected_mask).any(dim=1)
+            if bool(wrong.any()):
+                i = int(wrong.nonzero()[0, 0])
+                grid_h, grid_w = grids[i]
+                raise ValueError(
+                    f"pixel_attention_mask[{i}] marks {int(mask[i].sum())} valid patches, but spatial_shapes[{i}] = "
+                    f"({grid_h}, {grid_w}) holds {grid_h * grid_w}, which must come first, then padding. Pass "
+                    "pixel_values, pixel_attention_mask and spatial_shapes from the same image-processor call (or "
+                    "leave the mask out: it follows from spatial_shapes)."
+                )
+        if bool(expected_mask.all()):
+            return grids, None
+        implementation = self.config._attn_implementation
+        if implementation not in (None, "eager", "sdpa"):
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot take this batch's padding mask in this model, so "
+                "padded patches would be attended to. Load or set the model with attn_implementation='sdpa' (or "
+                "'eager'), or batch images of one grid (no padding)."
+            )
+        return grids, expected_mask
+
     def grid_size_for(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """(rows, columns) of the patch grid for these pixel values."""
         patch_h, patch_w = self.config.patch_size_hw
         return pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
 
-    def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None) -> torch.Tensor:
-        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        return self.pre_layernorm(hidden_states) if self.pre_layernorm is not None else hidden_states
+    def _embed(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes=None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z_0 and the token mask `(B, T)` (True = a real token; None when none is padding)."""
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_attention_mask is None and spatial_shapes is None:
+            self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+            hidden_states = self.embeddings(
+                pixel_values.to(dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
+            )
+            token_mask = None
+        else:  # native resolution: the position table is resampled to each image's grid whatever the flag says
+            if pixel_values is None:
+                self.check_pixel_values(pixel_values)
+            grids, patch_mask = self.check_patch_inputs(pixel_values, pixel_attention_mask, spatial_shapes)
+            hidden_states = self.embeddings.forward_patches(pixel_values.to(dtype), grids)
+            token_mask = None
+            if patch_mask is not None:  # prefix tokens are always real
+                prefix = patch_mask.new_ones(patch_mask.shape[0], self.num_prefix_tokens)
+                token_mask = torch.cat([prefix, patch_mask], dim=1)
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
+        return hidden_states, token_mask
 
-    def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """pooler_output from `last_hidden_state` (B, T, D) -> (B, D).
+    @staticmethod
+    def _attention_mask(token_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """(B, T) bool -> additive (B, 1, 1, T): 0 for real keys, the dtype's minimum for padded ones (eager adds it,
+        sdpa takes it as its float `attn_mask`)."""
+        if token_mask is None:
+            return None
+        mask = torch.zeros(token_mask.shape, dtype=dtype, device=token_mask.device)
+        return mask.masked_fill(~token_mask, torch.finfo(dtype).min)[:, None, None, :]
+
+    def pool(self, last_hidden_state: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pooler_output from `last_hidden_state` (B, T, D) -> (B, D); padded tokens (`token_mask` False) are left out.
 
         With `final_norm="all"` the tokens are already normalised; with `"pooled"` the final LayerNorm is applied to
         the pooled vector here (CLIP: LN(z_L^0); timm `fc_norm`: LN(mean of the patch tokens))."""
         if self.config.pooling == "cls":
             pooled = last_hidden_state[:, 0]  # y = LN(z_L^0), Eq. 4
-        elif self.config.pooling == "mean":
+        elif self.config.pooling == "mean" and token_mask is None:
             pooled = last_hidden_state[:, self.num_prefix_tokens :].mean(dim=1)
+        elif self.config.pooling == "mean":
+            weights = token_mask[:, self.num_prefix_tokens :, None].to(last_hidden_state.dtype)  # (B, N, 1)
+            patches = last_hidden_state[:, self.num_prefix_tokens :]
+            pooled = (patches * weights).sum(dim=1) / weights.sum(dim=1)
         else:
-            pooled = self.head(last_hidden_state)
+            pooled = self.head(last_hidden_state, token_mask)
         if self.config.final_norm == "pooled":
             pooled = self.layernorm(pooled)
         return self.pooler(pooled) if self.pooler is not None else pooled
@@ -693,19 +868,31 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
         Args:
-            pixel_values: `(B, C, H, W)`; H and W equal `config.image_size` unless `interpolate_pos_encoding`.
-            interpolate_pos_encoding: resample the position embeddings to the input's grid (Sec. 3.2).
+            pixel_values: `(B, C, H, W)`; H and W equal `config.image_size` unless `interpolate_pos_encoding`. Or the
+                native-resolution form `(B, N, C * P_h * P_w)`: each image's patches row-major on its own grid, then
+                zero padding (the image processor with `max_num_patches`; transformers' Siglip2 layout).
+            interpolate_pos_encoding: resample the position embeddings to the input's grid (Sec. 3.2). The native
+                form always resamples them, per image.
+            pixel_attention_mask: native form, `(B, N)` 1 for a patch, 0 for padding. Padded patches are never
+                attended to and never pooled; their rows in the outputs hold no meaning. Optional: it follows from
+                `spatial_shapes`, and is checked against it when given.
+            spatial_shapes: native form, `(B, 2)` each image's (rows, columns) in patches. Required with that form.
         """
-        hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
+        hidden_states, token_mask = self._embed(
+            pixel_values, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes
+        )
+        attention_mask = self._attention_mask(token_mask, hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, **kwargs)
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
         last_hidden_state = self.layernorm(hidden_states) if self.config.final_norm == "all" else hidden_states
         return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=self.pool(last_hidden_state)
+            last_hidden_state=last_hidden_state, pooler_output=self.pool(last_hidden_state, token_mask)
         )
 
     def get_intermediate_layers(
@@ -716,11 +903,14 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         apply_layernorm: bool = False,
         drop_prefix_tokens: bool = False,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Hidden states of the selected layers, running the blocks only up to the deepest one.
 
         Args:
-            pixel_values: `(B, C, H, W)`.
+            pixel_values: `(B, C, H, W)`, or the native form `(B, N, C * P_h * P_w)` with `spatial_shapes` (and
+                optionally `pixel_attention_mask`), as in `forward`: padded patches are not attended to.
             layers: indices in the `hidden_states` convention (0 = embeddings, i = output of block i, -1 = last block,
                 -2 = penultimate, the usual VLM feature layer).
             apply_layernorm: apply the final LayerNorm to each selected state (DINOv2's `norm=True`).
@@ -738,10 +928,13 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 f"{-num_states}..{num_states - 1}; 0 = embeddings, -1 = last block)."
             )
         resolved = [i % num_states for i in indices]
-        hidden_states = self._embed(pixel_values, interpolate_pos_encoding)
+        hidden_states, token_mask = self._embed(
+            pixel_values, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes
+        )
+        attention_mask = self._attention_mask(token_mask, hidden_states.dtype)
         states = {0: hidden_states}
         for depth, layer in enumerate(self.layers[: max(resolved)], start=1):
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask)
             states[depth] = hidden_states
         outputs = []
         for i in resolved:
@@ -769,16 +962,18 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
     # timm's model contract (timm.models.vision_transformer.VisionTransformer), for users and libraries built on it.
 
     def forward_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **native
     ) -> torch.Tensor:
         """timm's `forward_features`: the token sequence after the blocks, `(B, num_prefix_tokens + N, D)`; the same
         tensor as `last_hidden_state` (timm applies its final `norm` here, as `final_norm="all"` does; with
-        `final_norm="pooled"` the norm acts on the pooled vector, like timm's `fc_norm`, in `forward_head`)."""
-        return self(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+        `final_norm="pooled"` the norm acts on the pooled vector, like timm's `fc_norm`, in `forward_head`).
+        `native`: `pixel_attention_mask` and `spatial_shapes` for the native-resolution form, as in `forward`."""
+        return self(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **native).last_hidden_state
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's `forward_head` on `forward_features`' output: the pooled vector `(B, D)` (`pooler_output`). An
-        encoder has no classifier (timm's `num_classes=0`), so `pre_logits` changes nothing here."""
+        encoder has no classifier (timm's `num_classes=0`), so `pre_logits` changes nothing here. It sees no padding
+        mask: for the native-resolution form take `pooler_output`, which leaves padded patches out."""
         self.patch_tokens(x)  # checks the shape
         return self.pool(x)
 
@@ -792,6 +987,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         interpolate_pos_encoding: bool | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
     ):
         """timm's `forward_intermediates`: the outputs of chosen blocks, and the final features.
 
@@ -807,6 +1004,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
             output_fmt: `"NCHW"`: patch tokens as a `(B, D, grid_h, grid_w)` map; `"NLC"`: `(B, N, D)`.
             intermediates_only: return only the list of intermediates.
             interpolate_pos_encoding: as in `forward`, for inputs of another size.
+            pixel_attention_mask, spatial_shapes: the native-resolution form, as in `forward` (with
+                `output_fmt="NLC"`: images of different grids make no one feature map).
 
         Returns:
             `(final_features, intermediates)`, or `intermediates`: a list in block order, each as `output_fmt`, or
@@ -839,12 +1038,19 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                     f"{-num_blocks}..{num_blocks - 1}; 0 = the first block's output)."
                 )
             take = [i % num_blocks for i in requested]
-        hidden_states = self._embed(x, interpolate_pos_encoding)
-        grid_h, grid_w = self.grid_size_for(x)
+        native = pixel_attention_mask is not None or spatial_shapes is not None
+        if native and output_fmt == "NCHW":
+            raise ValueError(
+                "output_fmt='NCHW' makes one (B, D, grid_h, grid_w) map, which images of their own grids (the "
+                "native-resolution form) do not share: pass output_fmt='NLC' and use spatial_shapes to reshape each."
+            )
+        hidden_states, token_mask = self._embed(x, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes)
+        attention_mask = self._attention_mask(token_mask, hidden_states.dtype)
+        grid_h, grid_w = (0, 0) if native else self.grid_size_for(x)
         blocks = self.layers[: max(take) + 1] if stop_early else self.layers
         intermediates = []
         for index, layer in enumerate(blocks):
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask)
             if index in take:
                 intermediates.append(self.layernorm(hidden_states) if norm else hidden_states)
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
@@ -994,7 +1200,7 @@ class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput:
         outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        logits = self.forward_head(outputs.last_hidden_state)
+        logits = self._head(outputs.pooler_output)  # pooled with the padding mask, if any
         loss = None
         if labels is not None:
             self._check_labels(labels, logits)
@@ -1050,9 +1256,10 @@ class VisionTransformerForImageClassification(VisionTransformerPreTrainedModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's `forward_head`: logits `(B, num_labels)` from `forward_features`' output; with `pre_logits=True` the
         features the last layer reads `(B, num_features)` (after the MLP head's tanh layer, if any)."""
-        features = self.vit.forward_head(x)
-        if self.pre_logits is not None:
-            features = self.pre_logits(features)
+        return self._head(self.vit.forward_head(x), pre_logits)
+
+    def _head(self, pooled: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        features = self.pre_logits(pooled) if self.pre_logits is not None else pooled
         return features if pre_logits else self.classifier(features)
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):

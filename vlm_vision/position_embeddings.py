@@ -16,7 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
+INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact", "triangle")
+# Each side of a resampled grid may be at most this many times the table's side (and at least 1 patch). Beyond it
+# the table is stretched so far that neighbouring patches share one learned position: most likely `spatial_shapes`
+# in pixels instead of patches, or a table too small for the inputs. SigLIP2 NaFlex's widest use, a 1 x 1024 grid
+# from its 16 x 16 table, is 64x.
+MAX_RESAMPLE_FACTOR = 64
 
 
 def _grid(value, name: str) -> tuple[int, int]:
@@ -41,6 +46,19 @@ def infer_square_grid(num_patches: int) -> tuple[int, int]:
     return side, side
 
 
+def _triangle_weights(new: int, old: int) -> torch.Tensor:
+    """(new, old) weights of an antialiased linear resize along one axis: a triangle filter at each output's centre
+    in source coordinates (half-pixel convention), widened by the down-sampling factor, normalised over the source
+    rows it covers. These are the weights of `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`
+    and of PIL's BILINEAR."""
+    scale = old / new
+    support = max(scale, 1.0)
+    center = (torch.arange(new, dtype=torch.float32) + 0.5) * scale - 0.5
+    source = torch.arange(old, dtype=torch.float32)
+    weights = (1 - (source[None, :] - center[:, None]).abs() / support).clamp(min=0)
+    return weights / weights.sum(-1, keepdim=True)
+
+
 def resample_position_embeddings(
     position_embeddings: torch.Tensor,
     new_grid: tuple[int, int],
@@ -61,6 +79,11 @@ def resample_position_embeddings(
         old_grid: `(H_old, W_old)` source grid; inferred as square when None.
         num_prefix_tokens: leading rows that are not patches (1 for [CLS], 0 for models without it).
         mode: `torch.nn.functional.interpolate` mode. "bicubic" (default) is what the reference implementations use.
+            "triangle": antialiased bilinear as explicit separable weights (always antialiased; leave `antialias`
+            False), the way transformers' Siglip2 `resize_positional_embeddings` computes it. Its weights are those
+            of `F.interpolate(mode="bilinear", antialias=True)`, but that kernel (torch 2.13, CPU) was seen to give
+            every row the first row's value for a one-column grid (a 4x4 table to 16x1) on some inputs and not on
+            others of the same shape; explicit weights don't depend on it.
         antialias: anti-aliasing when down-sampling (bilinear/bicubic only). False matches transformers' and the
             original ViT fine-tuning code; timm's `resample_abs_pos_embed` uses True.
 
@@ -105,8 +128,12 @@ def resample_position_embeddings(
     dim = table.shape[-1]
     prefix, patches = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
     patches = patches.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H_old, W_old)
-    align = False if mode in ("bilinear", "bicubic") else None
-    patches = F.interpolate(patches, size=new_grid, mode=mode, align_corners=align, antialias=antialias)
+    if mode == "triangle":  # (1, D, H_old, W_old) -> (1, D, H_new, W_new), rows then columns
+        rows, cols = _triangle_weights(new_grid[0], old_grid[0]), _triangle_weights(new_grid[1], old_grid[1])
+        patches = torch.einsum("ih,jw,ndhw->ndij", rows.to(patches.device), cols.to(patches.device), patches)
+    else:
+        align = False if mode in ("bilinear", "bicubic") else None
+        patches = F.interpolate(patches, size=new_grid, mode=mode, align_corners=align, antialias=antialias)
     patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)  # (1, H_new * W_new, D)
     out = torch.cat([prefix, patches.to(table.dtype)], dim=1)
     return out.squeeze(0) if squeeze else out
