@@ -19,7 +19,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import build_adapter
 from .configuration_vlm import VisionLanguageConfig, vision_patch_size
-from .modeling_vlm_vit import VisionTransformerModel
+from .modeling_vlm_vit import (
+    VisionTransformerModel,
+    allowing_missing_keys,
+    check_weight_files,
+    raise_on_mismatched_shapes,
+    raise_on_missing_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,33 @@ class VisionLanguagePreTrainedModel(PreTrainedModel):
         # the tower and the LM are PreTrainedModels that initialise themselves; the adapter has its own rule
         if module is getattr(self, "adapter", None):
             module.reset_parameters()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_keys: bool = False, **kwargs):
+        """transformers' `from_pretrained`, as strict as the encoder's (`VisionTransformerModel.from_pretrained`).
+
+        - A weight the checkpoint lacks raises `CheckpointMismatchError` listing the missing keys (transformers
+          initialises them afresh with a log line: a VLM with a random adapter or tower layer);
+          `allow_missing_keys=True` accepts them, freshly initialised.
+        - A weight of another shape raises `CheckpointMismatchError` listing every such key;
+          `ignore_mismatched_sizes=True` re-initialises them instead.
+        - A truncated or empty weight file raises `CheckpointFileError` naming it.
+        """
+        with allowing_missing_keys(allow_missing_keys):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        check_weight_files(checkpoint_files)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        raise_on_mismatched_shapes(model, load_config, loading_info)
+        loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        hint = "don't override fields such as adapter_config, vision_feature_layer or keep_prefix_tokens"
+        raise_on_missing_keys(model, load_config, set(loading_info.missing_keys), hint)
+        return loading_info
 
 
 class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, GenerationMixin):
@@ -269,6 +302,8 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            check_input_ids(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         images = pixel_values if vision_features is None else vision_features
@@ -279,11 +314,8 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 raise ValueError("Images need input_ids, to find the <image> placeholder positions.")
             if vision_features is not None:
                 self.check_vision_features(vision_features)
-            elif pixel_values.dim() != 4:
-                raise ValueError(
-                    f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}: "
-                    "images of all samples are concatenated along the first axis."
-                )
+            else:
+                check_pixel_values(pixel_values)
             if image_index is not None:
                 self.check_image_index(image_index, images.shape[0])
             self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens, image_index)
@@ -346,6 +378,49 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     "label masking (answers truncated away?)."
                 )
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+PROCESSOR_HINT = (
+    "build the inputs with the VisionLanguageProcessor saved with the model (AutoProcessor.from_pretrained(folder)"
+    '(images=..., text=..., return_tensors="pt"))'
+)
+
+
+def _kind(value) -> str:
+    return f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+
+
+def check_pixel_values(pixel_values) -> None:
+    """Refuse pixel values the tower can't take: not a tensor (numpy, lists), not float (raw uint8 pixels), not
+    (num_images, channels, height, width)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a float torch.Tensor (num_images, channels, height, width), got "
+            f"{_kind(pixel_values)}: {PROCESSOR_HINT}, or torch.from_numpy(array) for normalised float pixels."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype}, but the model takes normalised float pixel values (raw "
+            f"0-255 pixels would be read as huge values): {PROCESSOR_HINT}, which rescales and normalises them."
+        )
+    if pixel_values.dim() != 4:
+        single = " (one image: pixel_values[None])" if pixel_values.dim() == 3 else ""
+        raise ValueError(
+            f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}{single}: "
+            "images of all samples are concatenated along the first axis."
+        )
+
+
+def check_input_ids(input_ids) -> None:
+    """Refuse token ids that are not an integer (batch, sequence) tensor."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        got = f"{_kind(input_ids)} of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else _kind(input_ids)
+        raise TypeError(f"input_ids must be an integer torch.Tensor (batch, sequence), got {got}: {PROCESSOR_HINT}.")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}: add a batch dimension with "
+            "input_ids[None] for one sequence."
+        )
 
 
 def _image_size(vision_config) -> tuple[int, int]:
