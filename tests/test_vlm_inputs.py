@@ -3,12 +3,14 @@ content-list form, processors without a tokenizer, misspelt roles and null answe
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from tests.vlm_helpers import build_vlm, shapes_image
+from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision import VisionLanguageForConditionalGeneration
 from vlm_vision.modeling_vlm_vit import CheckpointFileError, CheckpointMismatchError
 
@@ -126,3 +128,216 @@ def test_the_processors_batch_still_runs(vlm, batch):
     model, processor = vlm
     logits = model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], len(processor.tokenizer))
+
+
+# ---- 3. transformers' content-list messages ----------------------------------------------------------------------
+
+
+def content_list(question: str, answer: str | None = None, image=None) -> list[dict]:
+    image_part = {"type": "image"} if image is None else {"type": "image", "image": image}
+    messages = [{"role": "user", "content": [image_part, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def test_apply_chat_template_takes_content_lists_as_string_messages(vlm):
+    _, processor = vlm
+    image = shapes_image(1)
+    text = processor.apply_chat_template(content_list("what is the blue shape?"), add_generation_prompt=True)
+    assert text == processor.prompt(vqa("what is the blue shape?", "x")[:1])
+    assert "'type'" not in text and text.count("<image>") == 1  # not a Python repr of the parts
+
+    expected = processor(images=[image], text=text)
+    given = processor.apply_chat_template(
+        content_list("what is the blue shape?"),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        images=[image],
+    )
+    inline = processor.apply_chat_template(
+        content_list("what is the blue shape?", image=image),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
+    for encoding in (given, inline):
+        assert set(encoding) == {"input_ids", "attention_mask", "pixel_values"}
+        assert torch.equal(encoding["input_ids"], expected["input_ids"])
+        assert torch.equal(encoding["pixel_values"], expected["pixel_values"])
+    assert (given["input_ids"] == processor.image_token_id).sum() == processor.num_image_tokens
+
+    batched = processor.apply_chat_template(
+        [content_list("what is the blue shape?"), content_list("what color is the circle?")],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        images=[[image], [shapes_image(2)]],
+    )
+    assert batched["input_ids"].shape[0] == 2 and batched["pixel_values"].shape[0] == 2
+    with pytest.raises(ValueError, match="give each image once"):
+        processor.apply_chat_template(content_list("q", image=image), tokenize=True, images=[image])
+
+
+def test_content_lists_train_and_evaluate_like_strings(vlm, tmp_path):
+    from vlm_vision.data.conversations import VLMSample, read_llava
+    from vlm_vision.data.dataset import VLMDataset, split_questions
+    from vlm_vision.generation import first_turn, reference_answer
+
+    _, processor = vlm
+    as_text = vqa("what is the blue shape?", "a blue circle")
+    as_parts = content_list("what is the blue shape?", "a blue circle")
+    assert processor.encode_conversation(as_parts) == processor.encode_conversation(as_text)
+    assert processor.supervised_spans(as_parts) == processor.supervised_spans(as_text)
+
+    image = shapes_image(3)
+    sample = VLMSample([image], as_parts, "parts")
+    assert sample.messages == as_text and sample.num_image_tags == 1
+    assert split_questions(sample.messages) == [as_text]
+    item = VLMDataset([sample], processor)[0]
+    assert item["encoded"] == processor.encode_conversation(as_text) and item["skipped"] == []
+    assert first_turn(sample) == (as_text[:1], [image])
+    assert reference_answer(sample) == "a blue circle"
+
+    # transformers' chat form in a data file: {"images", "messages"}
+    image.save(tmp_path / "a.png")
+    entries = [{"id": "chat", "images": ["a.png"], "messages": as_parts}]
+    (tmp_path / "chat.json").write_text(json.dumps(entries))
+    samples, report = read_llava(tmp_path / "chat.json", tmp_path)
+    assert report.skipped == [] and samples[0].messages == as_text
+    assert samples[0].images == [str(tmp_path / "a.png")]
+
+
+# ---- 4. processors without a tokenizer ---------------------------------------------------------------------------
+
+
+def test_a_processor_without_a_usable_tokenizer_names_the_fix(vlm, tmp_path):
+    from vlm_vision import VisionLanguageProcessor
+    from vlm_vision.processing_vlm import ChatTemplateError, resolve_chat_template
+
+    model, processor = vlm
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    with pytest.raises(ValueError, match="needs a tokenizer: pass the language model's tokenizer"):
+        VisionLanguageProcessor.from_model_config(model.config, image_processor, None)
+    with pytest.raises(TypeError, match=r"is a path, not a tokenizer: load it first \(AutoTokenizer"):
+        VisionLanguageProcessor.from_model_config(model.config, image_processor, str(tmp_path))
+    with pytest.raises(TypeError, match="must be a transformers tokenizer, got dict"):
+        VisionLanguageProcessor.from_model_config(model.config, image_processor, {"vocab": 3})
+
+    processor.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "tokenizer_only")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "saved" / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no tokenizer .*tokenizer.save_pretrained\(folder\)"):
+        VisionLanguageProcessor.from_pretrained(tmp_path / "saved")
+
+    # a tokenizer without a chat template gets the plain USER/ASSISTANT one; asking for its own names the fix
+    assert not tokenizer.chat_template
+    with pytest.raises(ChatTemplateError, match=r"has no chat template\. Pass one: --chat-template NAME"):
+        resolve_chat_template("model", tokenizer)
+
+
+# ---- 5. misspelt roles, null answers and captions ----------------------------------------------------------------
+
+
+def test_a_misspelt_role_is_refused_with_the_valid_roles(vlm):
+    from vlm_vision.data.conversations import VLMSample
+
+    _, processor = vlm
+    messages = [{"role": "user", "content": "<image>\nwhat?"}, {"role": "asistant", "content": "yes"}]
+    words = r"role 'asistant' \(did you mean 'assistant'\?\); a role is one of \['system', 'user', 'assistant'\]"
+    for call in (
+        lambda: processor.encode_conversation(messages),
+        lambda: processor.supervised_spans(messages),
+        lambda: processor.apply_chat_template(messages),
+        lambda: VLMSample([shapes_image(0)], messages, "typo"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            call()
+
+
+@pytest.fixture
+def picture(tmp_path):
+    shapes_image(0).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def llava_entry(sample_id, question, answer, speaker="gpt"):
+    turns = [{"from": "human", "value": question}, {"from": speaker, "value": answer}]
+    return {"id": sample_id, "image": "a.png", "conversations": turns}
+
+
+def test_null_or_non_text_llava_values_and_unknown_roles_are_left_out_and_named(picture):
+    from vlm_vision.data.conversations import BadSampleError, read_llava
+
+    chat_typo = {"id": "chat", "image": "a.png", "messages": [{"role": "asistant", "content": "<image>\nno"}]}
+    entries = [
+        llava_entry("ok", "<image>\nwhat?", "yes"),
+        llava_entry("null", "<image>\nwhat?", None),
+        llava_entry("number", "<image>\nhow many?", 3),
+        llava_entry("speaker", "<image>\nwhat?", "yes", speaker="asistant"),
+        chat_typo,
+    ]
+    (picture / "data.json").write_text(json.dumps(entries))
+    samples, report = read_llava(picture / "data.json", picture)
+    assert [s.id for s in samples] == ["ok"] and report.counts() == {"malformed": 4}
+    messages = {s.id: s.message for s in report.skipped}
+    assert messages["null"] == "entry 1 (id null): conversations[1] (gpt) has 'value': null: every value must be text"
+    assert "conversations[1] (gpt) has 'value': 3" in messages["number"]
+    assert "'from': 'asistant'; a speaker is one of" in messages["speaker"] and "'gpt'" in messages["speaker"]
+    assert "'messages': Message 0 has role 'asistant' (did you mean 'assistant'?)" in messages["chat"]
+    assert all("None" not in s.messages[-1]["content"] for s in samples)
+    with pytest.raises(BadSampleError, match=r"data\.json, entry 1 \(id null\): conversations\[1\] .* 'value': null"):
+        read_llava(picture / "data.json", picture, on_error="raise")
+
+
+def test_null_or_non_text_captions_and_answers_are_left_out_and_named(picture):
+    from vlm_vision.data.conversations import BadSampleError, read_caption_folder, read_coco_captions, read_vqav2
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [
+            {"image_id": 1, "caption": None},
+            {"image_id": 1, "caption": 7},
+            {"image_id": 1, "caption": "ok"},
+        ],
+    }
+    (picture / "coco.json").write_text(json.dumps(coco))
+    samples, report = read_coco_captions(picture / "coco.json", picture, one_per_caption=True)
+    assert [s.messages[1]["content"] for s in samples] == ["ok"] and report.counts() == {"malformed": 2}
+    assert [s.message for s in report.skipped] == [
+        "annotations[0]: 'caption' is null: a caption must be non-empty text",
+        "annotations[1]: 'caption' is 7: a caption must be non-empty text",
+    ]
+    with pytest.raises(BadSampleError, match=r"coco\.json, annotations\[0\]: 'caption' is null"):
+        read_coco_captions(picture / "coco.json", picture, on_error="raise")
+
+    rows = [
+        {"file_name": "a.png", "caption": 5},
+        {"file_name": 3, "caption": "x"},
+        {"file_name": "a.png", "caption": "ok"},
+    ]
+    (picture / "captions.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    samples, report = read_caption_folder(picture, picture / "captions.jsonl")
+    assert samples[0].meta["captions"] == ["ok"] and report.counts() == {"malformed": 2}
+    assert report.skipped[0].message == "line 1: 'caption' is 5: file_name and caption must be non-empty text"
+    assert report.skipped[1].message.startswith("line 2: 'file_name' is 3")
+
+    (picture / "COCO_val2014_000000000001.jpg").write_bytes((picture / "a.png").read_bytes())
+    questions = [
+        {"question_id": 10, "image_id": 1, "question": "what?"},
+        {"question_id": 11, "image_id": 1, "question": None},
+    ]
+    annotations = [
+        {"question_id": 10, "multiple_choice_answer": None, "answers": [{"answer": "x"}] * 10},
+        {"question_id": 11, "multiple_choice_answer": "x", "answers": [{"answer": "x"}] * 10},
+    ]
+    (picture / "q.json").write_text(json.dumps({"questions": questions}))
+    (picture / "a.json").write_text(json.dumps({"annotations": annotations}))
+    samples, report = read_vqav2(picture / "q.json", picture / "a.json", picture)
+    assert samples == [] and report.counts() == {"malformed": 2}
+    assert report.skipped[0].message.startswith("question 10: 'multiple_choice_answer' is null")
+    assert report.skipped[1].message.startswith("question 11: 'question' is null")
+    with pytest.raises(BadSampleError, match="question 10: 'multiple_choice_answer' is null"):
+        read_vqav2(picture / "q.json", picture / "a.json", picture, on_error="raise")
