@@ -341,3 +341,63 @@ def test_null_or_non_text_captions_and_answers_are_left_out_and_named(picture):
     assert report.skipped[1].message.startswith("question 11: 'question' is null")
     with pytest.raises(BadSampleError, match="question 10: 'multiple_choice_answer' is null"):
         read_vqav2(picture / "q.json", picture / "a.json", picture, on_error="raise")
+
+
+# ---- 6. LLaVA's config names -------------------------------------------------------------------------------------
+
+
+def llava_named_config(tokenizer, vision=None, **fields):
+    from tests.conftest import tiny_config
+    from tests.vlm_helpers import tiny_text_config
+    from vlm_vision import VisionLanguageConfig
+
+    return VisionLanguageConfig(
+        vision_config=vision or tiny_config(), text_config=tiny_text_config(len(tokenizer)), **fields
+    )
+
+
+def test_vision_feature_select_strategy_is_keep_prefix_tokens(tokenizer):
+    from tests.conftest import tiny_config
+    from vlm_vision.modeling_vlm import num_image_tokens_for
+
+    full = llava_named_config(tokenizer, vision_feature_select_strategy="full")
+    default = llava_named_config(tokenizer, vision_feature_select_strategy="default")
+    assert full.keep_prefix_tokens and not default.keep_prefix_tokens
+    assert (full.vision_feature_select_strategy, default.vision_feature_select_strategy) == ("full", "default")
+    assert num_image_tokens_for(full) == num_image_tokens_for(default) + 1 == 8 * 8 + 1  # the [CLS] token kept
+    assert "vision_feature_select_strategy" not in full.to_dict()  # stored once, as keep_prefix_tokens
+    default.vision_feature_select_strategy = "full"
+    assert default.keep_prefix_tokens
+
+    with pytest.raises(ValueError, match="LLaVA's strategies are 'default'"):
+        llava_named_config(tokenizer, vision_feature_select_strategy="cls")
+    with pytest.raises(ValueError, match="contradicts keep_prefix_tokens=True"):
+        llava_named_config(tokenizer, vision_feature_select_strategy="default", keep_prefix_tokens=True)
+    with pytest.raises(ValueError, match="needs an adapter that projects prefix tokens"):
+        llava_named_config(
+            tokenizer,
+            adapter_config={"adapter_type": "resampler", "num_queries": 4},
+            vision_feature_select_strategy="full",
+        )
+    no_cls = tiny_config(use_class_token=False, pooling="mean")
+    with pytest.raises(ValueError, match=r'has no \[CLS\]/prefix token: it would drop a patch\. Use "full"'):
+        llava_named_config(tokenizer, vision=no_cls, vision_feature_select_strategy="default")
+    assert llava_named_config(tokenizer, vision=no_cls).vision_feature_select_strategy == "full"
+
+
+def test_projector_hidden_act_and_bias_set_the_mlp_adapter(tokenizer, tmp_path):
+    config = llava_named_config(tokenizer, projector_hidden_act="relu", multimodal_projector_bias=False)
+    assert config.adapter_config["hidden_act"] == "relu" and config.projector_hidden_act == "relu"
+    assert config.adapter_config["bias"] is False and config.multimodal_projector_bias is False
+    model = VisionLanguageForConditionalGeneration(config)
+    adapter = model.adapter
+    tokens = torch.randn(1, 64, config.adapter_config["vision_hidden_size"])
+    expected = adapter.linear_2(torch.relu(adapter.linear_1(tokens)))
+    assert torch.allclose(adapter(tokens, (8, 8)), expected) and adapter.linear_1.bias is None
+
+    config.save_pretrained(tmp_path)
+    assert type(config).from_pretrained(tmp_path).projector_hidden_act == "relu"
+    with pytest.raises(ValueError, match=r"projector_hidden_act='relux' \(the adapter's hidden_act\)"):
+        llava_named_config(tokenizer, projector_hidden_act="relux")
+    with pytest.raises(ValueError, match="the 'pixel_shuffle' adapter has no such setting"):
+        llava_named_config(tokenizer, adapter_config={"adapter_type": "pixel_shuffle"}, projector_hidden_act="gelu")
