@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -122,6 +123,20 @@ def test_input_ids_that_are_not_integer_batches_are_refused(vlm, batch, make, er
     model, _ = vlm
     with pytest.raises(error, match=words):
         model(input_ids=make(batch["input_ids"]), pixel_values=batch["pixel_values"])
+
+
+def test_image_index_and_vision_features_that_are_not_tensors_are_refused(vlm, batch):
+    model, _ = vlm
+    features = model.vision_features(batch["pixel_values"]).detach()
+    with pytest.raises(ValueError, match=r"image_index must be a 1-D integer tensor .*got numpy\.ndarray"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_index=np.zeros(1, np.int64))
+    with pytest.raises(TypeError, match=r"vision_features must be a float torch\.Tensor .*got numpy\.ndarray"):
+        model(input_ids=batch["input_ids"], vision_features=features.numpy())
+    with pytest.raises(TypeError, match=r"got a torch\.int64 tensor"):
+        model(input_ids=batch["input_ids"], vision_features=features.long())
+    assert torch.allclose(
+        model(input_ids=batch["input_ids"], vision_features=features).logits, model(**batch).logits, atol=1e-5
+    )
 
 
 def test_the_processors_batch_still_runs(vlm, batch):

@@ -232,10 +232,23 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     def check_image_index(self, image_index: torch.Tensor, num_images: int) -> None:
         """Validate `image_index` (one image number per `<image>` span) against `num_images` images; the number of
         spans is checked with the placeholders (:meth:`check_image_placeholders`)."""
-        if image_index.dim() != 1 or image_index.dtype not in (torch.int32, torch.int64):
+        if (
+            not isinstance(image_index, torch.Tensor)
+            or image_index.dim() != 1
+            or image_index.dtype
+            not in (
+                torch.int32,
+                torch.int64,
+            )
+        ):
+            got = (
+                f"{image_index.dtype} of shape {tuple(image_index.shape)}"
+                if isinstance(image_index, torch.Tensor)
+                else _kind(image_index)
+            )
             raise ValueError(
                 f"image_index must be a 1-D integer tensor (one image number per <image> span, in placeholder order), "
-                f"got {image_index.dtype} of shape {tuple(image_index.shape)}."
+                f"got {got}."
             )
         if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
             raise ValueError(
@@ -278,6 +291,16 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     def check_vision_features(self, vision_features: torch.Tensor) -> None:
         """Refuse precomputed tower features whose shape is not `vision_features(pixel_values)`'s at the tower's
         configured image size: (num_images, T, D_v * len(feature_layers))."""
+        if not isinstance(vision_features, torch.Tensor) or not vision_features.is_floating_point():
+            got = (
+                f"a {vision_features.dtype} tensor"
+                if isinstance(vision_features, torch.Tensor)
+                else _kind(vision_features)
+            )
+            raise TypeError(
+                f"vision_features must be a float torch.Tensor (the output of model.vision_features), got {got}: read "
+                "them from a feature store (vlm_vision.feature_cache), or pass pixel_values."
+            )
         grid_h, grid_w = self.config.grid_size
         expected = (self.config.prefix_tokens + grid_h * grid_w, self.config.adapter_config["vision_hidden_size"])
         if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
