@@ -416,3 +416,17 @@ def test_projector_hidden_act_and_bias_set_the_mlp_adapter(tokenizer, tmp_path):
         llava_named_config(tokenizer, projector_hidden_act="relux")
     with pytest.raises(ValueError, match="the 'pixel_shuffle' adapter has no such setting"):
         llava_named_config(tokenizer, adapter_config={"adapter_type": "pixel_shuffle"}, projector_hidden_act="gelu")
+
+
+def test_misspelt_vlm_config_fields_are_refused_not_kept(tokenizer, saved_vlm):
+    from vlm_vision import VisionLanguageConfig
+
+    with pytest.raises(TypeError, match=r"no field 'keep_prefix_token' \(did you mean 'keep_prefix_tokens'\?\)"):
+        llava_named_config(tokenizer, keep_prefix_token=True)
+    _, folder = saved_vlm
+    with pytest.raises(TypeError, match=r"no field 'image_token_idx' \(did you mean 'image_token_id'\?\)"):
+        VisionLanguageConfig.from_pretrained(folder, image_token_idx=3)
+    with pytest.raises(TypeError, match=r"unexpected arguments vision_feature_layers: .*did you mean"):
+        VisionLanguageForConditionalGeneration.from_pretrained(folder, vision_feature_layers=[-2])
+    assert VisionLanguageConfig.from_pretrained(folder, keep_prefix_tokens=True).keep_prefix_tokens
+    assert VisionLanguageConfig.from_pretrained(folder, vision_feature_select_strategy="full").keep_prefix_tokens

@@ -6,6 +6,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .adapters import ADAPTER_CLASSES, adapter_config_from_dict
+from .configuration_vlm_vit import unknown_fields_message, unknown_kwargs
 
 # Tokens before the patch tokens in the sequences of towers that don't say so in their config. Our own tower reports
 # `num_prefix_tokens`; transformers' DINOv2 with registers reports `num_register_tokens` (plus its [CLS]).
@@ -35,6 +36,7 @@ def vision_patch_size(vision_config: PretrainedConfig) -> tuple[int, int]:
 # the projector's activation and bias are the mlp adapter's `hidden_act` and `bias`.
 VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
 LLAVA_PROJECTOR_FIELDS = {"projector_hidden_act": "hidden_act", "multimodal_projector_bias": "bias"}
+LLAVA_NAMES = ("vision_feature_select_strategy", *LLAVA_PROJECTOR_FIELDS)
 LLAVA_PROJECTOR_ADAPTERS = {"projector_hidden_act": ("mlp",), "multimodal_projector_bias": ("mlp", "linear")}
 
 
@@ -83,11 +85,10 @@ class VisionLanguageConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        llava = {
-            name: kwargs.pop(name)
-            for name in ("vision_feature_select_strategy", *LLAVA_PROJECTOR_FIELDS)
-            if name in kwargs
-        }
+        llava = {name: kwargs.pop(name) for name in LLAVA_NAMES if name in kwargs}
+        unknown = unknown_kwargs(kwargs)
+        if unknown:  # a misspelt field would be kept as an attribute nothing reads
+            raise TypeError(unknown_fields_message(type(self), unknown, LLAVA_NAMES))
         super().__post_init__(**kwargs)
         strategy = llava.pop("vision_feature_select_strategy", None)
         if strategy is not None:
@@ -184,6 +185,19 @@ class VisionLanguageConfig(PretrainedConfig):
         lambda self, value: self._set_projector_field("multimodal_projector_bias", value),
         doc="LLaVA's name for the mlp/linear adapter's `bias`.",
     )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`, which sets `from_pretrained`'s overrides after the config is made: an override
+        that names no field is refused instead of dropped."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        if return_unused_kwargs:  # a model's from_pretrained: the model refuses what its config did not take
+            return config, unused
+        unknown = unknown_kwargs(unused)
+        if unknown:
+            raise TypeError(unknown_fields_message(cls, unknown, LLAVA_NAMES))
+        return config
 
     @property
     def feature_layers(self) -> list[int]:

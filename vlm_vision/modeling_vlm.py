@@ -18,7 +18,8 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import build_adapter
-from .configuration_vlm import VisionLanguageConfig, vision_patch_size
+from .configuration_vlm import LLAVA_NAMES, VisionLanguageConfig, vision_patch_size
+from .configuration_vlm_vit import unknown_fields_message
 from .modeling_vlm_vit import (
     VisionTransformerModel,
     allowing_missing_keys,
@@ -95,7 +96,13 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     `AutoModelForCausalLM`, with its own head).
     """
 
-    def __init__(self, config: VisionLanguageConfig):
+    def __init__(self, config: VisionLanguageConfig, *inputs, **kwargs):
+        if inputs or kwargs:  # from_pretrained hands over the overrides its config did not take
+            unknown = [*map(repr, inputs), *kwargs]
+            raise TypeError(
+                f"{type(self).__name__} got unexpected arguments {', '.join(unknown)}: it takes only its config. "
+                + (unknown_fields_message(type(config), sorted(kwargs), LLAVA_NAMES) if kwargs else "")
+            )
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.adapter = build_adapter(config.adapter_config)
