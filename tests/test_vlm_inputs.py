@@ -430,3 +430,20 @@ def test_misspelt_vlm_config_fields_are_refused_not_kept(tokenizer, saved_vlm):
         VisionLanguageForConditionalGeneration.from_pretrained(folder, vision_feature_layers=[-2])
     assert VisionLanguageConfig.from_pretrained(folder, keep_prefix_tokens=True).keep_prefix_tokens
     assert VisionLanguageConfig.from_pretrained(folder, vision_feature_select_strategy="full").keep_prefix_tokens
+
+
+def test_the_image_text_to_text_pipeline_takes_chat_messages(vlm, tmp_path):
+    from transformers import pipeline
+
+    model, processor = vlm
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    generate = pipeline("image-text-to-text", model=str(tmp_path))
+    image = shapes_image(4)
+    chat = [content_list("what is the blue shape?", image=image)[0]]
+    answer = generate(text=chat, max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]
+    assert answer["role"] == "assistant"
+    # the same greedy answer as generate on the processor's own prompt
+    inputs = processor(images=[image], text=processor.prompt(vqa("what is the blue shape?", "x")[:1]))
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert answer["content"] == processor.tokenizer.decode(generated, skip_special_tokens=True)
