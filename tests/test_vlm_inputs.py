@@ -108,6 +108,8 @@ def test_pixel_values_the_processor_would_not_make_are_refused(vlm, batch, make,
     with pytest.raises(error, match=words) as caught:
         model(input_ids=batch["input_ids"], pixel_values=make(batch["pixel_values"]))
     assert error is ValueError or "VisionLanguageProcessor" in str(caught.value)
+    with pytest.raises(error, match=words):  # generate reaches the same check
+        model.generate(input_ids=batch["input_ids"], pixel_values=make(batch["pixel_values"]), max_new_tokens=2)
 
 
 @pytest.mark.parametrize(
