@@ -4,6 +4,7 @@ content-list form, processors without a tokenizer, misspelt roles and null answe
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -449,3 +450,19 @@ def test_the_image_text_to_text_pipeline_takes_chat_messages(vlm, tmp_path):
     inputs = processor(images=[image], text=processor.prompt(vqa("what is the blue shape?", "x")[:1]))
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert answer["content"] == processor.tokenizer.decode(generated, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_truncated_tokenizer_file_is_named(vlm, tmp_path, name):
+    from transformers import AutoProcessor
+
+    from vlm_vision import VisionLanguageProcessor
+
+    _, processor = vlm
+    processor.save_pretrained(tmp_path)
+    path = tmp_path / name
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    for load in (VisionLanguageProcessor.from_pretrained, AutoProcessor.from_pretrained):
+        with pytest.raises(ValueError, match=re.escape(f"{path} is not valid JSON (")) as caught:
+            load(tmp_path)
+        assert "processor.save_pretrained(folder)" in str(caught.value)

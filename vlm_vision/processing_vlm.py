@@ -13,6 +13,7 @@ LLaVA-1.5 does.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -51,6 +52,16 @@ PLAIN_CHAT_TEMPLATE = (
 )
 # A saved tokenizer writes at least one of these (fast: tokenizer.json; sentencepiece, BPE and WordPiece vocabularies)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# The JSON files a processor folder may hold (transformers reads them; a truncated one is named here)
+PROCESSOR_JSON_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+)
 # Chat templates by name (`--chat-template NAME`); "model" is the tokenizer's own.
 CHAT_TEMPLATES = {"plain": PLAIN_CHAT_TEMPLATE, "user_assistant": DEFAULT_CHAT_TEMPLATE}
 
@@ -255,12 +266,26 @@ class VisionLanguageProcessor(ProcessorMixin):
         """transformers' `from_pretrained`; a local folder without the tokenizer's files (a processor saved without
         its tokenizer, or a model folder) raises naming the folder and the fix."""
         folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
-            raise FileNotFoundError(
-                f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so no VisionLanguageProcessor "
-                "can be loaded from it: save the processor whole (processor.save_pretrained(folder)), or save the "
-                "language model's tokenizer there (tokenizer.save_pretrained(folder))."
-            )
+        if os.path.isdir(folder):
+            if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+                raise FileNotFoundError(
+                    f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so no "
+                    "VisionLanguageProcessor can be loaded from it: save the processor whole "
+                    "(processor.save_pretrained(folder)), or save the language model's tokenizer there "
+                    "(tokenizer.save_pretrained(folder))."
+                )
+            for name in PROCESSOR_JSON_FILES:  # a truncated one would raise a JSONDecodeError naming no file
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    try:
+                        with open(path, encoding="utf-8") as file:
+                            json.load(file)
+                    except (ValueError, UnicodeDecodeError) as error:
+                        raise ValueError(
+                            f"{path} is not valid JSON ({error}): it is truncated or corrupt, as after an interrupted "
+                            "save or copy. Save the processor again (processor.save_pretrained(folder)) or restore "
+                            "the file."
+                        ) from None
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
