@@ -466,3 +466,18 @@ def test_a_truncated_tokenizer_file_is_named(vlm, tmp_path, name):
         with pytest.raises(ValueError, match=re.escape(f"{path} is not valid JSON (")) as caught:
             load(tmp_path)
         assert "processor.save_pretrained(folder)" in str(caught.value)
+
+
+def test_arrow_style_parts_with_every_key_read_as_the_plain_ones(vlm, picture):
+    from vlm_vision.data.index import RowsIndex
+
+    _, processor = vlm
+    # a datasets.Dataset gives every content part every key of the column, None where unused
+    parts = [{"type": "image", "text": None, "image": None}, {"type": "text", "text": "what?", "image": None}]
+    answer = [{"type": "text", "text": "yes", "image": None}]
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]
+    index = RowsIndex([{"images": ["a.png"], "messages": messages}], picture)
+    assert index.sample(0).messages == vqa("what?", "yes") and index.length_estimates()[1].tolist() == [1]
+    image = shapes_image(0)
+    encoding = processor.apply_chat_template(messages[:1], tokenize=True, return_dict=True, images=[image])
+    assert encoding["pixel_values"].shape[0] == 1

@@ -170,7 +170,7 @@ def _inline_images(messages) -> list:
         for part in message["content"]
         if part.get("type") == "image"
         for key in IMAGE_PART_KEYS
-        if key in part
+        if part.get(key) is not None  # Arrow rows give every part every key, None where unused
     ]
 
 

@@ -72,7 +72,8 @@ def check_format(index, what: str) -> None:
         raise ValueError(
             f"{index.source} does not read as {what}: none of its first {len(problems)} entries is a sample "
             f"({problems[0]}). A LLaVA entry is {{'id', 'image': path(s), 'conversations': [{{'from': 'human' | 'gpt', "
-            "'value': text}]}}; check the file, or the recipe's data.name for its format."
+            "'value': text}]}} (or transformers' {'images', 'messages': [{'role', 'content'}]}); check the file, or "
+            "the recipe's data.name for its format."
         )
 
 
