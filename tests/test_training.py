@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from tests.conftest import tiny_config
 from vlm_vision import VisionTransformerForImageClassification
 from vlm_vision.training import (
+    DamagedCheckpointError,
     EpochSampler,
     OptimizerConfig,
     TrainerState,
@@ -21,6 +24,7 @@ from vlm_vision.training import (
     build_scheduler,
     decays,
     find_latest_checkpoint,
+    load_state,
     make_accelerator,
     resolve_resume,
     save_state_atomically,
@@ -260,3 +264,46 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_state_atomically(accelerator, checkpoints, TrainerState(global_step=10), keep_last=1)
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-00000010"]  # stale .tmp replaced, old pruned
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else b"")
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(tmp_path, caplog, name, how):
+    accelerator = make_accelerator(TrainingArguments(output_dir=str(tmp_path)))
+    model = nn.Linear(2, 2)
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    checkpoints = tmp_path / "checkpoints"
+    for step in (5, 10):
+        save_state_atomically(accelerator, checkpoints, TrainerState(global_step=step))
+    newest = checkpoints / "checkpoint-00000010"
+    damage(newest / name, how)  # accelerate itself loads a truncated random_states_0.pkl without a word
+
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume("latest", checkpoints).name == "checkpoint-00000005"
+    assert "newest intact checkpoint" in caplog.text and f"checkpoint-00000010: {name}" in caplog.text
+    for call in (lambda: resolve_resume(newest, checkpoints), lambda: load_state(accelerator, newest)):
+        with pytest.raises(
+            DamagedCheckpointError, match=re.escape(f"Cannot resume from {newest}: {name} is")
+        ) as caught:
+            call()
+        assert "--resume latest takes the newest intact one" in str(caught.value)
+    assert load_state(accelerator, checkpoints / "checkpoint-00000005").global_step == 5
+
+    damage(checkpoints / "checkpoint-00000005" / name, how)
+    with pytest.raises(DamagedCheckpointError, match=r"Every checkpoint in .* is damaged: checkpoint-00000010"):
+        resolve_resume("latest", checkpoints)
+
+
+def test_a_run_resumes_exactly_from_the_newest_intact_checkpoint(tmp_path):
+    uninterrupted = run(tmp_path, "full")
+    run(tmp_path, "resumed", save_every_steps=4, stop_after_steps=7)  # checkpoints at steps 4 and 7
+    damage(tmp_path / "resumed" / "checkpoints" / "checkpoint-00000007" / "optimizer.bin", "truncated")
+    resumed = run(tmp_path, "resumed", save_every_steps=4, resume="latest")
+    assert resumed.finished and resumed.state.global_step == 12
+    for key, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)

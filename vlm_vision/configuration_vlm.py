@@ -6,6 +6,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .adapters import ADAPTER_CLASSES, adapter_config_from_dict
+from .configuration_vlm_vit import unknown_fields_message, unknown_kwargs
 
 # Tokens before the patch tokens in the sequences of towers that don't say so in their config. Our own tower reports
 # `num_prefix_tokens`; transformers' DINOv2 with registers reports `num_register_tokens` (plus its [CLS]).
@@ -31,6 +32,14 @@ def vision_patch_size(vision_config: PretrainedConfig) -> tuple[int, int]:
     return (patch, patch) if isinstance(patch, int) else tuple(patch)
 
 
+# LLaVA's config names (transformers' `LlavaConfig`) and what they set here: the strategy is `keep_prefix_tokens`,
+# the projector's activation and bias are the mlp adapter's `hidden_act` and `bias`.
+VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+LLAVA_PROJECTOR_FIELDS = {"projector_hidden_act": "hidden_act", "multimodal_projector_bias": "bias"}
+LLAVA_NAMES = ("vision_feature_select_strategy", *LLAVA_PROJECTOR_FIELDS)
+LLAVA_PROJECTOR_ADAPTERS = {"projector_hidden_act": ("mlp",), "multimodal_projector_bias": ("mlp", "linear")}
+
+
 class VisionLanguageConfig(PretrainedConfig):
     r"""Configuration of [`VisionLanguageForConditionalGeneration`].
 
@@ -49,6 +58,15 @@ class VisionLanguageConfig(PretrainedConfig):
             either way. Needs an adapter that projects prefix tokens: linear, mlp (each token on its own) or
             pixel_shuffle (each prefix token tiled over a block).
         num_vision_prefix_tokens: override for towers whose prefix-token count cannot be read from their config.
+
+    LLaVA's names (transformers' `LlavaConfig`) are taken as LLaVA defines them, as arguments and as attributes;
+    none is stored twice:
+        vision_feature_select_strategy: "default" drops the tower's [CLS]/prefix tokens (`keep_prefix_tokens=False`;
+            LLaVA drops exactly one, the [CLS]; here registers go too), "full" keeps them (`keep_prefix_tokens=True`).
+            A tower without prefix tokens is "full" (LLaVA's "default" would drop a patch token: refused).
+        projector_hidden_act: the activation of the mlp adapter (LLaVA's two-layer projector), `adapter_config`'s
+            `hidden_act`; other adapters have no such activation, and refuse it.
+        multimodal_projector_bias: the mlp or linear adapter's `bias`.
     """
 
     model_type = "vlm_vision"
@@ -67,7 +85,20 @@ class VisionLanguageConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        llava = {name: kwargs.pop(name) for name in LLAVA_NAMES if name in kwargs}
+        unknown = unknown_kwargs(kwargs)
+        if unknown:  # a misspelt field would be kept as an attribute nothing reads
+            raise TypeError(unknown_fields_message(type(self), unknown, LLAVA_NAMES))
         super().__post_init__(**kwargs)
+        strategy = llava.pop("vision_feature_select_strategy", None)
+        if strategy is not None:
+            if strategy == "default" and self.keep_prefix_tokens:
+                raise ValueError(
+                    'vision_feature_select_strategy="default" (drop the prefix tokens) contradicts '
+                    'keep_prefix_tokens=True: give one of them ("full" is keep_prefix_tokens=True).'
+                )
+            self._check_strategy(strategy)
+            self.keep_prefix_tokens = strategy == "full"
         layers = self.feature_layers
         if not layers or not all(isinstance(i, int) for i in layers):
             raise ValueError(
@@ -83,13 +114,9 @@ class VisionLanguageConfig(PretrainedConfig):
         adapter["vision_hidden_size"] = self.vision_config.hidden_size * len(layers)
         adapter["text_hidden_size"] = self.text_config.hidden_size
         self.adapter_config = adapter_config_from_dict(adapter).to_dict()  # validates
-        adapter_type = self.adapter_config["adapter_type"]
-        if self.keep_prefix_tokens and not ADAPTER_CLASSES[adapter_type].supports_prefix_tokens:
-            able = sorted(name for name, cls in ADAPTER_CLASSES.items() if cls.supports_prefix_tokens)
-            raise ValueError(
-                f"keep_prefix_tokens=True needs an adapter that projects prefix tokens {able}, not {adapter_type!r}: "
-                "its queries read the patch grid as a whole."
-            )
+        for name, value in llava.items():
+            setattr(self, name, value)
+        self._check_prefix_support()
         if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
             raise ValueError(
                 f"image_token_id={self.image_token_id} is outside the language model's vocabulary "
@@ -98,6 +125,79 @@ class VisionLanguageConfig(PretrainedConfig):
         # tie the LM head like the text config says (transformers keeps the flag on the text config for most LMs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+
+    def _check_prefix_support(self) -> None:
+        adapter_type = self.adapter_config["adapter_type"]
+        if self.keep_prefix_tokens and not ADAPTER_CLASSES[adapter_type].supports_prefix_tokens:
+            able = sorted(name for name, cls in ADAPTER_CLASSES.items() if cls.supports_prefix_tokens)
+            raise ValueError(
+                f"keep_prefix_tokens=True needs an adapter that projects prefix tokens "
+                f"{able}, not {adapter_type!r}: its queries read the patch grid as a whole."
+            )
+
+    def _check_strategy(self, strategy) -> None:
+        if strategy not in VISION_FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r}; LLaVA's strategies are 'default' (drop the [CLS]/prefix "
+                "tokens) and 'full' (keep them)."
+            )
+        if strategy == "default" and self.prefix_tokens == 0:
+            raise ValueError(
+                f'vision_feature_select_strategy="default" drops the first token, but this tower '
+                f'({self.vision_config.model_type}) has no [CLS]/prefix token: it would drop a patch. Use "full" '
+                "(every token is a patch token)."
+            )
+
+    @property
+    def vision_feature_select_strategy(self) -> str:
+        """LLaVA's name for `keep_prefix_tokens`: "full" keeps the [CLS]/prefix tokens, "default" drops them."""
+        return "full" if self.keep_prefix_tokens or self.prefix_tokens == 0 else "default"
+
+    @vision_feature_select_strategy.setter
+    def vision_feature_select_strategy(self, strategy: str) -> None:
+        self._check_strategy(strategy)
+        self.keep_prefix_tokens = strategy == "full"
+        self._check_prefix_support()
+
+    def _projector_field(self, name: str):
+        return self.adapter_config.get(LLAVA_PROJECTOR_FIELDS[name])
+
+    def _set_projector_field(self, name: str, value) -> None:
+        adapter_type = self.adapter_config["adapter_type"]
+        field = LLAVA_PROJECTOR_FIELDS[name]
+        if adapter_type not in LLAVA_PROJECTOR_ADAPTERS[name]:
+            raise ValueError(
+                f"{name}={value!r} is LLaVA's projector {field}, but the {adapter_type!r} adapter has no such "
+                f"setting: use adapter_config={{'adapter_type': 'mlp', ...}} (LLaVA's projector), or leave {name} out."
+            )
+        try:
+            self.adapter_config = adapter_config_from_dict({**self.adapter_config, field: value}).to_dict()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}={value!r} (the adapter's {field}): {error}") from None
+
+    projector_hidden_act = property(
+        lambda self: self._projector_field("projector_hidden_act"),
+        lambda self, value: self._set_projector_field("projector_hidden_act", value),
+        doc="LLaVA's name for the mlp adapter's `hidden_act`.",
+    )
+    multimodal_projector_bias = property(
+        lambda self: self._projector_field("multimodal_projector_bias"),
+        lambda self, value: self._set_projector_field("multimodal_projector_bias", value),
+        doc="LLaVA's name for the mlp/linear adapter's `bias`.",
+    )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`, which sets `from_pretrained`'s overrides after the config is made: an override
+        that names no field is refused instead of dropped."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        if return_unused_kwargs:  # a model's from_pretrained: the model refuses what its config did not take
+            return config, unused
+        unknown = unknown_kwargs(unused)
+        if unknown:
+            raise TypeError(unknown_fields_message(cls, unknown, LLAVA_NAMES))
+        return config
 
     @property
     def feature_layers(self) -> list[int]:

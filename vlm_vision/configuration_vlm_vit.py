@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 
 from transformers import PretrainedConfig
 
@@ -80,6 +81,32 @@ CONVERTIBLE_MODEL_TYPES = {
 }
 # What `from_pretrained` may hand to `from_dict` besides config fields (internal flags, loading options).
 _LOADING_KWARGS = frozenset({"_from_auto", "_from_pipeline", "trust_remote_code", "code_revision", "gguf_file"})
+
+
+def config_field_names(config_class, extra: Sequence[str] = ()) -> list[str]:
+    """The names of a config class's own fields (not transformers' shared ones), and `extra` (names it takes that
+    are not fields)."""
+    shared = set(PretrainedConfig.__dataclass_fields__)
+    return [name for name in config_class.__dataclass_fields__ if name not in shared] + list(extra)
+
+
+def unknown_kwargs(kwargs) -> list[str]:
+    """The names among `kwargs` that neither transformers' configs nor older configs' generation parameters use."""
+    return sorted(set(kwargs) - TRANSFORMERS_CONFIG_KWARGS - _generation_parameters() - _LOADING_KWARGS)
+
+
+def unknown_fields_message(config_class, unknown: list[str], extra: Sequence[str] = ()) -> str:
+    """`config_class has no field 'hiden_size' (did you mean 'hidden_size'?)`, with the fields it has."""
+    known = config_field_names(config_class, extra)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known + sorted(PretrainedConfig.__dataclass_fields__), n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"{config_class.__name__} has no field {', '.join(hints)}. Its fields are: {', '.join(known)}; "
+        "transformers' own (id2label, label2id, num_labels, dtype, return_dict, output_hidden_states, "
+        "attn_implementation, ...) are accepted too."
+    )
 
 
 def _generation_parameters() -> frozenset[str]:
@@ -205,21 +232,11 @@ class VisionTransformerConfig(PretrainedConfig):
     @classmethod
     def field_names(cls) -> list[str]:
         """The names of this config's own fields (those of the ViT, not transformers' shared ones)."""
-        shared = set(PretrainedConfig.__dataclass_fields__)
-        return [name for name in cls.__dataclass_fields__ if name not in shared]
+        return config_field_names(cls)
 
     @classmethod
     def _unknown_fields_message(cls, unknown: list[str]) -> str:
-        known = cls.field_names()
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known + sorted(PretrainedConfig.__dataclass_fields__), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        return (
-            f"{cls.__name__} has no field {', '.join(hints)}. Its fields are: {', '.join(known)}; transformers' own "
-            "(id2label, label2id, num_labels, dtype, return_dict, output_hidden_states, attn_implementation, ...) "
-            "are accepted too."
-        )
+        return unknown_fields_message(cls, unknown)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

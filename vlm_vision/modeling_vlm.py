@@ -18,8 +18,15 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import build_adapter
-from .configuration_vlm import VisionLanguageConfig, vision_patch_size
-from .modeling_vlm_vit import VisionTransformerModel
+from .configuration_vlm import LLAVA_NAMES, VisionLanguageConfig, vision_patch_size
+from .configuration_vlm_vit import unknown_fields_message
+from .modeling_vlm_vit import (
+    VisionTransformerModel,
+    allowing_missing_keys,
+    check_weight_files,
+    raise_on_mismatched_shapes,
+    raise_on_missing_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,33 @@ class VisionLanguagePreTrainedModel(PreTrainedModel):
         if module is getattr(self, "adapter", None):
             module.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_keys: bool = False, **kwargs):
+        """transformers' `from_pretrained`, as strict as the encoder's (`VisionTransformerModel.from_pretrained`).
+
+        - A weight the checkpoint lacks raises `CheckpointMismatchError` listing the missing keys (transformers
+          initialises them afresh with a log line: a VLM with a random adapter or tower layer);
+          `allow_missing_keys=True` accepts them, freshly initialised.
+        - A weight of another shape raises `CheckpointMismatchError` listing every such key;
+          `ignore_mismatched_sizes=True` re-initialises them instead.
+        - A truncated or empty weight file raises `CheckpointFileError` naming it.
+        """
+        with allowing_missing_keys(allow_missing_keys):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        check_weight_files(checkpoint_files)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        raise_on_mismatched_shapes(model, load_config, loading_info)
+        loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        hint = "don't override fields such as adapter_config, vision_feature_layer or keep_prefix_tokens"
+        raise_on_missing_keys(model, load_config, set(loading_info.missing_keys), hint)
+        return loading_info
+
 
 class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, GenerationMixin):
     """Vision tower + adapter + causal LM, for captioning and VQA (training and `generate`).
@@ -62,7 +96,13 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     `AutoModelForCausalLM`, with its own head).
     """
 
-    def __init__(self, config: VisionLanguageConfig):
+    def __init__(self, config: VisionLanguageConfig, *inputs, **kwargs):
+        if inputs or kwargs:  # from_pretrained hands over the overrides its config did not take
+            unknown = [*map(repr, inputs), *kwargs]
+            raise TypeError(
+                f"{type(self).__name__} got unexpected arguments {', '.join(unknown)}: it takes only its config. "
+                + (unknown_fields_message(type(config), sorted(kwargs), LLAVA_NAMES) if kwargs else "")
+            )
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.adapter = build_adapter(config.adapter_config)
@@ -199,10 +239,23 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     def check_image_index(self, image_index: torch.Tensor, num_images: int) -> None:
         """Validate `image_index` (one image number per `<image>` span) against `num_images` images; the number of
         spans is checked with the placeholders (:meth:`check_image_placeholders`)."""
-        if image_index.dim() != 1 or image_index.dtype not in (torch.int32, torch.int64):
+        if (
+            not isinstance(image_index, torch.Tensor)
+            or image_index.dim() != 1
+            or image_index.dtype
+            not in (
+                torch.int32,
+                torch.int64,
+            )
+        ):
+            got = (
+                f"{image_index.dtype} of shape {tuple(image_index.shape)}"
+                if isinstance(image_index, torch.Tensor)
+                else _kind(image_index)
+            )
             raise ValueError(
                 f"image_index must be a 1-D integer tensor (one image number per <image> span, in placeholder order), "
-                f"got {image_index.dtype} of shape {tuple(image_index.shape)}."
+                f"got {got}."
             )
         if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
             raise ValueError(
@@ -245,6 +298,16 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     def check_vision_features(self, vision_features: torch.Tensor) -> None:
         """Refuse precomputed tower features whose shape is not `vision_features(pixel_values)`'s at the tower's
         configured image size: (num_images, T, D_v * len(feature_layers))."""
+        if not isinstance(vision_features, torch.Tensor) or not vision_features.is_floating_point():
+            got = (
+                f"a {vision_features.dtype} tensor"
+                if isinstance(vision_features, torch.Tensor)
+                else _kind(vision_features)
+            )
+            raise TypeError(
+                f"vision_features must be a float torch.Tensor (the output of model.vision_features), got {got}: read "
+                "them from a feature store (vlm_vision.feature_cache), or pass pixel_values."
+            )
         grid_h, grid_w = self.config.grid_size
         expected = (self.config.prefix_tokens + grid_h * grid_w, self.config.adapter_config["vision_hidden_size"])
         if vision_features.dim() != 3 or tuple(vision_features.shape[1:]) != expected:
@@ -269,6 +332,8 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            check_input_ids(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         images = pixel_values if vision_features is None else vision_features
@@ -279,11 +344,8 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 raise ValueError("Images need input_ids, to find the <image> placeholder positions.")
             if vision_features is not None:
                 self.check_vision_features(vision_features)
-            elif pixel_values.dim() != 4:
-                raise ValueError(
-                    f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}: "
-                    "images of all samples are concatenated along the first axis."
-                )
+            else:
+                check_pixel_values(pixel_values)
             if image_index is not None:
                 self.check_image_index(image_index, images.shape[0])
             self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens, image_index)
@@ -346,6 +408,49 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     "label masking (answers truncated away?)."
                 )
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+PROCESSOR_HINT = (
+    "build the inputs with the VisionLanguageProcessor saved with the model (AutoProcessor.from_pretrained(folder)"
+    '(images=..., text=..., return_tensors="pt"))'
+)
+
+
+def _kind(value) -> str:
+    return f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+
+
+def check_pixel_values(pixel_values) -> None:
+    """Refuse pixel values the tower can't take: not a tensor (numpy, lists), not float (raw uint8 pixels), not
+    (num_images, channels, height, width)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a float torch.Tensor (num_images, channels, height, width), got "
+            f"{_kind(pixel_values)}: {PROCESSOR_HINT}, or torch.from_numpy(array) for normalised float pixels."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype}, but the model takes normalised float pixel values (raw "
+            f"0-255 pixels would be read as huge values): {PROCESSOR_HINT}, which rescales and normalises them."
+        )
+    if pixel_values.dim() != 4:
+        single = " (one image: pixel_values[None])" if pixel_values.dim() == 3 else ""
+        raise ValueError(
+            f"pixel_values must be (num_images, channels, height, width), got {tuple(pixel_values.shape)}{single}: "
+            "images of all samples are concatenated along the first axis."
+        )
+
+
+def check_input_ids(input_ids) -> None:
+    """Refuse token ids that are not an integer (batch, sequence) tensor."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        got = f"{_kind(input_ids)} of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else _kind(input_ids)
+        raise TypeError(f"input_ids must be an integer torch.Tensor (batch, sequence), got {got}: {PROCESSOR_HINT}.")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}: add a batch dimension with "
+            "input_ids[None] for one sequence."
+        )
 
 
 def _image_size(vision_config) -> tuple[int, int]:

@@ -32,6 +32,7 @@ This file imports only torch, transformers and sibling files: it is copied into 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import operator
@@ -388,13 +389,8 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
         - A position-embedding table made for another grid is resampled (Sec. 3.2), never re-initialised.
         - A truncated or empty weight file raises `CheckpointFileError` naming it.
         """
-        if not isinstance(allow_missing_keys, bool):
-            raise TypeError(f"allow_missing_keys must be True or False, got {allow_missing_keys!r}.")
-        token = _ALLOW_MISSING_KEYS.set(allow_missing_keys)
-        try:
+        with allowing_missing_keys(allow_missing_keys):
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        finally:
-            _ALLOW_MISSING_KEYS.reset(token)
         _warn_if_processor_keeps_other_modes(pretrained_model_name_or_path, model.config)
         return model
 
@@ -412,7 +408,7 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
         transformers would report a size mismatch (or re-initialise it with `ignore_mismatched_sizes=True`); the paper
         (Sec. 3.2) interpolates the pre-trained table instead, which is what happens here.
         """
-        _check_weight_files(checkpoint_files)
+        check_weight_files(checkpoint_files)
         state_dict = _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files)
         if state_dict is not None:
             checkpoint_files = None
@@ -422,35 +418,64 @@ class VisionTransformerPreTrainedModel(PreTrainedModel):
     def _finalize_model_loading(model, load_config, loading_info):
         """Refuse a checkpoint of another shape, or one that lacks weights, with the keys in the message
         (transformers only points at its log)."""
-        source = load_config.pretrained_model_name_or_path or "state dict"
-        if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
-            lines = sorted(
-                f"  {key}: checkpoint {tuple(old)} vs model {tuple(new)}"
-                for key, old, new in loading_info.mismatched_keys
-            )
-            raise CheckpointMismatchError(
-                f"The checkpoint {source} has weights of another shape than this "
-                f"{type(model).__name__}:\n" + "\n".join(lines) + "\nLoad it with its own config.json (don't "
-                "override sizes such as hidden_size or intermediate_size), or pass ignore_mismatched_sizes=True to "
-                "re-initialise these weights."
-            )
+        raise_on_mismatched_shapes(model, load_config, loading_info)
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
         missing = set(loading_info.missing_keys)
         head = {k for k in model.state_dict() if k.startswith(model._new_head_prefixes)}
         if head and head <= missing:  # an encoder checkpoint: the head is new, as the task is
+            source = load_config.pretrained_model_name_or_path or "state dict"
             logger.info(f"{type(model).__name__}: a new head {sorted(head)} (the checkpoint {source} has none).")
             missing -= head
-        if missing and not _ALLOW_MISSING_KEYS.get():
-            raise CheckpointMismatchError(
-                f"The checkpoint {source} lacks {len(missing)} weight(s) of this {type(model).__name__}: "
-                f"{sorted(missing)}. It was saved by another architecture or config, or a save did not finish. Load "
-                "it with its own config.json (don't override fields such as pooling, pooler_act or "
-                "num_register_tokens), or pass allow_missing_keys=True to initialise them afresh."
-            )
+        raise_on_missing_keys(
+            model, load_config, missing, "don't override fields such as pooling, pooler_act or num_register_tokens"
+        )
         return loading_info
 
 
-def _check_weight_files(checkpoint_files) -> None:
+@contextlib.contextmanager
+def allowing_missing_keys(allow: bool):
+    """Within: `raise_on_missing_keys` accepts missing weights (for `from_pretrained(..., allow_missing_keys=True)`,
+    whose loading hooks are static methods)."""
+    if not isinstance(allow, bool):
+        raise TypeError(f"allow_missing_keys must be True or False, got {allow!r}.")
+    token = _ALLOW_MISSING_KEYS.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_MISSING_KEYS.reset(token)
+
+
+def raise_on_mismatched_shapes(model, load_config, loading_info) -> None:
+    """Refuse a checkpoint with weights of another shape, every such key in the message (transformers only points at
+    its log), unless `ignore_mismatched_sizes=True`."""
+    if not loading_info.mismatched_keys or load_config.ignore_mismatched_sizes:
+        return
+    source = load_config.pretrained_model_name_or_path or "state dict"
+    lines = sorted(
+        f"  {key}: checkpoint {tuple(old)} vs model {tuple(new)}" for key, old, new in loading_info.mismatched_keys
+    )
+    raise CheckpointMismatchError(
+        f"The checkpoint {source} has weights of another shape than this {type(model).__name__}:\n"
+        + "\n".join(lines)
+        + "\nLoad it with its own config.json (don't override sizes such as hidden_size or intermediate_size), or "
+        "pass ignore_mismatched_sizes=True to re-initialise these weights."
+    )
+
+
+def raise_on_missing_keys(model, load_config, missing, hint: str) -> None:
+    """Refuse a checkpoint that lacks weights of the model (transformers initialises them afresh with a log line),
+    unless loading within `allowing_missing_keys(True)`; `hint` names the config fields that change the weights."""
+    if not missing or _ALLOW_MISSING_KEYS.get():
+        return
+    source = load_config.pretrained_model_name_or_path or "state dict"
+    raise CheckpointMismatchError(
+        f"The checkpoint {source} lacks {len(missing)} weight(s) of this {type(model).__name__}: {sorted(missing)}. "
+        f"It was saved by another architecture or config, or a save did not finish. Load it with its own config.json "
+        f"({hint}), or pass allow_missing_keys=True to initialise them afresh."
+    )
+
+
+def check_weight_files(checkpoint_files) -> None:
     """Open every safetensors file's header, so that a truncated or empty file is named with the fix."""
     if not checkpoint_files:
         return

@@ -13,6 +13,7 @@ LLaVA-1.5 does.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -48,6 +49,18 @@ PLAIN_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
     "{% endif %}"
     "{% endfor %}"
+)
+# A saved tokenizer writes at least one of these (fast: tokenizer.json; sentencepiece, BPE and WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# The JSON files a processor folder may hold (transformers reads them; a truncated one is named here)
+PROCESSOR_JSON_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
 )
 # Chat templates by name (`--chat-template NAME`); "model" is the tokenizer's own.
 CHAT_TEMPLATES = {"plain": PLAIN_CHAT_TEMPLATE, "user_assistant": DEFAULT_CHAT_TEMPLATE}
@@ -144,6 +157,23 @@ def _join_content_parts(parts: list, index: int, image_token: str) -> str:
     return text
 
 
+# where transformers' processors find an image part's image (`ProcessorMixin._multimodal_inputs_from_conversations`)
+IMAGE_PART_KEYS = ("image", "path", "url")
+
+
+def _inline_images(messages) -> list:
+    """The images given inside a conversation's image parts, in order."""
+    return [
+        part[key]
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image"
+        for key in IMAGE_PART_KEYS
+        if part.get(key) is not None  # Arrow rows give every part every key, None where unused
+    ]
+
+
 def pad_to_square(image: Image.Image, background: Sequence[float]) -> Image.Image:
     """LLaVA-1.5's `expand2square`: the image centred on a square canvas of `background` (RGB in [0, 1], truncated
     to 8 bits as LLaVA does: `int(255 * mean)`)."""
@@ -192,6 +222,20 @@ class VisionLanguageProcessor(ProcessorMixin):
                 f"VisionLanguageProcessor needs a {missing}: pass the language model's tokenizer and the tower's "
                 "image processor (AutoTokenizer / AutoImageProcessor .from_pretrained(folder))."
             )
+        for name, part, loader in (
+            ("tokenizer", tokenizer, "AutoTokenizer"),
+            ("image_processor", image_processor, "AutoImageProcessor"),
+        ):
+            if isinstance(part, (str, os.PathLike)):
+                raise TypeError(
+                    f"{name}={str(part)!r} is a path, not a {name}: load it first ({loader}.from_pretrained(path)), "
+                    "or load the whole processor with VisionLanguageProcessor.from_pretrained(folder)."
+                )
+        if not callable(getattr(tokenizer, "get_vocab", None)):
+            raise TypeError(
+                f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}: pass "
+                "AutoTokenizer.from_pretrained(language_model_folder)."
+            )
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}; choose one of {IMAGE_ASPECT_RATIOS}.")
         self.num_image_tokens = int(num_image_tokens)
@@ -201,6 +245,12 @@ class VisionLanguageProcessor(ProcessorMixin):
             tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None and tokenizer.unk_token is None:
+                raise ValueError(
+                    f"The tokenizer ({type(tokenizer).__name__}) has no pad, eos or unk token, so batches cannot be "
+                    "padded: set one first (tokenizer.pad_token = ..., or tokenizer.add_special_tokens({'pad_token': "
+                    "'<pad>'}) and resize the model's embeddings)."
+                )
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         chat_template = kwargs.pop("chat_template", None) or tokenizer.chat_template
         if not chat_template:
@@ -210,6 +260,33 @@ class VisionLanguageProcessor(ProcessorMixin):
             chat_template = DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self._layouts: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`; a local folder without the tokenizer's files (a processor saved without
+        its tokenizer, or a model folder) raises naming the folder and the fix."""
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+                raise FileNotFoundError(
+                    f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), so no "
+                    "VisionLanguageProcessor can be loaded from it: save the processor whole "
+                    "(processor.save_pretrained(folder)), or save the language model's tokenizer there "
+                    "(tokenizer.save_pretrained(folder))."
+                )
+            for name in PROCESSOR_JSON_FILES:  # a truncated one would raise a JSONDecodeError naming no file
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    try:
+                        with open(path, encoding="utf-8") as file:
+                            json.load(file)
+                    except (ValueError, UnicodeDecodeError) as error:
+                        raise ValueError(
+                            f"{path} is not valid JSON ({error}): it is truncated or corrupt, as after an interrupted "
+                            "save or copy. Save the processor again (processor.save_pretrained(folder)) or restore "
+                            "the file."
+                        ) from None
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_model_config(cls, config, image_processor, tokenizer, **kwargs) -> VisionLanguageProcessor:
@@ -264,6 +341,33 @@ class VisionLanguageProcessor(ProcessorMixin):
             data["pixel_values"] = self.process_images([_as_rgb(image) for image in flat_images], return_tensors)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def apply_chat_template(self, conversation, chat_template=None, images=None, **kwargs):
+        """transformers' `ProcessorMixin.apply_chat_template`, for messages in either form: string contents with
+        `<image>` tags, or transformers' content lists (`[{"type": "image"}, {"type": "text", "text": ...}]`).
+
+        The messages are normalised first (:func:`normalize_messages`: a misspelt role is refused), so the chat
+        template sees string contents, as in training. The images come from `images=` (flat in tag order, or one list
+        per conversation) or from the image parts themselves (`{"type": "image", "image": PIL image}`, or a local
+        `"path"`/`"url"`), as in transformers; with `tokenize=True, return_dict=True` the result is this processor's
+        `__call__` on the rendered text: input_ids, attention_mask, pixel_values.
+        """
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation)
+        batched = batched and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        normalized = [normalize_messages(messages, self.image_token) for messages in conversations]
+        if not all(normalized):
+            raise ValueError("apply_chat_template got an empty conversation: give at least one message.")
+        inline = [_inline_images(messages) for messages in conversations]
+        if any(inline):
+            if images is not None:
+                raise ValueError(
+                    "Images were given both inside the messages' image parts and as images=...: give each image once."
+                )
+            images = inline if batched else inline[0]
+        if images is not None:  # where transformers looks for them (it warns when they come in **kwargs)
+            kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), "images": images}
+        return super().apply_chat_template(normalized if batched else normalized[0], chat_template, **kwargs)
+
     # ---- conversations (training, evaluation) ---------------------------------------------------------------
 
     def render(
@@ -271,7 +375,7 @@ class VisionLanguageProcessor(ProcessorMixin):
     ) -> str:
         """The conversation as text through the chat template (`<image>` tags not yet expanded)."""
         return self.tokenizer.apply_chat_template(
-            list(messages),
+            normalize_messages(messages, self.image_token),
             chat_template=chat_template or self.chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
@@ -293,7 +397,7 @@ class VisionLanguageProcessor(ProcessorMixin):
         content), the prefixes are rendered one by one instead.
         """
         template = chat_template or self.chat_template
-        messages = list(messages)
+        messages = normalize_messages(messages, self.image_token)
         full = self.render(messages, chat_template=template)
         layout = self._layout(tuple(m["role"] for m in messages), template)
         if layout is not None:

@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..processing_vlm import IMAGE_TOKEN
+from ..processing_vlm import IMAGE_TOKEN, normalize_messages
 from .easy_vqa import (
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
@@ -77,7 +77,9 @@ class VLMSample:
     Attributes:
         images: image file paths (decoded lazily by the data set) or in-memory PIL images, one per `<image>` tag,
             in tag order. Empty for a text-only sample.
-        messages: the conversation, `[{"role": "user" | "assistant" | "system", "content": str}]`.
+        messages: the conversation, `[{"role": "user" | "assistant" | "system", "content": str}]`; transformers'
+            content lists (`[{"type": "image"}, {"type": "text", "text": ...}]`) are turned into that form, and an
+            unknown role (a misspelt "asistant") raises (:func:`~vlm_vision.processing_vlm.normalize_messages`).
         id: a unique, human-readable id (used in every error and report).
         meta: what evaluation needs and training ignores, e.g. `question_type`, VQAv2's ten `answers`, COCO's
             reference `captions`.
@@ -87,6 +89,9 @@ class VLMSample:
     messages: list[dict[str, str]]
     id: str
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.messages = normalize_messages(self.messages)
 
     @property
     def num_image_tags(self) -> int:
@@ -200,6 +205,12 @@ def _load_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not valid JSON ({error}): check the file is complete.") from error
 
 
+def _shown(value: Any) -> str:
+    """A field's value as the file writes it (`null`, `3`, `"text"`), shortened."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def vqa_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
     """The prompt format: `<image>` then the question in the user turn, the answer (if given) as the assistant's."""
     messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}]
@@ -222,26 +233,46 @@ class SampleProblem(ValueError):
 def llava_sample(entry: Any, position: int, image_folder: str | os.PathLike) -> VLMSample:
     """One entry of a LLaVA conversation file as a sample (image paths joined to `image_folder`).
 
+    An entry holds LLaVA's `conversations` (`[{"from": "human" | "gpt" | "system", "value": str}]`) or
+    transformers' chat `messages` (`[{"role", "content": str | [{"type": "image"}, {"type": "text", "text"}]}]`),
+    and its images as `image` or `images` (a path or a list of paths).
+
     Raises:
-        SampleProblem: a malformed entry (no conversations, an unknown speaker, a value that is not text, an
-            `image` that is not a path or a list of paths).
+        SampleProblem: a malformed entry (no conversation, an unknown speaker or role, a value that is null or not
+            text, an `image` that is not a path or a list of paths), naming the turn and the field.
     """
     sample_id = str(entry.get("id", position)) if isinstance(entry, dict) else str(position)
-    turns = entry.get("conversations") if isinstance(entry, dict) else None
-    if not isinstance(turns, list) or not turns:
-        raise SampleProblem(MALFORMED, "no 'conversations' list")
-    for number, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or "value" not in turn:
-            raise SampleProblem(MALFORMED, f"every turn needs 'from' (one of {sorted(LLAVA_ROLES)}) and 'value'")
-        if not isinstance(turn["value"], str):
-            raise SampleProblem(
-                MALFORMED, f"turn {number} ({turn['from']}) has value {turn['value']!r}: every value must be text"
-            )
-    images = entry.get("image")  # absent, or null in a table with other rows' images (Arrow, parquet): text only
+    if isinstance(entry, dict) and "messages" in entry and "conversations" not in entry:
+        try:
+            messages = normalize_messages(entry["messages"])
+        except (TypeError, ValueError) as error:
+            raise SampleProblem(MALFORMED, f"'messages': {error}") from None
+        if not messages:
+            raise SampleProblem(MALFORMED, "an empty 'messages' list")
+    else:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list) or not turns:
+            raise SampleProblem(MALFORMED, "no 'conversations' list (nor transformers' 'messages')")
+        for number, turn in enumerate(turns):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise SampleProblem(MALFORMED, f"conversations[{number}] needs 'from' and 'value', got {turn!r}")
+            if turn["from"] not in LLAVA_ROLES:
+                raise SampleProblem(
+                    MALFORMED,
+                    f"conversations[{number}] has 'from': {turn['from']!r}; a speaker is one of {sorted(LLAVA_ROLES)}",
+                )
+            if not isinstance(turn["value"], str):
+                raise SampleProblem(
+                    MALFORMED,
+                    f"conversations[{number}] ({turn['from']}) has 'value': {_shown(turn['value'])}: every value "
+                    "must be text",
+                )
+        messages = [{"role": LLAVA_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    key = "image" if "image" in entry or "images" not in entry else "images"
+    images = entry.get(key)  # absent, or null in a table with other rows' images (Arrow, parquet): text only
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise SampleProblem(MALFORMED, f"'image' must be a path or a list of paths: {entry['image']!r}")
-    messages = [{"role": LLAVA_ROLES[t["from"]], "content": t["value"]} for t in turns]
+        raise SampleProblem(MALFORMED, f"'{key}' must be a path or a list of paths: {entry[key]!r}")
     return VLMSample([os.path.join(image_folder, i) for i in images], messages, sample_id)
 
 
@@ -343,6 +374,12 @@ def read_coco_captions(
     for index, annotation in enumerate(data.get("annotations", [])):
         if not isinstance(annotation, dict) or "image_id" not in annotation or "caption" not in annotation:
             checker.bad(f"annotations[{index}]", MALFORMED, "an annotation needs 'image_id' and 'caption'")
+        elif not isinstance(annotation["caption"], str) or not annotation["caption"].strip():
+            checker.bad(
+                f"annotations[{index}]",
+                MALFORMED,
+                f"'caption' is {_shown(annotation['caption'])}: a caption must be non-empty text",
+            )
         elif annotation["image_id"] not in file_of:
             checker.bad(f"annotations[{index}]", MALFORMED, f"image_id {annotation['image_id']} is not in 'images'")
         else:
@@ -396,8 +433,13 @@ def read_caption_folder(
                         rows.append((line_number, None))
     captions: dict[str, list[str]] = defaultdict(list)
     for line_number, row in rows:
-        if not isinstance(row, dict) or not row.get("file_name") or not (row.get("caption") or "").strip():
+        if not isinstance(row, dict) or not row.get("file_name") or row.get("caption") is None:
             checker.bad(f"line {line_number}", MALFORMED, "a row needs a 'file_name' and a non-empty 'caption'")
+            continue
+        bad = [k for k in ("file_name", "caption") if not isinstance(row[k], str) or not row[k].strip()]
+        if bad:
+            got = ", ".join(f"{k!r} is {_shown(row[k])}" for k in bad)
+            checker.bad(f"line {line_number}", MALFORMED, f"{got}: file_name and caption must be non-empty text")
             continue
         captions[row["file_name"]].append(row["caption"].strip())
     num_bad = len(checker.report.skipped)
@@ -463,6 +505,14 @@ def read_vqav2(
             or not all(isinstance(a, dict) and "answer" in a for a in answers)
         ):
             checker.bad(sample_id, MALFORMED, "its annotation needs 'multiple_choice_answer' and 'answers'", name=name)
+            continue
+        fields = {"question": question["question"], "multiple_choice_answer": annotation["multiple_choice_answer"]}
+        bad = [f"{key!r} is {_shown(value)}" for key, value in fields.items() if not isinstance(value, str)]
+        bad += [
+            f"answers[{k}] is {_shown(a['answer'])}" for k, a in enumerate(answers) if not isinstance(a["answer"], str)
+        ]
+        if bad:
+            checker.bad(sample_id, MALFORMED, f"{', '.join(bad)}: questions and answers must be text", name=name)
             continue
         meta = {
             "question_id": question["question_id"],

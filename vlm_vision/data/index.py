@@ -72,7 +72,8 @@ def check_format(index, what: str) -> None:
         raise ValueError(
             f"{index.source} does not read as {what}: none of its first {len(problems)} entries is a sample "
             f"({problems[0]}). A LLaVA entry is {{'id', 'image': path(s), 'conversations': [{{'from': 'human' | 'gpt', "
-            "'value': text}]}}; check the file, or the recipe's data.name for its format."
+            "'value': text}]}} (or transformers' {'images', 'messages': [{'role', 'content'}]}); check the file, or "
+            "the recipe's data.name for its format."
         )
 
 
@@ -80,13 +81,14 @@ def _entry_size(entry: Any) -> tuple[int, int]:
     """(characters of text, number of images) of a LLaVA entry, for length estimates; (0, 0) when malformed."""
     if not isinstance(entry, dict):
         return 0, 0
-    turns = entry.get("conversations")
-    chars = (
-        sum(len(t["value"]) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
-        if (isinstance(turns, list))
-        else 0
-    )
-    image = entry.get("image")
+    turns = entry.get("conversations", entry.get("messages"))  # LLaVA's, or transformers' chat messages
+    texts = []
+    for turn in turns if isinstance(turns, list) else ():
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        parts = value if isinstance(value, list) else [value]
+        texts += [p.get("text") if isinstance(p, dict) else p for p in parts]
+    chars = sum(len(text) for text in texts if isinstance(text, str))
+    image = entry.get("image", entry.get("images"))
     return chars, (1 if isinstance(image, str) else len(image) if isinstance(image, list) else 0)
 
 

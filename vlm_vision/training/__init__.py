@@ -8,7 +8,9 @@
 """
 
 from .checkpointing import (
+    DamagedCheckpointError,
     TrainerState,
+    checkpoint_problem,
     find_latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -45,6 +47,7 @@ from .optim import (
 __all__ = [
     "CLASSIFIER_PARTS",
     "ClassifierStage",
+    "DamagedCheckpointError",
     "EpochSampler",
     "OptimizerConfig",
     "StageResult",
@@ -55,6 +58,7 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "build_scheduler",
+    "checkpoint_problem",
     "decays",
     "describe_trainable",
     "evaluate_classifier",

@@ -10,6 +10,10 @@ Every process writes its part into the temporary folder (accelerate saves per-pr
 optimizers under FSDP/DeepSpeed); then the main process writes `trainer_state.json` last and renames the folder,
 which is atomic on one file system. A run killed mid-save leaves only a `.tmp` folder, which the next save of that
 step replaces. With several machines the folder must be on a file system they share.
+
+A checkpoint whose files were damaged afterwards (a full disk, a copy cut short) is found before anything is loaded
+(:func:`checkpoint_problem`): resuming from it raises :class:`DamagedCheckpointError` naming it and the file, and
+`resume="latest"` falls back to the newest intact checkpoint with a warning.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +33,10 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 RESUME_LATEST = ("latest", "auto")
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint folder with a file that cannot be read (empty, truncated, corrupt); the message names both."""
 
 
 @dataclass
@@ -105,6 +115,54 @@ def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why a complete checkpoint can't be resumed from, naming the damaged file, or None when its files read.
+
+    Cheap: headers only. `trainer_state.json` must parse; safetensors files must open; torch archives (what
+    `torch.save` writes: `.bin`, `.pt`, `.pkl`) must have their zip directory; no file may be empty.
+    """
+    checkpoint = Path(checkpoint)
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        problem = _file_problem(path)
+        if problem is not None:
+            return f"{path.relative_to(checkpoint)} {problem}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    if path.stat().st_size == 0:
+        return "is empty"
+    if path.name == STATE_FILE:
+        try:
+            TrainerState(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError; unknown fields a TypeError
+            return f"is not a trainer state ({error})"
+    elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            return f"is not a readable safetensors file ({error})"
+    elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        with open(path, "rb") as file:
+            is_archive = file.read(4) == b"PK\x03\x04"  # torch.save's zip format (older pickles are left alone)
+        if is_archive:
+            try:
+                zipfile.ZipFile(path).close()
+            except (zipfile.BadZipFile, OSError) as error:
+                return f"is a truncated or corrupt torch archive ({error})"
+    return None
+
+
+def _damaged(checkpoint: Path, problem: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"Cannot resume from {checkpoint}: {problem}, as after a full disk or an interrupted copy. Resume from "
+        "another checkpoint (--resume latest takes the newest intact one), or delete this one."
+    )
+
+
 def find_latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in `checkpoints_dir`, or None."""
     checkpoints = list_checkpoints(checkpoints_dir)
@@ -117,16 +175,36 @@ def resolve_resume(resume: str | os.PathLike | None, checkpoints_dir: str | os.P
     if resume is None or str(resume) == "":
         return None
     if str(resume) in RESUME_LATEST:
-        latest = find_latest_checkpoint(checkpoints_dir)
-        if latest is None:
+        checkpoints = list_checkpoints(checkpoints_dir)
+        if not checkpoints:
             logger.info("No complete checkpoint in %s yet: starting from the beginning.", checkpoints_dir)
-        return latest
+            return None
+        damaged = []
+        for checkpoint in reversed(checkpoints):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                if damaged:
+                    logger.warning(
+                        "Resuming from %s, the newest intact checkpoint: %s",
+                        checkpoint,
+                        "; ".join(f"{c.name}: {p}" for c, p in damaged),
+                    )
+                return checkpoint
+            damaged.append((checkpoint, problem))
+        raise DamagedCheckpointError(
+            f"Every checkpoint in {checkpoints_dir} is damaged: "
+            + "; ".join(f"{c.name}: {p}" for c, p in damaged)
+            + ". Delete them to start over (or resume from a copy)."
+        )
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ValueError(
             f"{path} is not a complete checkpoint (no {STATE_FILE}); a save that was interrupted leaves such a "
             f"folder. Pass a checkpoint-<step> folder, or --resume latest to take the newest complete one."
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise _damaged(path, problem)
     return path
 
 
@@ -134,6 +212,7 @@ def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None =
     """Restore everything `save_state_atomically` saved; return the loop's position.
 
     Raises:
+        DamagedCheckpointError: a file of the checkpoint can't be read (named), or accelerate can't restore it.
         ValueError: the checkpoint is incomplete, or was written by a run with another configuration (the fields
             that differ are named: a different recipe or data set would not continue the same run).
     """
@@ -141,6 +220,9 @@ def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None =
     state_file = checkpoint / STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise _damaged(checkpoint, problem)
     state = TrainerState(**json.loads(state_file.read_text()))
     if config is not None and state.config is not None and state.config != config:
         changes = "\n".join(f"  {key}: saved {a!r}, now {b!r}" for key, a, b in _differences(state.config, config))
@@ -148,11 +230,18 @@ def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None =
             f"{checkpoint} was saved by a run with another configuration:\n{changes}\nResume with the same recipe "
             "and data (the number of processes may change), or start a new run in another output folder."
         )
-    accelerator.load_state(str(checkpoint))
-    if sharded is not None:
-        from .distributed import load_sharded
+    try:
+        accelerator.load_state(str(checkpoint))
+        if sharded is not None:
+            from .distributed import load_sharded
 
-        load_sharded(*sharded, checkpoint)
+            load_sharded(*sharded, checkpoint)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:  # what the headers can't show
+        raise DamagedCheckpointError(
+            f"Cannot restore the training state from {checkpoint} ({type(error).__name__}: {error}): a file is "
+            "damaged, or it was saved for another model or optimizer. Resume from another checkpoint (--resume latest "
+            "takes the newest intact one), or start a new run in another output folder."
+        ) from error
     logger.info("Resumed from %s (step %d, epoch %d)", checkpoint, state.global_step, state.epoch)
     return state
 
