@@ -7,6 +7,7 @@ rows come from the data set and collator the training uses.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tests.test_train_vlm import ALIGN, recipe, weights
+from tests.launch import launch_two_processes
+from tests.test_train_vlm import ALIGN, TINY, recipe, weights
 from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision.data.conversations import VLMSample
 from vlm_vision.data.dataset import VLMCollator, VLMDataset
@@ -210,3 +212,22 @@ def test_a_recipe_stage_trains_the_same_packed_as_padded(tmp_path, caplog):
     refused.language_model["attn_implementation"] = "unmasked_sdpa"
     with pytest.raises(ValueError, match="'unmasked_sdpa' can't keep packed sequences apart"):
         run_vlm_recipe(refused, str(tmp_path / "refused"), progress_bar=False, evaluate=False)
+
+
+def test_two_fsdp2_processes_train_packed_rows_as_one_process_padded(tmp_path):
+    """Packing under the loop's FSDP2 sharding on 2 CPU processes (each packs its own micro-batches): the weights
+    of one process on padded batches."""
+    full = {**ALIGN, "name": "full", "kind": "full", "max_steps": 2}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({**TINY, "data": {**TINY["data"], "packing": True}, "stages": [full]}))
+    done = launch_two_processes(
+        "train_vlm.py", "--recipe", str(path), "--output-dir", str(tmp_path / "two"), "--no-progress-bar", "--no-eval",
+        cwd=tmp_path, config="fsdp_cpu_2proc.yaml",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2: process 1 of 2 holds" in done.stderr and "conversations packed into rows" in done.stderr
+    run_vlm_recipe(recipe(full), str(tmp_path / "one"), progress_bar=False, evaluate=False)
+    one, two = weights(tmp_path / "one" / "full" / "model"), weights(tmp_path / "two" / "full" / "model")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
