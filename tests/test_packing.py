@@ -21,6 +21,7 @@ from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision.data.conversations import VLMSample
 from vlm_vision.data.dataset import VLMCollator, VLMDataset
 from vlm_vision.data.packing import pack_encoded, pack_sequences
+from vlm_vision.modeling_vlm import flatten_packed_rows
 from vlm_vision.processing_vlm import IGNORE_INDEX
 from vlm_vision.training.vlm_recipe import run_vlm_recipe
 
@@ -231,3 +232,52 @@ def test_two_fsdp2_processes_train_packed_rows_as_one_process_padded(tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_separated_questions_pack_with_their_image_encoded_once(vlm):
+    """Each question about an image becomes its own conversation; packed, every one still reads its item's image
+    (image_index) and the loss is the padded batch's."""
+    model, processor = vlm
+    turns = [
+        ("what is the blue shape?", "a blue circle"),
+        ("what color is the circle?", "yes"),
+        ("describe the image.", "the shape is a yellow triangle on a white background."),
+    ]
+    conversation = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    conversation[0]["content"] = "<image>\n" + conversation[0]["content"]
+    samples = [VLMSample([shapes_image(seed)], conversation, f"image{seed}") for seed in (0, 1)]
+    dataset = VLMDataset(samples, processor, max_length=300, separate_questions=True)
+    items = [dataset[0], dataset[1]]
+    padded = VLMCollator(processor)(items)
+    packed = VLMCollator(processor, pack_length=300)(items)
+    assert padded["input_ids"].shape[0] == 6 and packed["input_ids"].shape[0] == 2  # three per row
+    assert packed["pixel_values"].shape[0] == 2 and sorted(packed["image_index"].tolist()) == [0, 0, 0, 1, 1, 1]
+    keys = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_index")
+    with torch.no_grad():
+        losses = [model(**{k: batch[k] for k in keys if k in batch}).loss for batch in (padded, packed)]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+
+
+def test_rows_flattened_for_flash_attention_give_the_same_logits_and_loss(vlm):
+    """flash-attention's varlen path reads packed sequences from one row only, so the VLM flattens the rows for it;
+    flash-attention doesn't run here, but sdpa over the flattened row must give what the rows give (the same
+    block-diagonal attention, and no loss term from one row's last token to the next row's first)."""
+    model, processor = vlm
+    dataset = VLMDataset(samples(), processor, max_length=200)
+    batch = VLMCollator(processor, pack_length=200)([dataset[i] for i in range(len(dataset))])
+    assert batch["input_ids"].shape[0] == 2
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], None, image_index=batch["image_index"])
+        labels = batch["labels"].masked_fill(batch["input_ids"] == processor.image_token_id, IGNORE_INDEX)
+        rows = model.language_model(
+            inputs_embeds=embeds, position_ids=batch["position_ids"], labels=labels, use_cache=False
+        )
+        flat = model.language_model(**flatten_packed_rows(embeds, batch["position_ids"], labels), use_cache=False)
+        # the model's own path: the same as rows
+        through_model = model(
+            **{k: batch[k] for k in ("input_ids", "labels", "position_ids", "pixel_values", "image_index")}
+        )
+    assert flat.logits.shape[:2] == (1, batch["input_ids"].numel())
+    torch.testing.assert_close(flat.logits.reshape(rows.logits.shape), rows.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.loss, rows.loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(through_model.loss, rows.loss, atol=1e-6, rtol=0)

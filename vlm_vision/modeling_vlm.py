@@ -362,15 +362,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     "label masking (answers truncated away?)."
                 )
         if packed and self.language_model.config._attn_implementation in PACKING_VARLEN_ATTENTION:
-            # flash-attention reads packed sequences from position_ids in one row only: flatten the rows (the
-            # labels too: each row starts a sequence, whose first label is ignored, so no loss crosses rows)
+            # flash-attention reads packed sequences from position_ids in one row only
             rows, width = inputs_embeds.shape[:2]
-            kwargs["position_ids"] = position_ids.reshape(1, rows * width)
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds.reshape(1, rows * width, -1),
-                labels=None if labels is None else labels.reshape(1, rows * width),
-                **kwargs,
-            )
+            outputs = self.language_model(**{**kwargs, **flatten_packed_rows(inputs_embeds, position_ids, labels)})
             outputs.logits = outputs.logits.reshape(rows, width, -1)
             return outputs
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -410,6 +404,15 @@ def check_packing_attention(implementation: str | None) -> None:
         )
 
 
+def flatten_packed_rows(inputs_embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """Packed rows (R, L) as one row (1, R * L): `inputs_embeds`, `position_ids` and `labels` for the LM. Every row
+    starts a sequence, whose first label is ignored (-100), so no loss term crosses from one row into the next."""
+    rows, width = position_ids.shape
+    flat = {"inputs_embeds": inputs_embeds.reshape(1, rows * width, -1), "position_ids": position_ids.reshape(1, -1)}
+    flat["labels"] = None if labels is None else labels.reshape(1, rows * width)
+    return flat
+
+
 def packed_rows(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
     """Whether `position_ids` (B, S) hold several sequences per row: a step other than +1 between two real tokens
     (what transformers' `find_packed_sequence_indices` reads as a new sequence). Left-padded generation steps too,
@@ -436,5 +439,6 @@ __all__ = [
     "VisionLanguageForConditionalGeneration",
     "VisionLanguagePreTrainedModel",
     "check_packing_attention",
+    "flatten_packed_rows",
     "packed_rows",
 ]
