@@ -10,6 +10,10 @@ Warm-up steps are excluded; the median step time of the timed ones gives samples
                  tower (`output_hidden_states`) with the same parameters frozen.
     align-cache  align, ours fed from a `vlm_vision.feature_cache` built once before timing (its build time is
                  printed; it pays when the dataset is seen more than once); LLaVA as in align
+    packed       full, on a mix of lengths (text lengths log-normal around `--text-length`, spread
+                 `--length-sigma`, up to `--max-length` with the image): supervised tokens/s of ours on padded
+                 batches, ours on the same samples packed into rows of `--max-length` (`vlm_vision.data.packing`),
+                 and LLaVA padded; the padding each layout computes is printed
 
 Sizes are flags. The defaults (a ViT-S-width, 6-layer tower at 64 px with patch 8, a 4-layer 256-wide Llama) finish
 in about a minute on 2 CPU cores. A ViT-B/16 at 224 px with a 1024-wide, 8-layer LM, on a GPU:
@@ -29,9 +33,10 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionTransformerConfig
+from vlm_vision.data.packing import pack_encoded
 from vlm_vision.feature_cache import build_feature_cache
 
-MODES = ("full", "align", "align-cache")
+MODES = ("full", "align", "align-cache", "packed")
 
 
 def build_models(args) -> tuple[VisionLanguageForConditionalGeneration, LlavaForConditionalGeneration, int]:
@@ -160,6 +165,74 @@ def run_mode(args, ours, llava, batches: list[dict], mode: str) -> tuple[float, 
     return ours_rate, llava_rate, note
 
 
+def make_length_mix_batches(args, image_token_id: int, tokens_per_image: int, count: int) -> list[dict]:
+    """`count` batches of one image per sample and log-normal text lengths, each padded (right, with attention
+    mask) and packed (rows of `max_length`, position ids, no mask): `{"padded": inputs, "packed": inputs}`."""
+    generator = torch.Generator().manual_seed(2)
+    longest_text = args.max_length - tokens_per_image
+    batches = []
+    for _ in range(count):
+        draws = torch.exp(torch.randn(args.batch_size, generator=generator) * args.length_sigma)
+        lengths = (draws * args.text_length).round().long().clamp(4, longest_text).tolist()
+        encoded = []
+        for length in lengths:
+            text = torch.randint(0, image_token_id, (length,), generator=generator).tolist()
+            encoded.append(
+                {"input_ids": [image_token_id] * tokens_per_image + text, "labels": [-100] * tokens_per_image + text}
+            )
+        width = max(len(e["input_ids"]) for e in encoded)
+        input_ids = torch.zeros(len(encoded), width, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = (
+                torch.tensor(e["input_ids"]),
+                torch.tensor(e["labels"]),
+                1,
+            )
+        pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+        packed = pack_encoded(encoded, args.max_length, 0, [[i] for i in range(len(encoded))])
+        batches.append(
+            {
+                "padded": {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask},
+                "packed": packed,
+                "pixel_values": pixel_values,
+                "real_tokens": sum(lengths) + tokens_per_image * len(lengths),
+            }
+        )
+    return batches
+
+
+def run_packed(args, ours, llava, batches: list[dict]) -> list[tuple[str, str, int, float]]:
+    """(layout, model, positions computed, supervised tokens/s) of ours padded, ours packed and LLaVA padded
+    (full training steps, interleaved)."""
+    set_mode(ours, llava, "full")
+    dtype = getattr(torch, args.dtype)
+    variants = {("padded", "ours"): ours, ("packed", "ours"): ours, ("padded", "llava"): llava}
+    optimizers = {
+        model: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) for model in (ours, llava)
+    }
+    times = {variant: [] for variant in variants}
+    supervised = {variant: [] for variant in variants}
+    for index in range(args.warmup + args.steps):
+        batch = batches[index % len(batches)]
+        order = list(variants) if index % 2 == 0 else list(reversed(variants))  # alternate who goes first
+        for variant in order:
+            layout = variant[0]
+            inputs = {k: v.to(args.device) for k, v in batch[layout].items()}
+            inputs["pixel_values"] = batch["pixel_values"].to(args.device, dtype)
+            seconds = step(variants[variant], optimizers[variants[variant]], inputs, args.device)
+            if index >= args.warmup:
+                times[variant].append(seconds)
+                supervised[variant].append(int((batch[layout]["labels"][:, 1:] != -100).sum()))
+    positions = {layout: sum(b[layout]["input_ids"].numel() for b in batches) for layout in ("padded", "packed")}
+    return [
+        (layout, model, positions[layout], sum(supervised[(layout, model)]) / sum(times[(layout, model)]))
+        for layout, model in variants
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -169,7 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and mode")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches cycled through (the dataset)")
-    parser.add_argument("--text-length", type=int, default=32, help="text tokens per sample after the image")
+    parser.add_argument(
+        "--text-length", type=int, default=32, help="text tokens per sample after the image (packed: the median)"
+    )
+    parser.add_argument("--length-sigma", type=float, default=0.8, help="packed: spread of the log-normal text lengths")
+    parser.add_argument("--max-length", type=int, default=256, help="packed: longest sample and the packed row length")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--vision-hidden", type=int, default=384)
@@ -191,16 +268,34 @@ def main(argv: list[str] | None = None) -> None:
         f"{tokens_per_image} image + {args.text_length} text tokens per sample; parameters: ours "
         f"{ours.num_parameters():,}, llava {llava.num_parameters():,}"
     )
-    rows, notes = [], []
+    if tokens_per_image + 4 > args.max_length:
+        parser.error(f"--max-length {args.max_length} leaves no room for text after {tokens_per_image} image tokens.")
+    rows, notes, packed = [], [], None
     for mode in args.modes:
+        if mode == "packed":
+            mixed = make_length_mix_batches(args, image_token_id, tokens_per_image, args.num_batches)
+            packed = run_packed(args, ours, llava, mixed)
+            continue
         ours_rate, llava_rate, note = run_mode(args, ours, llava, batches, mode)
         rows.append((mode, ours_rate, llava_rate))
         if note:
             notes.append(f"{mode}: {note}")
-    print(f"\n| {'mode':<12} | ours samples/s | llava samples/s | ratio |")
-    print(f"|{'-' * 14}|{'-' * 16}|{'-' * 17}|{'-' * 7}|")
-    for mode, ours_rate, llava_rate in rows:
-        print(f"| {mode:<12} | {ours_rate:14.1f} | {llava_rate:15.1f} | {ours_rate / llava_rate:4.2f}x |")
+    if rows:
+        print(f"\n| {'mode':<12} | ours samples/s | llava samples/s | ratio |")
+        print(f"|{'-' * 14}|{'-' * 16}|{'-' * 17}|{'-' * 7}|")
+        for mode, ours_rate, llava_rate in rows:
+            print(f"| {mode:<12} | {ours_rate:14.1f} | {llava_rate:15.1f} | {ours_rate / llava_rate:4.2f}x |")
+    if packed is not None:
+        real = sum(b["real_tokens"] for b in mixed)
+        print(
+            f"\npacked mode: {len(mixed)} batches of {args.batch_size} samples, {real:,} tokens (image tokens included)"
+        )
+        print("| layout | model | positions computed | padding | supervised tokens/s |")
+        print("|--------|-------|--------------------|---------|---------------------|")
+        for layout, model, positions, rate in packed:
+            print(f"| {layout:<6} | {model:<5} | {positions:18,} | {1 - real / positions:7.0%} | {rate:19.1f} |")
+        rates = {(layout, model): rate for layout, model, _, rate in packed}
+        print(f"ours packed / ours padded: {rates[('packed', 'ours')] / rates[('padded', 'ours')]:.2f}x tokens/s")
     for note in notes:
         print(note)
 

@@ -39,7 +39,7 @@ def test_the_top_level_help_lists_every_subcommand(capsys):
 def test_an_unknown_subcommand_or_benchmark_is_named_with_the_valid_ones():
     with pytest.raises(SystemExit, match=r"(?s)unknown subcommand 'trian'.*subcommands:.*  train "):
         cli.main(["trian"])
-    with pytest.raises(SystemExit, match=r"unknown benchmark 'gpu'; choose one of vlm, data-memory"):
+    with pytest.raises(SystemExit, match=r"unknown benchmark 'gpu'; choose one of encoder, vlm, data-memory"):
         cli.main(["benchmark", "gpu"])
 
 
@@ -139,7 +139,15 @@ def test_a_wheel_carries_the_recipes_and_the_commands(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for shipped in recipes.names():
         assert f"vlm_vision/recipes/{shipped}" in names
-    for command in ("train_vlm", "train_classifier", "evaluate_vlm", "analyze", "push_to_hub", "benchmark_vlm"):
+    for command in (
+        "train_vlm",
+        "train_classifier",
+        "evaluate_vlm",
+        "analyze",
+        "push_to_hub",
+        "benchmark_vlm",
+        "benchmark_encoder",
+    ):
         assert f"vlm_vision/commands/{command}.py" in names
     assert "vlm_vision/cli.py" in names and "vlm_vision/adapters/mlp.py" in names
     assert any(name.endswith("entry_points.txt") for name in names)

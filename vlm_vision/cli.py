@@ -28,9 +28,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("vlm_vision.commands.analyze", "Figure 7 of the paper and attention rollout for an encoder"),
     "push": ("vlm_vision.commands.push_to_hub", "push a saved folder to the Hugging Face Hub"),
     "demo": ("vlm_vision.demo", "write ./vit-b16 and encode a photo through it"),
-    "benchmark": ("vlm_vision.cli", "benchmarks: vlm (ours vs transformers' Llava), data-memory (RSS vs size), seeds"),
+    "benchmark": (
+        "vlm_vision.cli",
+        "benchmarks: encoder (ours vs transformers' ViT, timm), vlm (ours vs Llava, packed vs padded), data-memory, "
+        "seeds",
+    ),
 }
 BENCHMARKS: dict[str, str] = {
+    "encoder": "vlm_vision.commands.benchmark_encoder",
     "vlm": "vlm_vision.commands.benchmark_vlm",
     "data-memory": "vlm_vision.commands.benchmark_data_memory",  # needs a checkout (tests/real_path.py)
     "seeds": "vlm_vision.commands.benchmark_seeds",

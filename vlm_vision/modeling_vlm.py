@@ -31,6 +31,11 @@ from .modeling_vlm_vit import (
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# packed rows (position_ids restarting at 0 per sequence, no attention_mask; see `vlm_vision.data.packing`): these
+# build a block-diagonal causal mask from the position ids (transformers' `masking_utils`, without a cache) ...
+PACKING_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+# ... and these run varlen attention on cu_seqlens derived from them, for one flattened row
+PACKING_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 def num_image_tokens_for(config: VisionLanguageConfig, adapter: nn.Module | None = None) -> int:
@@ -390,6 +395,10 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 `pixel_values` or `vision_features`). Sequences that ask about the same image then share one encoding:
                 the tower runs once per image, and gradients from every sequence reach it. None: span i is image i.
             kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
+                `position_ids` restarting at 0 inside a row, without `attention_mask`, are packed rows (several
+                conversations per row, `vlm_vision.data.packing`): attention stays within each conversation (the
+                cache is turned off for that; implementations that can't are refused) and the first label of each
+                conversation is ignored, so the loss and logits are those of the conversations run alone.
         """
         # placeholders without images are an error, except when continuing a sequence whose images are cached
         # (generate's first step passes an empty cache: that is no continuation)
@@ -398,16 +407,84 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         no_images = pixel_values is None and vision_features is None and input_ids is not None and not continuing
         if no_images and (input_ids == self.config.image_token_id).any():
             raise ValueError("input_ids contain <image> placeholders but no pixel_values were given: pass the images.")
+        position_ids = kwargs.get("position_ids")
+        packed = packed_rows(position_ids, attention_mask)
+        if packed:
+            self.check_packing(position_ids, attention_mask, kwargs)
+            kwargs["use_cache"] = False  # with a cache, masking_utils would not build the block-diagonal mask
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, vision_features, image_index)
         if labels is not None:
             if input_ids is not None:
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+            if packed:  # a sequence's first token is never predicted (alone, nothing comes before it)
+                labels = labels.masked_fill(position_ids.to(labels.device) == 0, IGNORE_INDEX)
             if not (labels[:, 1:] != IGNORE_INDEX).any():
                 logger.warning(
                     "This batch has no supervised token (all labels are -100): its loss is undefined. Check the "
                     "label masking (answers truncated away?)."
                 )
+        if packed and self.language_model.config._attn_implementation in PACKING_VARLEN_ATTENTION:
+            # flash-attention reads packed sequences from position_ids in one row only
+            rows, width = inputs_embeds.shape[:2]
+            outputs = self.language_model(**{**kwargs, **flatten_packed_rows(inputs_embeds, position_ids, labels)})
+            outputs.logits = outputs.logits.reshape(rows, width, -1)
+            return outputs
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def check_packing(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> None:
+        """Refuse packed rows that the language model would attend across: an attention mask or a cache beside
+        them (transformers then ignores the packing), position ids that don't restart at 0 per sequence, or an
+        attention implementation that doesn't read packed sequences from the position ids."""
+        if attention_mask is not None:
+            raise ValueError(
+                "position_ids restart inside a row (packed sequences) but an attention_mask was given: transformers "
+                "then builds an ordinary causal mask and the sequences attend to each other. Pass attention_mask=None "
+                "with packed rows (VLMCollator(pack_length=...) does)."
+            )
+        if kwargs.get("use_cache") or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError(
+                "Packed rows (position_ids restarting inside a row) can't use a cache: masking_utils only builds "
+                "the per-sequence mask without one. Pass use_cache=False and no cache (training does)."
+            )
+        steps = position_ids[:, 1:] - position_ids[:, :-1]
+        if (position_ids[:, 0] != 0).any() or not ((steps == 1) | (position_ids[:, 1:] == 0)).all():
+            raise ValueError(
+                "Packed rows need position_ids that count 0, 1, 2, ... within each sequence and restart at 0 where the "
+                f"next one starts; got {position_ids.tolist()[:2]}... Build them with vlm_vision.data.packing."
+            )
+        check_packing_attention(self.language_model.config._attn_implementation)
+
+
+def check_packing_attention(implementation: str | None) -> None:
+    """Refuse an attention implementation that doesn't keep packed sequences apart, naming those that do."""
+    supported = PACKING_MASK_ATTENTION + PACKING_VARLEN_ATTENTION
+    if implementation not in supported:
+        raise ValueError(
+            f"The language model's attention implementation {implementation!r} can't keep packed sequences apart "
+            f"(they would attend to each other). Use one of {list(supported)} (language_model.attn_implementation "
+            "in a recipe), or turn packing off."
+        )
+
+
+def flatten_packed_rows(inputs_embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """Packed rows (R, L) as one row (1, R * L): `inputs_embeds`, `position_ids` and `labels` for the LM. Every row
+    starts a sequence, whose first label is ignored (-100), so no loss term crosses from one row into the next."""
+    rows, width = position_ids.shape
+    flat = {"inputs_embeds": inputs_embeds.reshape(1, rows * width, -1), "position_ids": position_ids.reshape(1, -1)}
+    flat["labels"] = None if labels is None else labels.reshape(1, rows * width)
+    return flat
+
+
+def packed_rows(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
+    """Whether `position_ids` (B, S) hold several sequences per row: a step other than +1 between two real tokens
+    (what transformers' `find_packed_sequence_indices` reads as a new sequence). Left-padded generation steps too,
+    after padding, where the attention mask is 0: that is no packing."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return False
+    restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    if attention_mask is not None and attention_mask.dim() == 2:
+        restarts &= attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    return bool(restarts.any())
 
 
 PROCESSOR_HINT = (
@@ -463,4 +540,10 @@ def _dtype_of(module: nn.Module, fallback: torch.Tensor) -> torch.dtype:
     return parameter.dtype if parameter is not None else fallback.dtype
 
 
-__all__ = ["VisionLanguageForConditionalGeneration", "VisionLanguagePreTrainedModel"]
+__all__ = [
+    "VisionLanguageForConditionalGeneration",
+    "VisionLanguagePreTrainedModel",
+    "check_packing_attention",
+    "flatten_packed_rows",
+    "packed_rows",
+]

@@ -38,6 +38,7 @@ from .conversations import (
 )
 from .images import ImageLoadError, _flip_bit, load_image
 from .index import SampleList
+from .packing import pack_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -250,25 +251,51 @@ class VLMCollator:
         store) and `image_labels` `(I,)`; with separated
         questions, `image_index` `(B,)` (the image each sequence shows); and `skipped`, the samples left out for
         this batch (a list, for the loop's report).
+
+    With `pack_length` (packing, :mod:`.packing`), the conversations are packed into rows of at most that many
+    tokens instead: `input_ids`, `labels`, `position_ids` `(R, L)` and no `attention_mask`; the images stay in item
+    order and `image_index` maps each `<image>` span of the rows to its image.
     """
 
-    def __init__(self, processor: VisionLanguageProcessor):
+    def __init__(self, processor: VisionLanguageProcessor, pack_length: int | None = None):
+        if pack_length is not None and (not isinstance(pack_length, int) or pack_length <= 0):
+            raise ValueError(f"pack_length={pack_length!r} must be a positive int (tokens per packed row) or None.")
         self.processor = processor
+        self.pack_length = pack_length
 
     def __call__(self, items: list[dict]) -> dict:
         # an item holds one conversation, or a list of separate questions about its one image
         per_item = [item["encoded"] if isinstance(item["encoded"], list) else [item["encoded"]] for item in items]
-        batch = dict(self.processor.pad_encoded([encoded for group in per_item for encoded in group]))
-        if any(isinstance(item["encoded"], list) for item in items):
-            if any(len(item["images"]) != 1 for item in items):
-                raise ValueError("A batch with separated questions needs exactly one image per item.")
-            batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
+        if self.pack_length is not None:
+            batch = self._packed(items, per_item)
+        else:
+            batch = dict(self.processor.pad_encoded([encoded for group in per_item for encoded in group]))
+            if any(isinstance(item["encoded"], list) for item in items):
+                if any(len(item["images"]) != 1 for item in items):
+                    raise ValueError("A batch with separated questions needs exactly one image per item.")
+                batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
         images = [image for item in items for image in item["images"]]
         if images:  # pixels, or the frozen tower's features from a feature store
             batch["vision_features" if items[0].get("features") else "pixel_values"] = torch.stack(images)
             batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         batch["skipped"] = [skipped for item in items for skipped in item.get("skipped", ())]
         return batch
+
+    def _packed(self, items: list[dict], per_item: list[list[dict]]) -> dict:
+        """Packed rows, with each conversation's images: its item's own (in order), or, for separated questions,
+        the item's one image for every question."""
+        encoded, shown, first = [], [], 0
+        for item, group in zip(items, per_item, strict=True):
+            numbers = list(range(first, first + len(item["images"])))
+            if isinstance(item["encoded"], list) and len(numbers) != 1:
+                raise ValueError("A batch with separated questions needs exactly one image per item.")
+            encoded.extend(group)
+            shown.extend([numbers] * len(group))
+            first += len(numbers)
+        packed = pack_encoded(encoded, self.pack_length, self.processor.tokenizer.pad_token_id, shown)
+        if not first:  # text only
+            del packed["image_index"]
+        return packed
 
 
 __all__ = ["VLMCollator", "VLMDataset", "split_questions"]

@@ -58,6 +58,7 @@ STAGE_DATA_KEYS = (
     "group_by_length",
     "on_error",
     "cache",
+    "packing",
     "questions_per_sample",
     "separate_questions",
     "shown_fraction",

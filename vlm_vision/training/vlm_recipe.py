@@ -39,7 +39,7 @@ from ..data.index import SampleList, SubsetIndex, open_llava_index
 from ..export import save_folder_atomically, write_vlm_card
 from ..feature_cache import FeatureStore
 from ..generation import METRICS, evaluate_samples
-from ..modeling_vlm import VisionLanguageForConditionalGeneration
+from ..modeling_vlm import VisionLanguageForConditionalGeneration, check_packing_attention
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
 from ..processing_vlm import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, VisionLanguageProcessor, resolve_chat_template
 from ..smollm import as_plain_model
@@ -80,6 +80,7 @@ DATA_KEYS = (
     "group_by_length",
     "on_error",
     "cache",
+    "packing",
     *EASY_VQA_KEYS,
 )
 DATA_NAMES = ("easy-vqa", "llava")
@@ -236,6 +237,8 @@ def check_data(data: dict, where: str) -> None:
             )
     if data.get("on_error", "skip") not in ("skip", "raise"):
         raise ValueError(f"{where}: data.on_error={data['on_error']!r}; use 'skip' or 'raise'.")
+    if not isinstance(data.get("packing", False), bool):
+        raise ValueError(f"{where}: data.packing={data['packing']!r}; use true (rows of max_length tokens) or false.")
 
 
 def _required(data: dict, key: str, stage: str) -> str:
@@ -447,6 +450,9 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
     if use_aux:
         trainable = WithAuxiliaryClassifier(trainable, run.aux[0], stage.aux_classification_weight)
     data = recipe.stage_data(stage)
+    if data.get("packing"):  # before any data is read
+        check_packing_attention(run.model.language_model.config._attn_implementation)
+        logger.info("stage %s: conversations packed into rows of up to %d tokens", stage.name, recipe.max_length)
     index = open_training_data(data, recipe.seed, stage.name)
     chat_template = stage.chat_template and resolve_chat_template(stage.chat_template, run.processor.tokenizer)
     dataset = VLMDataset(
@@ -478,7 +484,7 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         dataset,
         args,
         stage_optimizer(stage, trainable),
-        collate_fn=VLMCollator(run.processor),
+        collate_fn=VLMCollator(run.processor, pack_length=recipe.max_length if data.get("packing") else None),
         compute_loss=loss,
         count_items=count_supervised,
         accelerator=run.accelerator,
@@ -656,7 +662,8 @@ def build_language_model(recipe: VLMRecipe, tokenizer) -> nn.Module:
         return as_plain_model(model) if lm.get("gguf_file") else model
     config = {k: v for k, v in lm.items() if k not in LM_KEYS}
     config = {"tie_word_embeddings": True, "max_position_embeddings": recipe.max_length, **config}
-    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), **config))
+    attention = {"attn_implementation": lm["attn_implementation"]} if lm.get("attn_implementation") else {}
+    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), **config), **attention)
 
 
 def _trained_tokenizer(recipe: VLMRecipe, folder: Path, chat_template: str):

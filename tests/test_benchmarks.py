@@ -1,0 +1,45 @@
+"""The benchmarks run on tiny sizes and print their tables (their figures are not checked: they depend on the
+machine; what the tables say about the models is)."""
+
+from __future__ import annotations
+
+import re
+
+from vlm_vision import cli
+
+TINY_TOWER = ["--image-size", "32", "--patch-size", "8"]
+
+
+def test_the_encoder_benchmark_compares_the_same_model_and_prints_its_table(capsys):
+    size = ["--hidden", "32", "--layers", "2", "--heads", "2", "--mlp", "64"]
+    args = ["benchmark", "encoder", "--preset", "vit-ti16", *TINY_TOWER, *size, "--batch-size", "2", "--steps", "2"]
+    results = cli.main([*args, "--gradient-checkpointing"])
+    out = capsys.readouterr().out
+    assert "| model        | parameters | forward samples/s | fwd+bwd samples/s | forward peak RSS MB |" in out
+    difference = float(re.search(r"max \|difference\| of the last hidden state (\S+);", out).group(1))
+    assert difference < 1e-5  # ours carries transformers' weights: the same function
+    assert results["ours"]["parameters"] == results["transformers"]["parameters"] == 23_904
+    for name, row in results.items():
+        assert re.search(rf"\| {name} +\| +23,904 \|", out)
+        assert row["forward"] > 0 and row["forward+backward"] > 0
+        assert row["forward+backward MB"] >= 0 and row["forward MB"] >= 0
+    assert re.search(r"ours / transformers: forward \d+\.\d\dx, forward\+backward \d+\.\d\dx", out)
+    assert ("timm: measured" in out) == ("timm" in results)
+
+
+def test_the_vlm_benchmark_packed_mode_computes_fewer_positions_than_padding(capsys):
+    tower = [*TINY_TOWER, "--vision-hidden", "32", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "64"]
+    lm = ["--text-hidden", "32", "--text-layers", "1", "--text-heads", "2", "--text-mlp", "64", "--vocab-size", "200"]
+    mix = ["--max-length", "96", "--text-length", "16", "--length-sigma", "1.0"]
+    steps = ["--steps", "1", "--batch-size", "6", "--num-batches", "2"]
+    cli.main(["benchmark", "vlm", "--modes", "packed", *steps, *tower, *lm, *mix])
+    out = capsys.readouterr().out
+    assert "| layout | model | positions computed | padding | supervised tokens/s |" in out
+    rows = dict(
+        ((layout, model), int(positions.replace(",", "")))
+        for layout, model, positions in re.findall(r"\| (padded|packed) \| (ours|llava) +\| +([\d,]+) \|", out)
+    )
+    assert rows.keys() == {("padded", "ours"), ("packed", "ours"), ("padded", "llava")}
+    real = int(re.search(r"2 batches of 6 samples, ([\d,]+) tokens", out).group(1).replace(",", ""))
+    assert real <= rows[("packed", "ours")] < rows[("padded", "ours")] == rows[("padded", "llava")]
+    assert re.search(r"ours packed / ours padded: \d+\.\d\dx tokens/s", out)
