@@ -147,14 +147,33 @@ def test_prefix_tokens_through_each_adapter(output_norm):
 
 @pytest.mark.parametrize("grid", [(5, 4), (4, 3), (1, 1)])
 def test_pixel_shuffle_refuses_grid_not_divisible(grid):
-    adapter = tiny_adapter("pixel_shuffle")
+    adapter = tiny_adapter("pixel_shuffle", uneven_grid="refuse")
     pattern = rf"grid {grid[0]}x{grid[1]}.*resize the image.*scale_factor"
     with pytest.raises(ValueError, match=r"scale_factor r=2") as error:
         adapter.num_output_tokens(*grid)
     assert "resize the image" in str(error.value)
+    assert "uneven_grid='pad'" in str(error.value)
     assert f"grid {grid[0]}x{grid[1]}" in str(error.value)
     with pytest.raises(ValueError, match=pattern):
         adapter(torch.randn(1, grid[0] * grid[1], VISION), grid)
+
+
+@pytest.mark.parametrize(("grid", "tokens"), [((27, 27), 196), ((5, 4), 6), ((1, 1), 1), ((3, 8), 8)])
+def test_pixel_shuffle_pads_uneven_grid(grid, tokens):
+    """The default pads the grid with zero tokens at the bottom/right: the same as padding the features by hand."""
+    adapter = tiny_adapter("pixel_shuffle")
+    assert adapter.config.uneven_grid == "pad"
+    assert adapter.num_output_tokens(*grid) == tokens
+    torch.manual_seed(1)
+    features = torch.randn(2, grid[0] * grid[1], VISION)
+    padded_h, padded_w = -(-grid[0] // 2) * 2, -(-grid[1] // 2) * 2
+    by_hand = torch.zeros(2, padded_h, padded_w, VISION)
+    by_hand[:, : grid[0], : grid[1]] = features.reshape(2, *grid, VISION)
+    output = adapter(features, grid)
+    assert output.shape[1] == tokens
+    torch.testing.assert_close(output, adapter(by_hand.reshape(2, -1, VISION), (padded_h, padded_w)))
+    with pytest.raises(ValueError, match=r"uneven_grid='crop' is not known; use one of \['pad', 'refuse'\]"):
+        tiny_adapter("pixel_shuffle", uneven_grid="crop")
 
 
 @pytest.mark.parametrize("adapter_type", TYPES)
