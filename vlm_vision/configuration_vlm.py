@@ -10,7 +10,13 @@ from .configuration_vlm_vit import unknown_fields_message, unknown_kwargs
 
 # Tokens before the patch tokens in the sequences of towers that don't say so in their config. Our own tower reports
 # `num_prefix_tokens`; transformers' DINOv2 with registers reports `num_register_tokens` (plus its [CLS]).
-PREFIX_TOKENS_BY_MODEL_TYPE = {"clip_vision_model": 1, "siglip_vision_model": 0, "vit": 1, "dinov2": 1}
+PREFIX_TOKENS_BY_MODEL_TYPE = {
+    "clip_vision_model": 1,
+    "siglip_vision_model": 0,
+    "siglip2_vision_model": 0,
+    "vit": 1,
+    "dinov2": 1,
+}
 
 
 def vision_prefix_tokens(vision_config: PretrainedConfig) -> int:
@@ -58,6 +64,9 @@ class VisionLanguageConfig(PretrainedConfig):
             either way. Needs an adapter that projects prefix tokens: linear, mlp (each token on its own) or
             pixel_shuffle (each prefix token tiled over a block).
         num_vision_prefix_tokens: override for towers whose prefix-token count cannot be read from their config.
+        tile_separator_token_ids: `[column_separator_id, row_separator_id]`, the tokens between tiles of one row and
+            after each row of tiles in image-splitting mode (the processor's `image_mode="tiles"`, which adds them to
+            the tokenizer); the model checks each split image's layout with them. None when tiles are not used.
 
     LLaVA's names (transformers' `LlavaConfig`) are taken as LLaVA defines them, as arguments and as attributes;
     none is stored twice:
@@ -82,6 +91,7 @@ class VisionLanguageConfig(PretrainedConfig):
     vision_feature_layer: int | list[int] = -2
     keep_prefix_tokens: bool = False
     num_vision_prefix_tokens: int | None = None
+    tile_separator_token_ids: list[int] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -122,6 +132,19 @@ class VisionLanguageConfig(PretrainedConfig):
                 f"image_token_id={self.image_token_id} is outside the language model's vocabulary "
                 f"(vocab_size={self.text_config.vocab_size}): resize the embeddings after adding <image>."
             )
+        separators = self.tile_separator_token_ids
+        if separators is not None and (
+            not isinstance(separators, (list, tuple))
+            or len(separators) != 2
+            or not all(isinstance(i, int) and 0 <= i < self.text_config.vocab_size for i in separators)
+        ):
+            raise ValueError(
+                f"tile_separator_token_ids={separators!r} must be [column_separator_id, row_separator_id], two token "
+                f"ids of the language model's vocabulary (vocab_size={self.text_config.vocab_size}): take them from "
+                "the processor (processor.tile_separator_token_ids) after it added its separator tokens."
+            )
+        if separators is not None:
+            self.tile_separator_token_ids = list(separators)
         # tie the LM head like the text config says (transformers keeps the flag on the text config for most LMs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

@@ -6,10 +6,20 @@
 
 Images are flattened over the batch in the order their `<image>` placeholders appear (as LLaVA does), so a sample may
 hold any number of images, and text-only samples can share a batch with image samples.
+
+Three ways in for the images (the processor's `image_mode`; docs/vlm.md "Any resolution"):
+- fixed: `pixel_values (I, C, H, W)` at the tower's size, `num_image_tokens` placeholders per image.
+- native: `pixel_values (I, N, C*P*P)` patches, `pixel_attention_mask (I, N)`, `spatial_shapes (I, 2)`: the tower
+  runs with the mask, padded patch tokens are dropped and each image is adapted on its own grid, so image i takes
+  `adapter.num_output_tokens(*spatial_shapes[i])` placeholders (`image_token_counts`).
+- tiles: `pixel_values (T, C, H, W)`, each split image's tiles row-major then its thumbnail, and `image_tiles (I, 2)`
+  its (rows, columns) of tiles; every tile is a fixed-size image, laid out in the text with the separator tokens of
+  `config.tile_separator_token_ids` (`tile_layout`), which the model checks.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -38,14 +48,38 @@ PACKING_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 PACKING_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
-def num_image_tokens_for(config: VisionLanguageConfig, adapter: nn.Module | None = None) -> int:
-    """Placeholder tokens per image: the adapter's `num_output_tokens` for the tower's grid, plus the prefix tokens
-    when they are kept. The processor and the model both count through here."""
+def num_image_tokens_for(
+    config: VisionLanguageConfig, adapter: nn.Module | None = None, grid: tuple[int, int] | None = None
+) -> int:
+    """Placeholder tokens per image: the adapter's `num_output_tokens` for the tower's grid (or `grid`, an image's
+    own patch grid in native mode), plus the prefix tokens when they are kept. The processor and the model both
+    count through here."""
+    return image_token_count(
+        config.adapter_config,
+        config.prefix_tokens if config.keep_prefix_tokens else 0,
+        grid or config.grid_size,
+        adapter,
+    )
+
+
+def image_token_count(adapter_config: dict, kept_prefix_tokens: int, grid, adapter: nn.Module | None = None) -> int:
+    """`adapter.num_output_tokens(*grid) + kept_prefix_tokens`; the adapter is built on the meta device if not given
+    (what a processor does: it holds the adapter's config, not its weights)."""
     if adapter is None:
         with torch.device("meta"):  # only the count is needed, not the weights
-            adapter = build_adapter(config.adapter_config)
-    tokens = adapter.num_output_tokens(*config.grid_size)
-    return tokens + (config.prefix_tokens if config.keep_prefix_tokens else 0)
+            adapter = build_adapter(adapter_config)
+    return adapter.num_output_tokens(*grid) + kept_prefix_tokens
+
+
+def tile_layout(rows: int, columns: int, tile: list[int], column_separator: int, row_separator: int) -> list[int]:
+    """The token ids of one split image: per row of tiles `tile (column_separator tile)* row_separator`, then the
+    thumbnail's `tile`. A 1x1 split is the thumbnail alone (a single tile would repeat it)."""
+    if rows * columns == 1:
+        return list(tile)
+    row = list(tile)
+    for _ in range(columns - 1):
+        row += [column_separator, *tile]
+    return [*row, row_separator] * rows + list(tile)
 
 
 class VisionLanguagePreTrainedModel(PreTrainedModel):
@@ -207,21 +241,66 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             logger.info("froze %d vision-tower tensors the feature layers never use", len(frozen))
         return frozen
 
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The selected tower layers, concatenated on channels: (I, C, H, W) -> (I, T, D_v * len(layers)).
+    def vision_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The selected tower layers, concatenated on channels: (I, C, H, W) -> (I, T, D_v * len(layers)); or, in
+        native mode, (I, N, C*P*P) patches with their mask and grids -> (I, T, ...) with padded rows left in.
+
+        Native inputs go to our tower, or to a transformers tower whose forward takes `pixel_attention_mask` and
+        `spatial_shapes` (Siglip2); any other tower is refused (it would attend over the padding).
 
         A frozen tower (no parameter requiring grad, e.g. the `align` stage) runs without autograd: nothing upstream
         of the features could receive a gradient, so recording the graph would only cost memory and time.
         """
         frozen = not pixel_values.requires_grad and not any(p.requires_grad for p in self.vision_tower.parameters())
+        native = {}
+        if pixel_attention_mask is not None or spatial_shapes is not None:
+            native = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+            if not isinstance(self.vision_tower, VisionTransformerModel):
+                self.check_tower_takes_native_inputs()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             layers = self.config.feature_layers
             if isinstance(self.vision_tower, VisionTransformerModel):
-                states = self.vision_tower.get_intermediate_layers(pixel_values, layers)  # stops at the deepest
+                states = self.vision_tower.get_intermediate_layers(pixel_values, layers, **native)  # to the deepest
             else:
-                hidden_states = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-                states = [hidden_states[i] for i in layers]
+                outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **native)
+                states = [outputs.hidden_states[i] for i in layers]
             return torch.cat(states, dim=-1)
+
+    def check_tower_takes_native_inputs(self) -> None:
+        """Refuse native-resolution inputs for a transformers tower whose forward has no patch mask and grids."""
+        import inspect
+
+        parameters = inspect.signature(self.vision_tower.forward).parameters
+        if not {"pixel_attention_mask", "spatial_shapes"} <= set(parameters):
+            raise ValueError(
+                f"The vision tower ({type(self.vision_tower).__name__}) can't take pixel_attention_mask and "
+                "spatial_shapes, so it would attend over the padded patches of native-resolution inputs: convert it "
+                "into VisionTransformerModel (load_vision_tower(path), convert=True; vlm-vision-convert), use a "
+                "Siglip2VisionModel, or use image_mode='fixed' / 'tiles' in the processor."
+            )
+
+    def image_token_counts(self, spatial_shapes) -> list[int]:
+        """Placeholder tokens of each image in native mode, from its (rows, columns) patch grid."""
+        return [num_image_tokens_for(self.config, self.adapter, (int(h), int(w))) for h, w in _grids(spatial_shapes)]
+
+    def native_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, spatial_shapes
+    ) -> list[torch.Tensor]:
+        """Native mode: the tower on masked patches, then each image's real patch tokens adapted on its own grid.
+
+        Returns one `(image_token_counts[i], D_lm)` tensor per image (padded patch tokens dropped)."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        features = self.vision_features(pixel_values.to(dtype), pixel_attention_mask, spatial_shapes)
+        prefix = self.config.prefix_tokens
+        return [
+            self.project_vision_features(features[i : i + 1, : prefix + h * w], (h, w))[0]
+            for i, (h, w) in enumerate(_grids(spatial_shapes))
+        ]
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tokens in the LM's embedding space: (I, C, H, W) -> (I, num_image_tokens, D_lm)."""
@@ -300,6 +379,81 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 "image per <image> tag, in order."
             )
 
+    def check_native_placeholders(
+        self, input_ids: torch.Tensor, counts: list[int], image_index: torch.Tensor | None = None
+    ) -> None:
+        """Native mode: every run of `<image>` placeholders must be exactly the next images' token counts (image i
+        takes `counts[i]`, from its own grid; with `image_index`, span k shows image `image_index[k]`)."""
+        span_counts = counts if image_index is None else [counts[i] for i in image_index.tolist()]
+        is_image = (input_ids == self.config.image_token_id).tolist()
+        taken = 0
+        for sample, row in enumerate(is_image):
+            for _, run in itertools.groupby(row):
+                run = list(run)
+                if not run[0]:
+                    continue
+                length, first = len(run), taken
+                covered = 0
+                while covered < length and taken < len(span_counts):
+                    covered += span_counts[taken]
+                    taken += 1
+                if covered != length:
+                    raise ValueError(
+                        f"Sample {sample} has a run of {length} <image> placeholder tokens, but the images it "
+                        f"should hold (numbers {first}..{taken - 1} in placeholder order) take "
+                        f"{span_counts[first:taken]} tokens each, from their patch grids (spatial_shapes): the span "
+                        "was cut (truncation?) or built for other images, grids or another adapter. Build inputs "
+                        "with the VisionLanguageProcessor saved with this model (image_mode='native')."
+                    )
+        if taken != len(span_counts):
+            what = "image_index has" if image_index is not None else "pixel_values holds"
+            raise ValueError(
+                f"The batch has placeholders for {taken} images but {what} {len(span_counts)}: pass one image per "
+                "<image> tag, in order."
+            )
+
+    def check_tile_layout(
+        self,
+        input_ids: torch.Tensor,
+        image_tiles: torch.Tensor,
+        num_tiles: int,
+        image_index: torch.Tensor | None = None,
+    ) -> None:
+        """Tiles mode: the tile images add up to `image_tiles`, and the batch's `<image>` and separator tokens, read
+        in order, are exactly each split image's `tile_layout`."""
+        separators = self.config.tile_separator_token_ids
+        if separators is None:
+            raise ValueError(
+                "image_tiles (image splitting) was given but config.tile_separator_token_ids is None, so the tile "
+                "layout can't be checked: set it to processor.tile_separator_token_ids (the recipe does)."
+            )
+        if image_index is not None:
+            raise ValueError("image_index is not supported with image_tiles: give each sample its own tiled images.")
+        grids = _grids(image_tiles)
+        per_image = [h * w + 1 if h * w > 1 else 1 for h, w in grids]
+        if sum(per_image) != num_tiles:
+            raise ValueError(
+                f"image_tiles {[list(g) for g in grids]} asks for {sum(per_image)} tile images (rows x columns + 1 "
+                f"thumbnail per split image) but pixel_values holds {num_tiles}: pass pixel_values and image_tiles "
+                "from the same processor call."
+            )
+        tile = [self.config.image_token_id] * self.num_image_tokens
+        expected = [tile_layout(h, w, tile, *separators) for h, w in grids]
+        kept = torch.tensor([self.config.image_token_id, *separators], device=input_ids.device)
+        found = input_ids[torch.isin(input_ids, kept)].tolist()  # row-major over the batch: placeholder order
+        flat = [token for layout in expected for token in layout]
+        if found != flat:
+            starts = [0, *itertools.accumulate(len(layout) for layout in expected)]
+            wrong = (i for i, layout in enumerate(expected) if found[starts[i] : starts[i + 1]] != layout)
+            number = next(wrong, len(expected) - 1)
+            raise ValueError(
+                f"The <image> and tile separator tokens of the batch don't match the layout of split image {number} "
+                f"({grids[number][0]}x{grids[number][1]} tiles of {self.num_image_tokens} tokens, each row ended by "
+                "the row separator, tiles of a row joined by the column separator, then the thumbnail): "
+                f"{len(found)} such tokens found, {len(flat)} expected. Build inputs with the VisionLanguageProcessor "
+                "saved with this model (image_mode='tiles')."
+            )
+
     def check_vision_features(self, vision_features: torch.Tensor) -> None:
         """Refuse precomputed tower features whose shape is not `vision_features(pixel_values)`'s at the tower's
         configured image size: (num_images, T, D_v * len(feature_layers))."""
@@ -329,6 +483,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         inputs_embeds: torch.Tensor | None,
         vision_features: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM's input embeddings with every image's features scattered into its placeholder positions.
 
@@ -347,20 +504,45 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 raise ValueError("Pass pixel_values or precomputed vision_features, not both.")
             if input_ids is None:
                 raise ValueError("Images need input_ids, to find the <image> placeholder positions.")
+            native = spatial_shapes is not None or pixel_attention_mask is not None
+            if native and (vision_features is not None or image_tiles is not None):
+                raise ValueError(
+                    "pixel_attention_mask/spatial_shapes (native resolution) go with patchified pixel_values only, "
+                    "not with vision_features or image_tiles: pick one image_mode in the processor."
+                )
             if vision_features is not None:
                 self.check_vision_features(vision_features)
+            elif native:
+                check_native_pixel_values(pixel_values, spatial_shapes)
             else:
                 check_pixel_values(pixel_values)
             if image_index is not None:
                 self.check_image_index(image_index, images.shape[0])
-            self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens, image_index)
-            if images.shape[0]:
-                if vision_features is None:
-                    image_features = self.get_image_features(pixel_values)
+            if native:
+                counts = self.image_token_counts(spatial_shapes)
+                self.check_native_placeholders(input_ids, counts, image_index)
+                image_features = torch.cat(
+                    self.native_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
+                )
+                if image_index is not None:  # each span's rows, in placeholder order
+                    starts = [0, *itertools.accumulate(counts)]
+                    rows = [torch.arange(starts[i], starts[i + 1]) for i in image_index.tolist()]
+                    image_features = image_features[torch.cat(rows).to(image_features.device)]
+            else:
+                if image_tiles is not None:
+                    self.check_tile_layout(input_ids, image_tiles, images.shape[0], image_index)
                 else:
-                    image_features = self.project_vision_features(vision_features, self.config.grid_size)
-                if image_index is not None:
-                    image_features = image_features[image_index.to(image_features.device)]
+                    self.check_image_placeholders(input_ids, images.shape[0], self.num_image_tokens, image_index)
+                image_features = None
+                if images.shape[0]:
+                    if vision_features is None:
+                        image_features = self.get_image_features(pixel_values)
+                    else:
+                        image_features = self.project_vision_features(vision_features, self.config.grid_size)
+                    if image_index is not None:
+                        image_features = image_features[image_index.to(image_features.device)]
+                    image_features = image_features.flatten(0, 1)
+            if image_features is not None and image_features.shape[0]:
                 mask = (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
         elif self.training and torch.is_grad_enabled():
@@ -381,6 +563,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         labels: torch.LongTensor | None = None,
         vision_features: torch.Tensor | None = None,
         image_index: torch.LongTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -394,6 +579,11 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             image_index: `(N,)`, for each `<image>` span in placeholder order, the image it shows (an index into
                 `pixel_values` or `vision_features`). Sequences that ask about the same image then share one encoding:
                 the tower runs once per image, and gradients from every sequence reach it. None: span i is image i.
+            pixel_attention_mask: native mode, `(I, N)` 1 for a patch of `pixel_values (I, N, C*P*P)`, 0 for padding.
+            spatial_shapes: native mode, `(I, 2)` each image's (rows, columns) of patches; image i then takes
+                `image_token_counts(spatial_shapes)[i]` placeholders.
+            image_tiles: tiles mode, `(I, 2)` each split image's (rows, columns) of tiles; `pixel_values` then holds
+                the tiles and thumbnails, and the text the `tile_layout` of each.
             kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
                 `position_ids` restarting at 0 inside a row, without `attention_mask`, are packed rows (several
                 conversations per row, `vlm_vision.data.packing`): attention stays within each conversation (the
@@ -412,7 +602,18 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         if packed:
             self.check_packing(position_ids, attention_mask, kwargs)
             kwargs["use_cache"] = False  # with a cache, masking_utils would not build the block-diagonal mask
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, vision_features, image_index)
+        if pixel_values is None:  # generate forwards spatial_shapes / image_tiles after the prefill, without pixels
+            spatial_shapes = image_tiles = None
+        inputs_embeds = self.embed_inputs(
+            input_ids,
+            pixel_values,
+            inputs_embeds,
+            vision_features,
+            image_index,
+            pixel_attention_mask,
+            spatial_shapes,
+            image_tiles,
+        )
         if labels is not None:
             if input_ids is not None:
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
@@ -518,6 +719,38 @@ def check_pixel_values(pixel_values) -> None:
         )
 
 
+def check_native_pixel_values(pixel_values, spatial_shapes) -> None:
+    """Refuse native-resolution inputs that are not (num_images, patches, channels * patch * patch) float patches
+    with their grids (the tower checks the grids and the mask against them)."""
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point() or pixel_values.dim() != 3:
+        got = (
+            f"{tuple(pixel_values.shape)} {pixel_values.dtype}"
+            if isinstance(pixel_values, torch.Tensor)
+            else _kind(pixel_values)
+        )
+        raise ValueError(
+            f"With pixel_attention_mask/spatial_shapes (native resolution), pixel_values must be float patches "
+            f"(num_images, patches, channels * patch * patch), got {got}: use the processor's image_mode='native' "
+            "(an image processor with max_num_patches), or drop the mask and spatial_shapes for (I, C, H, W) images."
+        )
+    if spatial_shapes is None:
+        raise ValueError(
+            "pixel_attention_mask was given without spatial_shapes: the model needs each image's (rows, columns) "
+            "patch grid. Pass the processor's spatial_shapes with it."
+        )
+
+
+def _grids(shapes) -> list[tuple[int, int]]:
+    """(I, 2) integer rows/columns (a tensor or nested list) as Python pairs."""
+    shapes = torch.as_tensor(shapes)
+    if shapes.dim() != 2 or shapes.shape[1] != 2 or shapes.is_floating_point() or shapes.dtype == torch.bool:
+        raise ValueError(
+            f"A grid tensor (spatial_shapes, image_tiles) must be integers of shape (num_images, 2), one (rows, "
+            f"columns) per image, got {tuple(shapes.shape)} {shapes.dtype}: pass the processor's."
+        )
+    return [(int(h), int(w)) for h, w in shapes.tolist()]
+
+
 def check_input_ids(input_ids) -> None:
     """Refuse token ids that are not an integer (batch, sequence) tensor."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
@@ -545,5 +778,7 @@ __all__ = [
     "VisionLanguagePreTrainedModel",
     "check_packing_attention",
     "flatten_packed_rows",
+    "image_token_count",
     "packed_rows",
+    "tile_layout",
 ]

@@ -8,6 +8,17 @@ the assistant turns carry labels, so changing the language model doesn't break t
 Images go through the tower's own image processor (`image_processor`, e.g. CLIP's shortest-edge resize + centre
 crop); with `image_aspect_ratio="pad"` each image is first padded to a square with the processor's mean colour, as
 LLaVA-1.5 does.
+
+`image_mode` picks how an image becomes tokens (docs/vlm.md "Any resolution"):
+- "fixed" (default): every image at the tower's size, `num_image_tokens` placeholders each.
+- "native": the image processor's native-resolution mode (`max_num_patches`): each image keeps its aspect ratio on
+  its own patch grid, and its `<image>` span gets `adapter.num_output_tokens(grid)` (+ kept prefix tokens)
+  placeholders. Returns pixel_values (I, N, C*P*P), pixel_attention_mask (I, N), spatial_shapes (I, 2).
+- "tiles": image splitting (an Idefics3-like longest-edge rule, `split_image`): the long side gets
+  min(max_tiles, ceil(long / tile)) tiles of the tower's size, the short side as many as keep the aspect ratio
+  (rounded up), the image is resized to that grid and cut; a thumbnail of the whole image follows. Each tile takes
+  `num_image_tokens`; the text holds `tile_layout` (column separator between the tiles of a row, row separator after
+  each row). Returns pixel_values (T, C, H, W) and image_tiles (I, 2).
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -28,6 +40,8 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
 IMAGE_ASPECT_RATIOS = ("squash", "pad")
+IMAGE_MODES = ("fixed", "native", "tiles")
+TILE_SEPARATOR_TOKENS = ("<tile_col>", "<tile_row>")
 
 # Used for tokenizers without a chat template (e.g. a sentencepiece model trained on the data). The assistant turn
 # ends with the EOS token, so the model learns to stop.
@@ -197,6 +211,11 @@ class VisionLanguageProcessor(ProcessorMixin):
         image_token: the placeholder text.
         image_aspect_ratio: "squash" (the image processor as it is) or "pad" (LLaVA-1.5: pad to a square with the
             image processor's mean colour first, so nothing is cropped away or distorted).
+        image_mode: "fixed", "native" or "tiles" (module docstring).
+        adapter_config: the model's adapter config (native mode counts each image's tokens with it);
+            `from_model_config` fills it in.
+        kept_prefix_tokens: prefix tokens the model keeps per image (native mode adds them to each count).
+        max_tiles: tiles mode, the most tiles along an image's long side.
         chat_template: overrides the tokenizer's template (Jinja text).
     """
 
@@ -207,6 +226,10 @@ class VisionLanguageProcessor(ProcessorMixin):
         num_image_tokens=None,
         image_token=IMAGE_TOKEN,
         image_aspect_ratio="squash",
+        image_mode="fixed",
+        adapter_config=None,
+        kept_prefix_tokens=0,
+        max_tiles=None,
         **kwargs,
     ):
         if num_image_tokens is None or not isinstance(num_image_tokens, int) or num_image_tokens <= 0:
@@ -238,11 +261,19 @@ class VisionLanguageProcessor(ProcessorMixin):
             )
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}; choose one of {IMAGE_ASPECT_RATIOS}.")
+        self._check_image_mode(image_mode, image_processor, adapter_config, max_tiles, image_aspect_ratio)
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
         self.image_aspect_ratio = image_aspect_ratio
+        self.image_mode = image_mode
+        self.adapter_config = adapter_config
+        self.kept_prefix_tokens = int(kept_prefix_tokens)
+        self.max_tiles = max_tiles
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+        separators = [t for t in TILE_SEPARATOR_TOKENS if image_mode == "tiles" and t not in tokenizer.get_vocab()]
+        if separators:  # then resize the model's embeddings, and set config.tile_separator_token_ids
+            tokenizer.add_special_tokens({"additional_special_tokens": separators}, replace_extra_special_tokens=False)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None and tokenizer.unk_token is None:
@@ -260,6 +291,40 @@ class VisionLanguageProcessor(ProcessorMixin):
             chat_template = DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self._layouts: dict = {}
+
+    @staticmethod
+    def _check_image_mode(image_mode, image_processor, adapter_config, max_tiles, image_aspect_ratio) -> None:
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f"image_mode={image_mode!r}; choose one of {IMAGE_MODES}.")
+        if image_mode == "native":
+            if getattr(image_processor, "max_num_patches", None) is None:
+                raise ValueError(
+                    f"image_mode='native' needs an image processor with a patch budget (max_num_patches), got "
+                    f"{type(image_processor).__name__} without one: use VisionTransformerImageProcessor("
+                    "patch_size=..., max_num_patches=...) (or Siglip2ImageProcessor), or image_mode='fixed'."
+                )
+            if not isinstance(adapter_config, dict):
+                raise ValueError(
+                    "image_mode='native' counts each image's tokens with the model's adapter: build the processor "
+                    "with VisionLanguageProcessor.from_model_config(config, image_processor, tokenizer, "
+                    "image_mode='native')."
+                )
+            if image_aspect_ratio != "squash":
+                raise ValueError(
+                    "image_mode='native' keeps each image's aspect ratio: use image_aspect_ratio='squash'."
+                )
+        if image_mode == "tiles" and (not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1):
+            raise ValueError(
+                f"image_mode='tiles' needs max_tiles, the most tiles along an image's long side, as an int >= 1 "
+                f"(e.g. 3), got {max_tiles!r}."
+            )
+
+    @property
+    def tile_separator_token_ids(self) -> list[int] | None:
+        """`[column_separator_id, row_separator_id]` in tiles mode (the model's `config.tile_separator_token_ids`)."""
+        if self.image_mode != "tiles":
+            return None
+        return self.tokenizer.convert_tokens_to_ids(list(TILE_SEPARATOR_TOKENS))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -293,6 +358,8 @@ class VisionLanguageProcessor(ProcessorMixin):
         """A processor whose image-token count comes from the model's adapter and tower grid (one source of truth)."""
         from .modeling_vlm import num_image_tokens_for
 
+        kept = config.prefix_tokens if config.keep_prefix_tokens else 0
+        kwargs = {"adapter_config": config.adapter_config, "kept_prefix_tokens": kept, **kwargs}
         return cls(image_processor, tokenizer, num_image_tokens=num_image_tokens_for(config), **kwargs)
 
     # ---- images ----------------------------------------------------------------------------------------------
@@ -306,11 +373,56 @@ class VisionLanguageProcessor(ProcessorMixin):
             images = [pad_to_square(image, mean) for image in images]
         return self.image_processor(images=images, return_tensors=return_tensors)["pixel_values"]
 
+    def preprocess_images(self, images: Sequence, return_tensors: str = "pt") -> tuple[dict, list[list[int]]]:
+        """Images -> (the model's image inputs, each image's token ids in the text), for any `image_mode`.
+
+        fixed: `{"pixel_values": (I, C, H, W)}`; native: `pixel_values (I, N, C*P*P)`, `pixel_attention_mask`,
+        `spatial_shapes`; tiles: `pixel_values (T, C, H, W)` and `image_tiles (I, 2)`. The ids replace each `<image>`
+        tag in order (a run of placeholders, or a split image's `tile_layout`).
+        """
+        from .modeling_vlm import image_token_count, tile_layout
+
+        images = [_as_rgb(image) for image in images]
+        tile = [self.image_token_id] * self.num_image_tokens
+        if self.image_mode == "fixed":
+            return {"pixel_values": self.process_images(images, return_tensors)}, [tile for _ in images]
+        if self.image_mode == "native":
+            inputs = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            layouts = [
+                [self.image_token_id]
+                * image_token_count(self.adapter_config, self.kept_prefix_tokens, (int(h), int(w)))
+                for h, w in inputs["spatial_shapes"].tolist()
+            ]
+            return inputs, layouts
+        size = self.image_processor.size
+        tiles, grids = [], []
+        for image in images:
+            pieces, rows, columns = split_image(image, (size["height"], size["width"]), self.max_tiles)
+            tiles += pieces
+            grids.append((rows, columns))
+        inputs = {"pixel_values": self.process_images(tiles, return_tensors), "image_tiles": torch.tensor(grids)}
+        separators = self.tile_separator_token_ids
+        return inputs, [tile_layout(rows, columns, tile, *separators) for rows, columns in grids]
+
     # ---- plain text + images (inference, user scripts) -------------------------------------------------------
 
-    def expand_image_tokens(self, text: str) -> str:
-        """Each `<image>` tag -> `num_image_tokens` placeholder tokens."""
-        return text.replace(self.image_token, self.image_token * self.num_image_tokens)
+    def expand_image_tokens(self, text: str, layouts: Sequence[list[int]] | None = None) -> str:
+        """Each `<image>` tag -> `num_image_tokens` placeholder tokens; with `layouts` (from `preprocess_images`),
+        the k-th tag -> the tokens of `layouts[k]` (native and tiles modes)."""
+        if layouts is None:
+            if self.image_mode != "fixed":
+                raise ValueError(
+                    f"image_mode={self.image_mode!r}: each image's tokens depend on the image; pass the layouts from "
+                    "processor.preprocess_images(images) (or call the processor with the images)."
+                )
+            return text.replace(self.image_token, self.image_token * self.num_image_tokens)
+        parts = text.split(self.image_token)
+        if len(parts) - 1 != len(layouts):
+            raise ValueError(f"The text has {len(parts) - 1} {self.image_token} tags but {len(layouts)} layouts.")
+        expanded = [parts[0]]
+        for layout, part in zip(layouts, parts[1:], strict=True):
+            expanded += ["".join(self.tokenizer.convert_ids_to_tokens(layout)), part]
+        return "".join(expanded)
 
     def __call__(self, images=None, text=None, padding=True, return_tensors="pt", **kwargs) -> BatchFeature:
         """Tokenise `text` (a string or list) with expanded `<image>` tags and process `images` (flat, in tag order).
@@ -329,17 +441,20 @@ class VisionLanguageProcessor(ProcessorMixin):
                 f"The text has {num_tags} {self.image_token} tags but {len(flat_images)} images were given: pass one "
                 "image per tag, in order."
             )
+        inputs, layouts = self.preprocess_images(flat_images, return_tensors) if flat_images else ({}, [])
+        expanded, first = [], 0
+        for t in texts:
+            tags = t.count(self.image_token)
+            expanded.append(self.expand_image_tokens(t, layouts[first : first + tags]) if tags else t)
+            first += tags
         encoding = self.tokenizer(
-            [self.expand_image_tokens(t) for t in texts],
+            expanded,
             padding=padding,
             return_tensors=return_tensors,
             add_special_tokens=kwargs.pop("add_special_tokens", True),
             **kwargs,
         )
-        data = dict(encoding)
-        if flat_images:
-            data["pixel_values"] = self.process_images([_as_rgb(image) for image in flat_images], return_tensors)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return BatchFeature(data={**encoding, **inputs}, tensor_type=return_tensors)
 
     def apply_chat_template(self, conversation, chat_template=None, images=None, **kwargs):
         """transformers' `ProcessorMixin.apply_chat_template`, for messages in either form: string contents with
@@ -465,7 +580,11 @@ class VisionLanguageProcessor(ProcessorMixin):
             return None  # the per-conversation path raises with the details
 
     def encode_conversation(
-        self, messages: Sequence, max_length: int | None = None, chat_template: str | None = None
+        self,
+        messages: Sequence,
+        max_length: int | None = None,
+        chat_template: str | None = None,
+        image_layouts: Sequence[list[int]] | None = None,
     ) -> dict[str, list[int]]:
         """Token ids and labels of one conversation: labels are the ids on assistant turns, -100 elsewhere.
 
@@ -473,6 +592,8 @@ class VisionLanguageProcessor(ProcessorMixin):
             messages: `[{"role", "content"}]` (content a string with `<image>` tags, or transformers' list of parts).
             max_length: refuse conversations longer than this many tokens (image tokens included).
             chat_template: Jinja text to render with instead of the processor's (e.g. `PLAIN_CHAT_TEMPLATE`).
+            image_layouts: each image's token ids, in tag order (`preprocess_images`); needed in native and tiles
+                modes, where they depend on the image. None: `num_image_tokens` placeholders per tag.
 
         Raises:
             ConversationTooLongError: longer than `max_length` (never truncated: that could cut an image span or the
@@ -484,20 +605,32 @@ class VisionLanguageProcessor(ProcessorMixin):
         # tokenised with one placeholder per tag (a special token: the text around it splits the same), then each
         # placeholder repeated num_image_tokens times
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tags = text.count(self.image_token)
+        if image_layouts is None and self.image_mode != "fixed" and tags:
+            raise ValueError(
+                f"image_mode={self.image_mode!r}: an image's tokens depend on the image, so encode_conversation needs "
+                "image_layouts (from processor.preprocess_images(images)); encode_conversations does it for you."
+            )
+        if image_layouts is not None and len(image_layouts) != tags:
+            raise ValueError(f"The conversation has {tags} {self.image_token} tags but {len(image_layouts)} layouts.")
+        layouts = iter(image_layouts or [])
         input_ids, labels = [], []
         for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
             if token == self.image_token_id:
-                input_ids += [token] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                layout = next(layouts) if image_layouts is not None else [token] * self.num_image_tokens
+                input_ids += layout
+                labels += [IGNORE_INDEX] * len(layout)
                 continue
             input_ids.append(token)
             supervised = end > start and any(s <= start and end <= e for s, e in spans)
             labels.append(token if supervised else IGNORE_INDEX)
         if max_length is not None and len(input_ids) > max_length:
+            images = f"{tags} images x {self.num_image_tokens} tokens"
+            if image_layouts is not None:
+                images = f"{tags} images, {sum(map(len, image_layouts))} image tokens"
             raise ConversationTooLongError(
-                f"The conversation is {len(input_ids)} tokens long, over max_length={max_length} "
-                f"({text.count(self.image_token)} images x {self.num_image_tokens} tokens): raise max_length or drop "
-                "the sample (truncating would cut an image span or the answer)."
+                f"The conversation is {len(input_ids)} tokens long, over max_length={max_length} ({images}): raise "
+                "max_length or drop the sample (truncating would cut an image span or the answer)."
             )
         return {"input_ids": input_ids, "labels": labels}
 
@@ -516,7 +649,6 @@ class VisionLanguageProcessor(ProcessorMixin):
             images: per sample, a list of images (or None for a text-only sample); or one flat list in tag order.
         """
         conversations = [normalize_messages(messages, self.image_token) for messages in conversations]
-        encoded = [self.encode_conversation(messages, max_length=max_length) for messages in conversations]
         flat_images = _flatten(images)
         tags = [sum(m["content"].count(self.image_token) for m in messages) for messages in conversations]
         if sum(tags) != len(flat_images):
@@ -525,9 +657,14 @@ class VisionLanguageProcessor(ProcessorMixin):
                 f"The conversations have {sum(tags)} {self.image_token} tags ({per_sample}) but {len(flat_images)} "
                 "images were given: pass one image per tag, in order."
             )
+        inputs, layouts = self.preprocess_images(flat_images, return_tensors) if flat_images else ({}, None)
+        encoded, first = [], 0
+        for messages, count in zip(conversations, tags, strict=True):
+            own = None if layouts is None else layouts[first : first + count]
+            encoded.append(self.encode_conversation(messages, max_length=max_length, image_layouts=own))
+            first += count
         batch = self.pad_encoded(encoded, return_tensors=return_tensors)
-        if flat_images:
-            batch["pixel_values"] = self.process_images([_as_rgb(image) for image in flat_images], return_tensors)
+        batch.update(inputs)
         return batch
 
     def pad_encoded(self, encoded: Sequence[dict[str, list[int]]], return_tensors: str = "pt") -> BatchFeature:
@@ -546,6 +683,29 @@ class VisionLanguageProcessor(ProcessorMixin):
         """The text to generate the next assistant turn from (expanded `<image>` tags not included)."""
         messages = normalize_messages(messages, self.image_token)
         return self.render(messages, add_generation_prompt=True, chat_template=chat_template)
+
+
+def split_image(image: Image.Image, tile_size: tuple[int, int], max_tiles: int):
+    """Image splitting: (tiles row-major + the whole image as thumbnail, rows, columns).
+
+    The long side gets `min(max_tiles, ceil(long / tile))` tiles and the short side `ceil` of what keeps the aspect
+    ratio; the image is resized to exactly that many tiles (a slight stretch within the last tile) and cut. A 1x1
+    grid gives the image alone (its thumbnail)."""
+    tile_h, tile_w = tile_size
+    width, height = image.size
+    scale = min(max_tiles, max(math.ceil(height / tile_h), math.ceil(width / tile_w)))
+    scale /= max(height / tile_h, width / tile_w)
+    rows = max(1, min(max_tiles, math.ceil(height * scale / tile_h - 1e-6)))
+    columns = max(1, min(max_tiles, math.ceil(width * scale / tile_w - 1e-6)))
+    if rows * columns == 1:
+        return [image], 1, 1
+    resized = image.resize((columns * tile_w, rows * tile_h), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((c * tile_w, r * tile_h, (c + 1) * tile_w, (r + 1) * tile_h))
+        for r in range(rows)
+        for c in range(columns)
+    ]
+    return [*tiles, image], rows, columns
 
 
 def _sentinel(index: int) -> str:
@@ -589,4 +749,5 @@ __all__ = [
     "normalize_messages",
     "pad_to_square",
     "resolve_chat_template",
+    "split_image",
 ]
