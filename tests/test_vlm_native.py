@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -197,3 +200,43 @@ def test_bad_native_inputs_are_refused():
         )
     with pytest.raises(ValueError, match=r"encode_conversation needs image_layouts"):
         processor.encode_conversation(vqa("yes", "no"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"), [("fixed", {}), ("native", {"max_num_patches": 12}), ("tiles", {"max_tiles": 2})]
+)
+def test_a_tiny_recipe_stage_trains_and_evaluates_in_each_image_mode(tmp_path, mode, options):
+    from transformers import AutoProcessor
+
+    from tests.test_train_vlm import ALIGN, TINY
+    from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
+
+    fields = json.loads(json.dumps(TINY))
+    fields["vision"].update({"image_mode": mode, **options})
+    fields["data"].update({"train_subset": 16, "eval_subset": 8})
+    results = run_vlm_recipe(VLMRecipe(**fields, stages=[dict(ALIGN, max_steps=2)]), str(tmp_path), progress_bar=False)
+    assert results["evaluation"]["num_samples"] == 8
+    (row,) = results["stages"]
+    assert row["steps"] == 2 and row["skipped_samples"] == 0 and math.isfinite(row["last_loss"])
+    processor = AutoProcessor.from_pretrained(tmp_path / "align" / "model")
+    assert processor.image_mode == mode
+    batch = processor.encode_conversations([vqa("what color is the circle?", "yes")], [[strip(64, 16, seed=9)]])
+    expected = {"fixed": {"pixel_values"}, "native": {"pixel_values", "pixel_attention_mask", "spatial_shapes"}}
+    assert expected.get(mode, {"pixel_values", "image_tiles"}) <= set(batch)
+
+
+def test_recipe_image_mode_errors():
+    from tests.test_train_vlm import ALIGN, TINY
+    from vlm_vision.training.vlm_recipe import VLMRecipe
+
+    def make(**vision):
+        fields = json.loads(json.dumps(TINY))
+        fields["vision"].update(vision)
+        return VLMRecipe(**fields, stages=[ALIGN])
+
+    with pytest.raises(ValueError, match=r"vision.image_mode='squash'; use one of \('fixed', 'native', 'tiles'\)"):
+        make(image_mode="squash")
+    with pytest.raises(ValueError, match=r"image_mode='native' needs vision.max_num_patches"):
+        make(image_mode="native")
+    with pytest.raises(ValueError, match=r"vision.max_tiles is for image_mode='tiles', but image_mode is 'native'"):
+        make(image_mode="native", max_num_patches=16, max_tiles=2)

@@ -83,7 +83,10 @@ def _answer(model, processor, samples, batch_size: int, max_new_tokens: int, pro
         key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
         if key not in cache:
             picture = load_image(image) if isinstance(image, (str, os.PathLike)) else image
-            cache[key] = processor.process_images([picture])[0]
+            if getattr(processor, "image_mode", "fixed") == "fixed":
+                cache[key] = processor.process_images([picture])[0]
+            else:  # native / tiles: the image's model inputs and its token ids
+                cache[key] = processor.preprocess_images([picture])
             if len(cache) > IMAGE_CACHE_SIZE:
                 cache.popitem(last=False)
         cache.move_to_end(key)
@@ -103,7 +106,8 @@ def _answer(model, processor, samples, batch_size: int, max_new_tokens: int, pro
                     continue
                 usable.append(True)
                 images += images_of_sample
-                prompts.append(processor.expand_image_tokens(processor.prompt(prompt)))
+                layouts = [image[1][0] for image in images_of_sample if isinstance(image, tuple)] or None
+                prompts.append(processor.expand_image_tokens(processor.prompt(prompt), layouts))
             batch_answers = iter(_generate(model, tokenizer, prompts, images, max_new_tokens) if prompts else [])
             answers += [next(batch_answers) if ok else None for ok in usable]
     finally:
@@ -114,7 +118,9 @@ def _answer(model, processor, samples, batch_size: int, max_new_tokens: int, pro
 def _generate(model, tokenizer, prompts: list[str], images: list[torch.Tensor], max_new_tokens: int) -> list[str]:
     encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in encoded.items()}
-    if images:
+    if images and isinstance(images[0], tuple):  # native / tiles: each image's inputs, concatenated
+        inputs.update({key: torch.cat([image[0][key] for image in images]).to(model.device) for key in images[0][0]})
+    elif images:
         inputs["pixel_values"] = torch.stack(images).to(model.device)
     output = model.generate(
         **inputs,

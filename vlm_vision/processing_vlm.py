@@ -410,7 +410,7 @@ class VisionLanguageProcessor(ProcessorMixin):
         """Each `<image>` tag -> `num_image_tokens` placeholder tokens; with `layouts` (from `preprocess_images`),
         the k-th tag -> the tokens of `layouts[k]` (native and tiles modes)."""
         if layouts is None:
-            if self.image_mode != "fixed":
+            if self.image_mode != "fixed" and self.image_token in text:
                 raise ValueError(
                     f"image_mode={self.image_mode!r}: each image's tokens depend on the image; pass the layouts from "
                     "processor.preprocess_images(images) (or call the processor with the images)."

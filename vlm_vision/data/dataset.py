@@ -82,7 +82,8 @@ class VLMDataset(torch.utils.data.Dataset):
         on_error: "skip" (the next usable sample instead, reported in the batch) or "raise".
 
     Items: `{"encoded": {"input_ids", "labels"} (or a list of them, one per question), "images": [(C, H, W)],
-    "image_labels": [int per image], "skipped": [SkippedSample]}`.
+    "image_labels": [int per image], "skipped": [SkippedSample]}`. In the processor's native and tiles modes each
+    image is the dict of its model inputs (`processor.preprocess_images`) and the encoding holds its own layout.
     """
 
     def __init__(
@@ -101,6 +102,12 @@ class VLMDataset(torch.utils.data.Dataset):
         on_error: str = "skip",
     ):
         _check_on_error(on_error)
+        mode = getattr(processor, "image_mode", "fixed")
+        if mode != "fixed" and (horizontal_flip or features is not None):
+            raise ValueError(
+                f"image_mode={mode!r} works on the images themselves: horizontal_flip and cached tower features are "
+                "for image_mode='fixed' only; turn them off (stage horizontal_flip / cache_features)."
+            )
         self.index = SampleList(index) if isinstance(index, list) else index
         if len(self.index) == 0:
             raise ValueError(f"{getattr(self.index, 'source', 'The data')} has no samples.")
@@ -181,14 +188,22 @@ class VLMDataset(torch.utils.data.Dataset):
                     f"separate_questions needs one image per sample; {sample.id} has {len(sample.images)}: turn it off "
                     "for multi-image or text-only data."
                 )
-            encoded = [self._encode(turn) for turn in split_questions(sample.messages)]
+            images = [self._pixel_values(image) for image in sample.images] if self._layouts_needed else None
+            layouts = [layout for _, layout in images] if images else None
+            encoded = [self._encode(turn, layouts) for turn in split_questions(sample.messages)]
             if not encoded:
                 raise SampleProblem(MALFORMED, "no question/answer turn")
         else:
-            encoded = self._encode(sample.messages)
+            images = [self._pixel_values(image) for image in sample.images] if self._layouts_needed else None
+            encoded = self._encode(sample.messages, [layout for _, layout in images] if images else None)
+        if self._layouts_needed:
+            return {
+                "encoded": encoded,
+                "images": [inputs for inputs, _ in images],
+                "image_labels": self._image_labels(sample),
+            }
         flip = self.horizontal_flip and _flip_bit(self.seed, self.epoch, index)
-        label = self.image_label(sample) if self.image_label is not None else -100
-        labels = [label] * len(sample.images)
+        labels = self._image_labels(sample)
         if self.features is not None:
             features = [self._features(image, flip) for image in sample.images]
             return {"encoded": encoded, "images": features, "features": True, "image_labels": labels}
@@ -196,6 +211,15 @@ class VLMDataset(torch.utils.data.Dataset):
         if flip:
             images = [image.flip(-1) for image in images]
         return {"encoded": encoded, "images": images, "image_labels": labels}
+
+    @property
+    def _layouts_needed(self) -> bool:
+        """Native and tiles modes: an image's tokens depend on it, so the images are processed before the text."""
+        return getattr(self.processor, "image_mode", "fixed") != "fixed"
+
+    def _image_labels(self, sample: VLMSample) -> list[int]:
+        label = self.image_label(sample) if self.image_label is not None else -100
+        return [label] * len(sample.images)
 
     def _features(self, image, flipped: bool) -> torch.Tensor:
         path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
@@ -210,13 +234,13 @@ class VLMDataset(torch.utils.data.Dataset):
             raise SampleProblem(problem, f"image {path}: {reason}", path)
         return self.features.features(path, flipped)
 
-    def _encode(self, messages: list[dict]) -> dict[str, list[int]]:
-        key = json.dumps(messages) if self._encodings is not None else None
+    def _encode(self, messages: list[dict], layouts: list[list[int]] | None = None) -> dict[str, list[int]]:
+        key = json.dumps([messages, layouts] if layouts else messages) if self._encodings is not None else None
         if key is not None and key in self._encodings:
             return self._encodings[key]
         try:
             encoded = self.processor.encode_conversation(
-                messages, max_length=self.max_length, chat_template=self.chat_template
+                messages, max_length=self.max_length, chat_template=self.chat_template, image_layouts=layouts
             )
         except ConversationTooLongError as error:
             raise SampleProblem(TOO_LONG, str(error)) from None
@@ -236,7 +260,11 @@ class VLMDataset(torch.utils.data.Dataset):
                 raise SampleProblem(reason, f"image {error.path}: {error.reason}", error.path) from None
         else:
             picture = image
-        pixels = self.processor.process_images([picture])[0]
+        if self._layouts_needed:  # (the image's model inputs, its token ids)
+            inputs, layouts = self.processor.preprocess_images([picture])
+            pixels = (inputs, layouts[0])
+        else:
+            pixels = self.processor.process_images([picture])[0]
         if key is not None and self._pixels is not None:
             self._pixels[key] = pixels
         return pixels
@@ -275,7 +303,10 @@ class VLMCollator:
                     raise ValueError("A batch with separated questions needs exactly one image per item.")
                 batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
         images = [image for item in items for image in item["images"]]
-        if images:  # pixels, or the frozen tower's features from a feature store
+        if images and isinstance(images[0], dict):  # native / tiles: each image's model inputs, concatenated
+            batch.update({key: torch.cat([image[key] for image in images]) for key in images[0]})
+            batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
+        elif images:  # pixels, or the frozen tower's features from a feature store
             batch["vision_features" if items[0].get("features") else "pixel_values"] = torch.stack(images)
             batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         batch["skipped"] = [skipped for item in items for skipped in item.get("skipped", ())]

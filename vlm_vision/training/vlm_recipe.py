@@ -39,9 +39,17 @@ from ..data.index import SampleList, SubsetIndex, open_llava_index
 from ..export import save_folder_atomically, write_vlm_card
 from ..feature_cache import FeatureStore
 from ..generation import METRICS, evaluate_samples
+from ..image_processing_vlm_vit import VisionTransformerImageProcessor
 from ..modeling_vlm import VisionLanguageForConditionalGeneration, check_packing_attention
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from ..processing_vlm import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, VisionLanguageProcessor, resolve_chat_template
+from ..processing_vlm import (
+    IMAGE_ASPECT_RATIOS,
+    IMAGE_MODES,
+    IMAGE_TOKEN,
+    TILE_SEPARATOR_TOKENS,
+    VisionLanguageProcessor,
+    resolve_chat_template,
+)
 from ..smollm import as_plain_model
 from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
 from ..towers import load_vision_tower, resolve_dtype
@@ -63,7 +71,7 @@ VISION_KEYS = (
     "gradient_checkpointing",
     "compile",
 )
-VISION_PROCESSING_KEYS = ("image_aspect_ratio",)
+VISION_PROCESSING_KEYS = ("image_aspect_ratio", "image_mode", "max_num_patches", "max_tiles")
 # keys of `language_model` that say how to load or run it (the others, for a fresh tiny Llama, are LlamaConfig's)
 LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "compile", "chat_template")
 EASY_VQA_KEYS = ("questions_per_sample", "shown_fraction", "rewrite_shown_fraction", "negated_questions")
@@ -100,7 +108,8 @@ class VLMRecipe:
         description: what the recipe is for, its expected result and runtime (not read by the code).
         vision: `{"path": folder}` of a tower saved by transformers (CLIP, SigLIP, DINOv2, ViT) or by us, with
             `image_processor`, `convert`, `dtype`, `attn_implementation`; or the `VisionTransformerConfig` fields of
-            a fresh tower. Either way `gradient_checkpointing` and `image_aspect_ratio` ("squash" or "pad").
+            a fresh tower. Either way `gradient_checkpointing`, `image_aspect_ratio` ("squash" or "pad") and
+            `image_mode`: "fixed" (default), "native" (with `max_num_patches`) or "tiles" (with `max_tiles`).
         language_model: `{"path": folder}` of any causal LM with its tokenizer (`gguf_file`, `dtype`,
             `attn_implementation`), or the `LlamaConfig` fields of a fresh tiny LM (its tokenizer trained on the
             data); `gradient_checkpointing`; `chat_template` (the LM's own by default).
@@ -151,6 +160,23 @@ class VLMRecipe:
             raise ValueError(
                 f"vision.image_aspect_ratio={self.vision['image_aspect_ratio']!r}; use {IMAGE_ASPECT_RATIOS}."
             )
+        mode = self.vision.get("image_mode", "fixed")
+        if mode not in IMAGE_MODES:
+            raise ValueError(f"vision.image_mode={mode!r}; use one of {IMAGE_MODES}.")
+        needs = {"native": "max_num_patches", "tiles": "max_tiles"}
+        for other, key in needs.items():
+            if mode == other and not isinstance(self.vision.get(key), int):
+                raise ValueError(
+                    f"vision.image_mode={mode!r} needs vision.{key} (an int: "
+                    + (
+                        "the patch budget per image, e.g. 576"
+                        if key == "max_num_patches"
+                        else "tiles along the long side, e.g. 3"
+                    )
+                    + ")."
+                )
+            if mode != other and key in self.vision:
+                raise ValueError(f"vision.{key} is for image_mode={other!r}, but image_mode is {mode!r}: remove it.")
         if self.eval_metric is not None and self.eval_metric not in METRICS:
             raise ValueError(f"eval_metric={self.eval_metric!r}; use one of {METRICS} (or null for exact match).")
         if not isinstance(self.max_length, int) or self.max_length <= 0:
@@ -691,8 +717,17 @@ def _trained_tokenizer(recipe: VLMRecipe, folder: Path, chat_template: str):
 def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
     """The VLM (tower + fresh adapter + LM) and its processor (the tower's image processor, the LM's tokenizer)."""
     tower, image_processor = build_tower(recipe, classifier)
+    mode = recipe.vision.get("image_mode", "fixed")
+    if mode == "native":
+        image_processor = native_image_processor(tower, image_processor, recipe.vision["max_num_patches"])
     tokenizer, chat_template = build_tokenizer(recipe, tokenizer_folder)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    separators = {}
+    if mode == "tiles":
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(TILE_SEPARATOR_TOKENS)}, replace_extra_special_tokens=False
+        )
+        separators["tile_separator_token_ids"] = tokenizer.convert_tokens_to_ids(list(TILE_SEPARATOR_TOKENS))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     language_model = build_language_model(recipe, tokenizer)
@@ -705,6 +740,7 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
         adapter_config=recipe.adapter,
         vision_feature_layer=recipe.vision_feature_layer,
         keep_prefix_tokens=recipe.keep_prefix_tokens,
+        **separators,
     )
     for side, part in (("vision", model.vision_tower), ("language_model", model.language_model)):
         if getattr(recipe, side).get("gradient_checkpointing"):
@@ -717,6 +753,8 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
         tokenizer,
         chat_template=chat_template,
         image_aspect_ratio=recipe.vision.get("image_aspect_ratio", "squash"),
+        image_mode=mode,
+        max_tiles=recipe.vision.get("max_tiles"),
     )
     if processor.num_image_tokens >= recipe.max_length:
         raise ValueError(
@@ -726,6 +764,29 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
             "2048) or use an adapter that reduces tokens (pixel_shuffle, resampler)."
         )
     return model, processor
+
+
+def native_image_processor(tower, image_processor, max_num_patches: int) -> VisionTransformerImageProcessor:
+    """The tower's image processor (its mean, std, resampling) in native-resolution mode: aspect ratio kept, at most
+    `max_num_patches` patches of the tower's patch size."""
+    if not isinstance(tower, VisionTransformerModel):
+        raise ValueError(
+            f"vision.image_mode='native' needs a tower that takes masked patch sequences; {type(tower).__name__} "
+            "doesn't: load it with vision.convert=true (converted into VisionTransformerModel), or use 'fixed' / "
+            "'tiles'."
+        )
+    patch_h, patch_w = tower.config.patch_size_hw
+    if patch_h != patch_w:
+        raise ValueError(f"vision.image_mode='native' needs square patches, got {patch_h}x{patch_w}.")
+    return VisionTransformerImageProcessor(
+        patch_size=patch_h,
+        max_num_patches=max_num_patches,
+        image_mean=list(image_processor.image_mean),
+        image_std=list(image_processor.image_std),
+        resample=image_processor.resample,
+        do_convert_rgb=getattr(image_processor, "do_convert_rgb", None),
+        do_center_crop=False,
+    )
 
 
 def compile_layers(part: nn.Module) -> int:
