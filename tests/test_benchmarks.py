@@ -43,3 +43,32 @@ def test_the_vlm_benchmark_packed_mode_computes_fewer_positions_than_padding(cap
     real = int(re.search(r"2 batches of 6 samples, ([\d,]+) tokens", out).group(1).replace(",", ""))
     assert real <= rows[("packed", "ours")] < rows[("padded", "ours")] == rows[("padded", "llava")]
     assert re.search(r"ours packed / ours padded: \d+\.\d\dx tokens/s", out)
+
+
+def test_the_resolution_benchmark_prints_tokens_per_image_for_each_mode(capsys):
+    size = [
+        "--vision-hidden",
+        "32",
+        "--vision-mlp",
+        "64",
+        "--text-hidden",
+        "32",
+        "--text-mlp",
+        "64",
+        "--text-layers",
+        "1",
+    ]
+    args = ["benchmark", "resolution", *TINY_TOWER, *size, "--batch-size", "4", "--num-batches", "1", "--steps", "1"]
+    results = cli.main(args)
+    out = capsys.readouterr().out
+    assert (
+        "| mode          | image tokens mean | min | max | LM positions/batch | tower patches/batch | step s |" in out
+    )
+    for mode in ("squash", "native-padded", "native-packed", "tiles"):
+        assert re.search(rf"\| {mode} +\| +\d+\.\d \| +\d+ \| +\d+ \|", out)
+    squash, native, tiles = results["squash"], results["native-padded"], results["tiles"]
+    assert squash["tokens_min"] == squash["tokens_max"] == 4  # a 4x4 grid, pixel shuffle r=2
+    assert native["tokens_min"] < native["tokens_max"]  # each aspect ratio its own count
+    assert native["tower_positions"] == squash["tower_positions"]  # the same patch budget per image
+    assert tiles["tokens_min"] > squash["tokens_max"]  # 1:4..4:1 never fits one tile at twice the square
+    assert results["native-packed"]["tokens_mean"] == native["tokens_mean"]

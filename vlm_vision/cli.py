@@ -31,7 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": (
         "vlm_vision.cli",
         "benchmarks: encoder (ours vs transformers' ViT, timm), vlm (ours vs Llava, packed vs padded), data-memory, "
-        "seeds",
+        "seeds, resolution (squash vs native vs tiles)",
     ),
 }
 BENCHMARKS: dict[str, str] = {
@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, str] = {
     "vlm": "vlm_vision.commands.benchmark_vlm",
     "data-memory": "vlm_vision.commands.benchmark_data_memory",  # needs a checkout (tests/real_path.py)
     "seeds": "vlm_vision.commands.benchmark_seeds",
+    "resolution": "vlm_vision.commands.benchmark_resolution",
 }
 
 
