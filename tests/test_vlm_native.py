@@ -92,6 +92,18 @@ def test_two_aspect_ratios_in_one_batch_get_their_own_token_counts_and_the_loss_
     assert not torch.allclose(alone_loss[0], alone_loss[1])  # the samples differ: the check above can fail
 
 
+def test_native_image_features_reach_the_logits_at_their_placeholders():
+    model, processor = build("native")
+    a, b = (processor.encode_conversations([vqa("yes", "no")], [[strip(64, 16, seed=s)]]) for s in (1, 2))
+    assert torch.equal(a["input_ids"], b["input_ids"])  # same grid, same text: only the pixels differ
+    with torch.no_grad():
+        logits_a, logits_b = model(**a).logits, model(**b).logits
+    placeholders = (a["input_ids"] == model.config.image_token_id).nonzero()[:, 1]
+    first = int(placeholders.min())
+    torch.testing.assert_close(logits_a[:, :first], logits_b[:, :first])  # causal: nothing before the image changes
+    assert (logits_a[:, first:] - logits_b[:, first:]).abs().max() > 1e-3
+
+
 def test_native_training_step_reaches_the_adapter_and_lm():
     model, processor = build("native")
     model.train()
