@@ -140,6 +140,17 @@ def test_split_image_follows_the_longest_edge_rule():
     assert (rows, columns, len(tiles)) == (1, 1, 1)  # fits one tile: the thumbnail alone
 
 
+def test_the_tile_size_is_what_the_image_processor_outputs():
+    from transformers import CLIPImageProcessorPil
+
+    from vlm_vision.processing_vlm import output_size
+
+    assert output_size(image_processor_for(tiny_config())) == (32, 32)
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36})
+    assert output_size(clip) == (36, 36)  # the centre crop, not the resize
+    assert output_size(CLIPImageProcessorPil(size={"shortest_edge": 40}, do_center_crop=False)) == (40, 40)
+
+
 def test_tiles_layout_is_expanded_by_the_processor_and_checked_by_the_model():
     model, processor = build("tiles", max_tiles=3)
     col, row = processor.tile_separator_token_ids

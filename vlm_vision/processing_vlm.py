@@ -394,10 +394,10 @@ class VisionLanguageProcessor(ProcessorMixin):
                 for h, w in inputs["spatial_shapes"].tolist()
             ]
             return inputs, layouts
-        size = self.image_processor.size
+        tile_size = output_size(self.image_processor)
         tiles, grids = [], []
         for image in images:
-            pieces, rows, columns = split_image(image, (size["height"], size["width"]), self.max_tiles)
+            pieces, rows, columns = split_image(image, tile_size, self.max_tiles)
             tiles += pieces
             grids.append((rows, columns))
         inputs = {"pixel_values": self.process_images(tiles, return_tensors), "image_tiles": torch.tensor(grids)}
@@ -683,6 +683,22 @@ class VisionLanguageProcessor(ProcessorMixin):
         """The text to generate the next assistant turn from (expanded `<image>` tags not included)."""
         messages = normalize_messages(messages, self.image_token)
         return self.render(messages, add_generation_prompt=True, chat_template=chat_template)
+
+
+def output_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the images an image processor outputs: its crop when it centre-crops (CLIP), else its
+    size (ViT's height/width; a square for a shortest edge alone)."""
+    crop = getattr(image_processor, "crop_size", None)
+    size = crop if getattr(image_processor, "do_center_crop", False) and crop else image_processor.size
+    size = dict(size or {})
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    raise ValueError(
+        f"Can't tell the output size of {type(image_processor).__name__} (size={size}) for image splitting: give it "
+        "size={'height': H, 'width': W} (the tower's image size)."
+    )
 
 
 def split_image(image: Image.Image, tile_size: tuple[int, int], max_tiles: int):
