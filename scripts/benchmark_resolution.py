@@ -40,8 +40,9 @@ from vlm_vision.processing_vlm import split_image
 MODES = ("squash", "native-padded", "native-packed", "tiles")
 
 
-def build_model(args) -> VisionLanguageForConditionalGeneration:
-    """A tiny VLM; the last three ids of the vocabulary are `<image>`, the column and the row separator."""
+def build_model(args, adapter: dict | None = None) -> VisionLanguageForConditionalGeneration:
+    """A tiny VLM (pixel shuffle r=2 unless `adapter` says otherwise); the last three ids of the vocabulary are
+    `<image>`, the column and the row separator."""
     vocab = args.vocab_size
     config = VisionLanguageConfig(
         vision_config=VisionTransformerConfig(
@@ -62,7 +63,7 @@ def build_model(args) -> VisionLanguageForConditionalGeneration:
             max_position_embeddings=4096,
             tie_word_embeddings=False,
         ).to_dict(),
-        adapter_config={"adapter_type": "pixel_shuffle", "scale_factor": 2},
+        adapter_config=adapter or {"adapter_type": "pixel_shuffle", "scale_factor": 2},
         vision_feature_layer=-1,
         image_token_id=vocab - 1,
         tile_separator_token_ids=[vocab - 3, vocab - 2],

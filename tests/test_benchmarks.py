@@ -72,3 +72,26 @@ def test_the_resolution_benchmark_prints_tokens_per_image_for_each_mode(capsys):
     assert native["tower_positions"] == squash["tower_positions"]  # the same patch budget per image
     assert tiles["tokens_min"] > squash["tokens_max"]  # 1:4..4:1 never fits one tile at twice the square
     assert results["native-packed"]["tokens_mean"] == native["tokens_mean"]
+
+
+def test_the_aspect_stripes_experiment_runs_at_one_token_budget(capsys):
+    import argparse
+
+    import numpy as np
+
+    from vlm_vision.commands import experiment_aspect_stripes as experiment
+
+    images, answers = experiment.stripes(16, seed=0)
+    assert set(answers) == {0, 1} and all(image.size == (128, 32) for image in images)
+    means = {answer: np.asarray(image).mean() for image, answer in zip(images, answers, strict=True)}
+    assert abs(means[0] - means[1]) < 1e-6  # no brightness cue: only the stripes' period tells
+    args = argparse.Namespace(**experiment.TOWER, **experiment.LM, max_tiles=1, seed=0)
+    model = experiment.build_model(args, {"adapter_type": "mlp"})
+    batches = {mode: experiment.batch_for(model, mode, images[:2], answers[:2], args) for mode in experiment.MODES}
+    assert batches["squash"]["input_ids"].shape == batches["native"]["input_ids"].shape == (2, 16 + 2)
+    assert batches["native"]["spatial_shapes"].tolist() == [[2, 8], [2, 8]]  # 1:4 kept, 16 patches
+    results = experiment.main(["--steps", "2", "--batch-size", "4", "--eval-size", "8"])
+    assert set(results) == {"squash", "native"} and all(0 <= value <= 1 for value in results.values())
+    assert re.search(
+        r"exact match squash \d\.\d{3}, native \d\.\d{3} \(chance 0\.5, 8 held-out strips\)", capsys.readouterr().out
+    )
