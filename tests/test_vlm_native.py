@@ -263,3 +263,19 @@ def test_recipe_image_mode_errors():
         make(image_mode="native")
     with pytest.raises(ValueError, match=r"vision.max_tiles is for image_mode='tiles', but image_mode is 'native'"):
         make(image_mode="native", max_num_patches=16, max_tiles=2)
+
+
+def test_native_spans_can_share_an_image_through_image_index():
+    model, processor = build("native")
+    images = [strip(20, 90, seed=10), strip(96, 32, seed=11)]
+    one = processor.encode_conversations([vqa("yes", "no")], [[images[1]]])
+    both = processor.encode_conversations([vqa("no", "yes")], [[images[0]]])
+    pixels = {k: torch.cat([both[k], one[k]]) for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    rows = {k: one[k].repeat(2, 1) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        shared = model(**rows, **pixels, image_index=torch.tensor([1, 1])).logits
+        alone = model(**{k: one[k] for k in ("input_ids", "attention_mask", *pixels)}).logits
+    torch.testing.assert_close(shared[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], alone[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"a run of \d+ <image> placeholder tokens"):
+        model(**rows, **pixels, image_index=torch.tensor([0, 1]))  # image 0 has another grid: another count
