@@ -174,6 +174,14 @@ def test_what_cannot_work_under_zero3_is_refused_before_training_with_the_fix(mo
     assert zero3_problems(single, evaluate=False) == []
     check_zero3(single, evaluate=False)
 
+    # a classifier recipe evaluates and hands on every stage's model: refused as a whole, before any data is read
+    from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
+
+    classifier = ClassifierRecipe.from_json(ROOT / "configs" / "classifier" / "easy_vqa.json")
+    with pytest.raises(ValueError, match=r"under DeepSpeed ZeRO-3 they are partitioned .* Run it under DDP"):
+        run_recipe(classifier, str(tmp_path / "classifier"))
+    assert not (tmp_path / "classifier").exists()
+
     # the stage may come from a DeepSpeed JSON file instead of the accelerate config
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
