@@ -330,8 +330,11 @@ class Adapter(nn.Module):
             output = output * self.config.output_scale
         return output
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Writes ``projector_config.json`` and ``projector.safetensors`` into ``directory`` (created if needed).
+
+        ``state_dict`` (default: the module's own) is what to write, e.g. weights gathered by
+        ``accelerator.get_state_dict`` when the module's own are partitioned (DeepSpeed ZeRO-3).
 
         The pair is written as one: into a staging folder next to ``directory``, together with (hard links to) the
         other files ``directory`` already holds, which then replaces ``directory`` in one rename. A save that fails
@@ -346,7 +349,14 @@ class Adapter(nn.Module):
             raise FileExistsError(f"{directory} is a file: save_pretrained takes a folder to write the adapter into")
         config_json = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
         # safetensors refuses non-contiguous tensors.
-        state_dict = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
+        own = self.state_dict()
+        if state_dict is not None and set(state_dict) != set(own):
+            raise ValueError(
+                f"state_dict has the keys {sorted(state_dict)[:4]}..., not this adapter's {sorted(own)[:4]}...: pass "
+                "the adapter's own entries (a VLM state dict's 'adapter.' entries, the prefix removed)."
+            )
+        state_dict = own if state_dict is None else state_dict
+        state_dict = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:

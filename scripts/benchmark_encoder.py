@@ -5,9 +5,13 @@ interleaved step by step (the order alternates) so that load from other processe
 
     forward           samples/s of inference (`torch.inference_mode`, eval mode), median over the timed steps
     forward+backward  samples/s of a forward and a backward pass (train mode; loss = mean of the last hidden state)
+    MFU               model FLOPs utilisation: the model's FLOPs per second (counted analytically, see
+                      :func:`flops_per_image`; forward+backward = 3x forward) over the throughput of one large
+                      `torch.matmul` in the same dtype, measured in the same run (the machine's practical peak)
     peak memory       CUDA: `torch.cuda.max_memory_allocated` above what was allocated before the step; CPU: the
                       growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs, freed memory
-                      returned with malloc_trim first) over one step: allocator caches make it approximate
+                      returned with malloc_trim first) over one step: allocator caches make it approximate. The
+                      training step's is measured with and without gradient checkpointing
 
 Ratios are ours / the other model's (above 1.00x: ours is faster; for memory, below 1.00x: ours takes less). Ours
 gets transformers' weights (the names coincide), and the largest difference of their last hidden states is printed,
@@ -15,6 +19,7 @@ so the two are the same function. timm is not a dependency; it is measured only 
 
     python scripts/benchmark_encoder.py                                     # ViT-S/16 at 224, batch 8, CPU
     python scripts/benchmark_encoder.py --preset vit-b16 --device cuda --dtype bfloat16 --batch-size 256
+    python scripts/benchmark_encoder.py --profile     # and where the time goes: one forward, op by op, ours vs theirs
 
 A benchmark script, not a test: the figures depend on the machine.
 """
@@ -69,12 +74,75 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     dtype = getattr(torch, args.dtype)
     for model in models.values():
         model.to(args.device, dtype)
-        if args.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers' models, ours included
-                model.activation_checkpointing_enable()
-            else:  # timm
-                model.set_grad_checkpointing(True)
+        set_checkpointing(model, args.gradient_checkpointing)
     return models
+
+
+def flops_per_image(config, tokens: int) -> int:
+    """Multiply-add FLOPs (2 per multiply-accumulate) of one image's forward through a ViT of `config`'s size with
+    `tokens` tokens per image (patches plus prefix tokens): the patch embedding, and per layer the q/k/v and output
+    projections, the attention scores (QK^T) and their weighted sum of values (AV), and the MLP. Norms, softmax,
+    activations and biases (elementwise, well under 1%) are left out, as in the usual MFU accounting (PaLM, App. B).
+    """
+    hidden, mlp, patch = config.hidden_size, config.intermediate_size, config.patch_size
+    patches = (config.image_size // patch) ** 2
+    embedding = 2 * patches * (config.num_channels * patch * patch) * hidden
+    projections = 2 * tokens * hidden * 4 * hidden  # q, k, v, o
+    attention = 2 * 2 * tokens * tokens * hidden  # QK^T and AV over all heads
+    feed_forward = 2 * 2 * tokens * hidden * mlp  # fc1 and fc2
+    return embedding + config.num_hidden_layers * (projections + attention + feed_forward)
+
+
+def matmul_flops_per_second(size: int, dtype: torch.dtype, device: str, repeats: int = 5) -> float:
+    """The throughput of a `size` x `size` `torch.matmul` in `dtype` on `device` (median of `repeats`)."""
+    generator = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    torch.matmul(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' models, ours included
+        model.activation_checkpointing_enable() if enabled else model.activation_checkpointing_disable()
+    else:  # timm
+        model.set_grad_checkpointing(enabled)
+
+
+def profile_forward(models: dict, pixel_values: torch.Tensor, device: str, rows: int) -> dict[str, dict]:
+    """One forward of ours and of transformers' ViTModel under `torch.profiler`, printed side by side: the ops with
+    the most self time (CPU, or CUDA on a GPU), milliseconds and calls. Returns name -> {op: self ms}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables = {}
+    for name in ("ours", "transformers"):
+        run(models[name], pixel_values, backward=False)  # warm
+        with profile(activities=activities) as profiler:
+            run(models[name], pixel_values, backward=False)
+            synchronize(device)
+        tables[name] = {event.key: (getattr(event, attribute) / 1000, event.count) for event in profiler.key_averages()}
+    totals = {name: sum(ms for ms, _ in table.values()) for name, table in tables.items()}
+    ops = sorted(set(tables["ours"]) | set(tables["transformers"]),
+                 key=lambda op: -max(tables[n].get(op, (0, 0))[0] for n in tables))[:rows]  # fmt: skip
+    kind = "CUDA" if cuda else "CPU"
+    print(f"\none forward, op by op (self {kind} time; `torch.profiler` key_averages, top {rows}):")
+    print("| op | ours ms | calls | transformers ms | calls | ours - transformers ms |")
+    print("|---|---|---|---|---|---|")
+    for op in ops:
+        (a, na), (b, nb) = tables["ours"].get(op, (0.0, 0)), tables["transformers"].get(op, (0.0, 0))
+        print(f"| {op} | {a:.3f} | {na} | {b:.3f} | {nb} | {a - b:+.3f} |")
+    print(f"| total (every op) | {totals['ours']:.3f} | | {totals['transformers']:.3f} | | "
+          f"{totals['ours'] - totals['transformers']:+.3f} |")  # fmt: skip
+    return {name: {op: ms for op, (ms, _) in table.items()} for name, table in tables.items()}
 
 
 def last_hidden_state(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -153,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="for every model's forward+backward")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="time every model's fwd+bwd with it")
+    parser.add_argument("--matmul-size", type=int, default=None, help="the peak's matmul (default 2048; 8192 on GPU)")
+    parser.add_argument("--profile", action="store_true", help="print one forward op by op, ours vs transformers")
+    parser.add_argument("--profile-rows", type=int, default=15, help="ops in the --profile table")
     args = parser.parse_args(argv)
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         parser.error("--batch-size and --steps must be positive and --warmup not negative.")
@@ -166,7 +237,15 @@ def main(argv: list[str] | None = None) -> dict:
         ours, reference = (last_hidden_state(models[n].eval(), pixel_values) for n in ("ours", "transformers"))
         difference = (ours.float() - reference.float()).abs().max().item()
 
-    results = {name: {"parameters": sum(p.numel() for p in m.parameters())} for name, m in models.items()}
+    dtype = getattr(torch, args.dtype)
+    matmul_size = args.matmul_size or (8192 if args.device.startswith("cuda") else 2048)
+    peak = matmul_flops_per_second(matmul_size, dtype, args.device)
+    tokens = ours.shape[1]  # patches + prefix tokens (the same for every model here)
+    flops = flops_per_image(models["ours"].config, tokens)
+    results = {
+        name: {"parameters": sum(p.numel() for p in m.parameters()), "flops per image": flops, "peak FLOP/s": peak}
+        for name, m in models.items()
+    }
     for label, backward in (("forward", False), ("forward+backward", True)):
         times = {name: [] for name in models}
         for index in range(args.warmup + args.steps):
@@ -177,7 +256,18 @@ def main(argv: list[str] | None = None) -> dict:
                     times[name].append(seconds)
         for name, model in models.items():
             results[name][label] = args.batch_size / statistics.median(times[name])
+            results[name][f"{label} MFU"] = results[name][label] * flops * (3 if backward else 1) / peak
             results[name][f"{label} MB"] = peak_memory_mb(model, pixel_values, backward, args.device)
+    for name, model in models.items():  # the training step's memory the other way round
+        set_checkpointing(model, not args.gradient_checkpointing)
+        other = peak_memory_mb(model, pixel_values, True, args.device)
+        set_checkpointing(model, args.gradient_checkpointing)
+        results[name]["fwd+bwd MB checkpointed"] = (
+            results[name]["forward+backward MB"] if args.gradient_checkpointing else other
+        )
+        results[name]["fwd+bwd MB not checkpointed"] = (
+            other if args.gradient_checkpointing else results[name]["forward+backward MB"]
+        )
 
     print(
         f"device {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads); {args.preset}-sized "
@@ -185,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; ours vs transformers: max |difference| "
         f"of the last hidden state {difference:.1e}; timm: {'measured' if 'timm' in models else 'not importable'}"
+    )
+    print(
+        f"peak: a {matmul_size}x{matmul_size} {args.dtype} matmul runs at {peak / 1e9:.1f} GFLOP/s; the model: "
+        f"{flops / 1e9:.3f} GFLOP per image forward ({tokens} tokens), 3x that forward+backward"
     )
     memory = "peak MB" if args.device.startswith("cuda") else "peak RSS MB"
     print(
@@ -196,6 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {name:<12} | {row['parameters']:>10,} | {row['forward']:17.1f} | {row['forward+backward']:17.1f} | "
             f"{row['forward MB']:>{len(memory) + 8}.1f} | {row['forward+backward MB']:>{len(memory) + 8}.1f} |"
         )
+    print(f"\n| model        | forward MFU | fwd+bwd MFU | fwd+bwd {memory} checkpointed | not checkpointed |")
+    print(f"|{'-' * 14}|{'-' * 13}|{'-' * 13}|{'-' * (len(memory) + 23)}|{'-' * 18}|")
+    for name, row in results.items():
+        print(
+            f"| {name:<12} | {row['forward MFU']:11.1%} | {row['forward+backward MFU']:11.1%} | "
+            f"{row['fwd+bwd MB checkpointed']:>{len(memory) + 21}.1f} | {row['fwd+bwd MB not checkpointed']:16.1f} |"
+        )
     for other in (name for name in results if name != "ours"):
         ratios = {
             key: results["ours"][key] / results[other][key] if results[other][key] > 0 else float("nan")
@@ -206,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"(speed); memory {ratios['forward MB']:.2f}x forward, {ratios['forward+backward MB']:.2f}x "
             "forward+backward"
         )
+    if args.profile:
+        profile_forward(models, pixel_values, args.device, args.profile_rows)
     return results
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+import torch
+
 from vlm_vision import cli
 
 TINY_TOWER = ["--image-size", "32", "--patch-size", "8"]
@@ -13,7 +16,7 @@ TINY_TOWER = ["--image-size", "32", "--patch-size", "8"]
 def test_the_encoder_benchmark_compares_the_same_model_and_prints_its_table(capsys):
     size = ["--hidden", "32", "--layers", "2", "--heads", "2", "--mlp", "64"]
     args = ["benchmark", "encoder", "--preset", "vit-ti16", *TINY_TOWER, *size, "--batch-size", "2", "--steps", "2"]
-    results = cli.main([*args, "--gradient-checkpointing"])
+    results = cli.main([*args, "--gradient-checkpointing", "--matmul-size", "128", "--profile", "--profile-rows", "6"])
     out = capsys.readouterr().out
     assert "| model        | parameters | forward samples/s | fwd+bwd samples/s | forward peak RSS MB |" in out
     difference = float(re.search(r"max \|difference\| of the last hidden state (\S+);", out).group(1))
@@ -25,6 +28,43 @@ def test_the_encoder_benchmark_compares_the_same_model_and_prints_its_table(caps
         assert row["forward+backward MB"] >= 0 and row["forward MB"] >= 0
     assert re.search(r"ours / transformers: forward \d+\.\d\dx, forward\+backward \d+\.\d\dx", out)
     assert ("timm: measured" in out) == ("timm" in results)
+
+    # MFU: the analytic FLOPs over the matmul peak measured in the run; memory with and without checkpointing
+    assert "| model        | forward MFU | fwd+bwd MFU | fwd+bwd peak RSS MB checkpointed | not checkpointed |" in out
+    assert re.search(r"a 128x128 float32 matmul runs at \d+\.\d GFLOP/s", out)
+    assert "0.001 GFLOP per image forward (17 tokens)" in out  # 16 patches and the class token
+    for name, row in results.items():
+        peak = row["peak FLOP/s"]
+        assert row["flops per image"] == 827_648  # see test_the_flop_count_is_what_torch_counts_for_one_forward
+        assert row["forward MFU"] == pytest.approx(row["forward"] * 827_648 / peak)
+        assert row["forward+backward MFU"] == pytest.approx(row["forward+backward"] * 3 * 827_648 / peak)
+        assert re.search(rf"\| {name} +\| +\d+\.\d% \| +\d+\.\d% \| +\d+\.\d \| +\d+\.\d \|", out)
+        assert row["fwd+bwd MB checkpointed"] == row["forward+backward MB"]  # the run timed it checkpointed
+        assert row["fwd+bwd MB not checkpointed"] >= 0
+
+    # --profile: one forward of each, op by op; both run the same matmuls (12 addmm: 4 projections + 2 MLP, 2 layers)
+    assert "one forward, op by op (self CPU time" in out
+    assert re.search(r"\| aten::addmm \| \d+\.\d{3} \| 12 \| \d+\.\d{3} \| 12 \|", out)
+    assert "| total (every op) |" in out
+
+
+def test_the_flop_count_is_what_torch_counts_for_one_forward():
+    """The analytic count of the MFU equals torch's FlopCounterMode over an eager forward (which sees every matmul:
+    the patch convolution, the projections and MLP, and the two attention products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.benchmark_encoder import flops_per_image
+    from vlm_vision import VisionTransformerConfig, VisionTransformerModel
+
+    for size in (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                 dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80)):  # fmt: skip
+        config = VisionTransformerConfig.from_preset(
+            "vit-ti16", image_size=32, patch_size=8, attn_implementation="eager", **size
+        )
+        model = VisionTransformerModel(config).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            tokens = model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state.shape[1]
+        assert flops_per_image(config, tokens) == counter.get_total_flops()
 
 
 def test_the_vlm_benchmark_packed_mode_computes_fewer_positions_than_padding(capsys):

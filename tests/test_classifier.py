@@ -114,6 +114,9 @@ def test_recipe_validation_names_the_problem(tmp_path):
     default = ClassifierRecipe.from_json(ROOT / "configs" / "classifier" / "easy_vqa.json")
     assert [s.head for s in default.stages] == ["mlp", "linear"]
     assert default.stages[1].image_size == 2 * default.stages[0].image_size  # Sec. 3.2: fine-tune at 2x
+    # the VLM default's hybrid tower (Sec. 3.1): a pure ViT of this size left the shape plateau on some draws only
+    vlm_default = json.loads((ROOT / "configs" / "vlm" / "easy_vqa.json").read_text())
+    assert default.model["backbone_config"] == vlm_default["vision"]["backbone_config"]
 
 
 def test_two_processes_match_one_and_resume_skips_finished_stages(tmp_path):

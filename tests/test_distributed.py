@@ -3,6 +3,7 @@ sharding), exact sharded resume, DDP resumed on another number of processes, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import runpy
@@ -126,9 +127,63 @@ def test_an_fsdp_wrap_class_the_model_does_not_have(world, tmp_path, monkeypatch
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer,BertLayer")
     settings = FSDPSettings.from_env()
     assert settings.wrap_classes == ("LlamaDecoderLayer", "BertLayer")
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"names \['BertLayer', 'LlamaDecoderLayer'\], which are not classes of this"):
-        shard(model, settings)
+    from tests.conftest import tiny_config
+    from vlm_vision import VisionTransformerModel
+
+    model = VisionTransformerModel(tiny_config())
+    wanted = r"names \['BertLayer', 'LlamaDecoderLayer'\], which are not classes of this"
+    with pytest.raises(ValueError, match=wanted) as e:
+        shard(model, settings)  # refused before anything is sharded: the error names the model's own layer classes
+    assert "(the models' own layers: ['VisionTransformerEmbeddings', 'VisionTransformerLayer'])" in str(e.value)
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="set fsdp_version: 2"):
         FSDPSettings.from_env()
+
+
+def llava_recipe(*overrides: str):
+    from vlm_vision.training.vlm_recipe import VLMRecipe
+
+    data = [f"stages.{s}.data.{k}=/data/{s}.{k}" for s in ("pretrain", "finetune") for k in ("train", "image_folder")]
+    return VLMRecipe.from_json(LORA_RECIPE, [*data, *overrides], vision="/towers/clip", language_model="/lms/llama")
+
+
+def test_what_cannot_work_under_zero3_is_refused_before_training_with_the_fix(monkeypatch, tmp_path):
+    """DeepSpeed isn't installed here: what is testable is the refusal, from the launch's settings, before any work."""
+    from vlm_vision.training.distributed import deepspeed_zero_stage
+    from vlm_vision.training.vlm_recipe import check_zero3, zero3_problems
+
+    recipe = llava_recipe("data.eval=/data/eval.json", "stages.pretrain.cache_features=float16")
+    assert deepspeed_zero_stage() is None
+    check_zero3(recipe, evaluate=True)  # not a DeepSpeed launch: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    check_zero3(recipe, evaluate=True)  # ZeRO-2 keeps every parameter whole
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="can't work under DeepSpeed ZeRO-3") as refused:
+        check_zero3(recipe, evaluate=True)
+    message = str(refused.value)
+    assert "stage 'pretrain': cache_features" in message and "drop cache_features" in message
+    assert "stage 'finetune': LoRA's merge_and_unload would run on partitioned weights" in message
+    assert "stages ['finetune'] would start from the partitioned weights" in message and "init_from=" in message
+    assert "evaluation calls generate" in message and "--no-eval" in message
+    assert len(zero3_problems(recipe, evaluate=False)) == 3  # without evaluation, generate isn't refused
+
+    # a one-stage recipe without LoRA, cache or evaluation is what ZeRO-3 can run: its save gathers the weights
+    finetune = dataclasses.replace(recipe.stages[1], lora=None, init_from=None)
+    single = dataclasses.replace(recipe, stages=[finetune])
+    assert zero3_problems(single, evaluate=False) == []
+    check_zero3(single, evaluate=False)
+
+    # a classifier recipe evaluates and hands on every stage's model: refused as a whole, before any data is read
+    from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
+
+    classifier = ClassifierRecipe.from_json(ROOT / "configs" / "classifier" / "easy_vqa.json")
+    with pytest.raises(ValueError, match=r"under DeepSpeed ZeRO-3 they are partitioned .* Run it under DDP"):
+        run_recipe(classifier, str(tmp_path / "classifier"))
+    assert not (tmp_path / "classifier").exists()
+
+    # the stage may come from a DeepSpeed JSON file instead of the accelerate config
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert deepspeed_zero_stage() == 2

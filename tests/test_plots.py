@@ -85,3 +85,24 @@ def test_write_analysis_and_the_script_on_a_saved_checkpoint(tmp_path):
     assert json.loads((tmp_path / "cli" / "analysis.json").read_text())["num_images"] == 1
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
         main([str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_a_hybrid_shows_the_rgb_filters_of_its_root_convolution(tmp_path):
+    from vlm_vision.plots import first_rgb_filters
+
+    torch.manual_seed(0)
+    stem = {
+        "layer_type": "bottleneck", "depths": [], "hidden_sizes": [], "embedding_size": 8, "num_groups": 4,
+        "global_padding": "SAME", "embedding_dynamic_padding": True, "out_features": ["stem"],
+    }  # fmt: skip
+    hybrid = VisionTransformerForImageClassification(tiny_config(image_size=16, num_labels=3, backbone_config=stem))
+    weight, what = first_rgb_filters(hybrid.vit)
+    root = hybrid.vit.get_input_embeddings().backbone.bit.embedder.convolution.weight
+    assert weight.data_ptr() == root.data_ptr() and weight.shape == (8, 3, 7, 7) and "root convolution" in what
+    plain = VisionTransformerForImageClassification(tiny_config(image_size=16, num_labels=3))
+    weight, what = first_rgb_filters(plain.vit)
+    assert torch.equal(weight, plain.vit.get_input_embeddings().projection.weight) and what == "RGB embedding filters"
+    images = [("img0", Image.new("RGB", (16, 16), (200, 30, 30)))]
+    result = write_analysis(hybrid, image_processor_for(hybrid.config), images, tmp_path / "out", progress_bar=False)
+    assert len(result["explained_variance"]) == 8  # min(D=8 root filters, 3*7*7)
+    assert png_size(tmp_path / "out" / "patch_embedding_pca.png")[0] > 100

@@ -127,9 +127,22 @@ def test_stop_and_resume_gives_the_uninterrupted_weights(tmp_path):
         recipe(ALIGN), str(tmp_path / "resumed"), progress_bar=False, save_every_steps=1, stop_after_steps=2
     )
     assert stopped["stopped_in"] == "align" and not (tmp_path / "resumed" / "align" / "model").exists()
-    run_vlm_recipe(
-        recipe(ALIGN), str(tmp_path / "resumed"), progress_bar=False, save_every_steps=1, resume=True, evaluate=False
+    # a changed recipe is refused, naming every field that changed (the checkpoint holds the resolved recipe)
+    changed = recipe(ALIGN)
+    changed.max_length, changed.data["train_subset"], changed.vision_feature_layer = 200, 40, -2
+    with pytest.raises(ValueError, match="another configuration") as refused:
+        run_vlm_recipe(changed, str(tmp_path / "resumed"), progress_bar=False, save_every_steps=1, resume=True)
+    message = str(refused.value)
+    assert "recipe.max_length: saved 256, now 200" in message and "recipe.vision_feature_layer: saved -1, now -2" in (
+        message
     )
+    assert "recipe.data.train_subset: saved 48, now 40" in message and "Resume with the same recipe" in message
+    # what is evaluated and how may change (RESUMABLE_RECIPE_FIELDS): the resume below is still exact
+    allowed = recipe(ALIGN)
+    allowed.eval_batch_size, allowed.eval_max_new_tokens, allowed.data["eval_subset"] = 12, 8, 6
+    allowed.description = "resumed with other evaluation settings"
+    options = {"progress_bar": False, "save_every_steps": 1, "resume": True, "evaluate": False}
+    run_vlm_recipe(allowed, str(tmp_path / "resumed"), **options)
     straight = weights(tmp_path / "straight" / "align" / "model")
     resumed = weights(tmp_path / "resumed" / "align" / "model")
     assert straight.keys() == resumed.keys()

@@ -307,3 +307,38 @@ def test_a_run_resumes_exactly_from_the_newest_intact_checkpoint(tmp_path):
     assert resumed.finished and resumed.state.global_step == 12
     for key, value in uninterrupted.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_the_result_carries_the_gathered_state_dict_the_saves_write(tmp_path):
+    """`TrainResult.state_dict` is accelerate's `get_state_dict` of the trained model (what the recipe runner saves
+    from: under ZeRO-3 the module's own weights are partitioned); on one process it is the module's, and a folder
+    saved from it reloads to the trained weights."""
+    result = run(tmp_path, "run", max_steps=2)
+    trained = result.model.state_dict()
+    assert result.state_dict.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(result.state_dict[key], value), key
+    result.model.save_pretrained(tmp_path / "saved", state_dict=result.state_dict)
+    reloaded = VisionTransformerForImageClassification.from_pretrained(tmp_path / "saved").state_dict()
+    assert reloaded.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(reloaded[key], value), key
+    assert any(not torch.equal(v, tiny_classifier().state_dict()[k]) for k, v in trained.items())  # it trained
+
+
+def test_a_checkpoint_without_a_recorded_recipe_resumes_and_one_with_it_names_the_changes(tmp_path, caplog):
+    def attempt(name, extra, **overrides):
+        fields = dict(output_dir=str(tmp_path / name), max_steps=4, batch_size=4, progress_bar=False, seed=3)
+        args = TrainingArguments(**{**fields, **overrides})
+        optimizer = OptimizerConfig(learning_rate=3e-3)
+        return train(tiny_classifier(), RandomImages(), args, optimizer, fingerprint_extra=extra)
+
+    # saved before runs recorded their recipe (an older version): resumed, with a warning that it wasn't checked
+    attempt("old", {"stage": "s"}, save_every_steps=2, stop_after_steps=2)
+    with caplog.at_level(logging.WARNING):
+        resumed = attempt("old", {"stage": "s", "recipe": {"max_length": 256}}, resume="latest")
+    assert resumed.finished and "saved before runs recorded their recipe" in caplog.text
+    # saved with its recipe: a changed field is named
+    attempt("new", {"stage": "s", "recipe": {"max_length": 256}}, save_every_steps=2, stop_after_steps=2)
+    with pytest.raises(ValueError, match=r"another configuration:\n  recipe\.max_length: saved 256, now 200\n"):
+        attempt("new", {"stage": "s", "recipe": {"max_length": 200}}, resume="latest")

@@ -40,14 +40,32 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def first_rgb_filters(encoder) -> tuple[torch.Tensor, str]:
+    """The filters that see the pixels: `(D, 3, k_h, k_w)` and what they are. For a ViT the patch embedding (Fig. 7,
+    left, of the paper); for a hybrid (Sec. 3.1) its CNN's first convolution, since its patch embedding sees the
+    CNN's feature map, not RGB."""
+    embeddings = encoder.get_input_embeddings()
+    if getattr(embeddings, "backbone", None) is None:
+        return embeddings.projection.weight.detach(), "RGB embedding filters"
+    for module in embeddings.backbone.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+            return module.weight.detach(), "RGB filters of the hybrid's root convolution"
+    raise ValueError("The hybrid's backbone has no convolution on the 3 RGB channels: no filters to show.")
+
+
 def plot_patch_embedding_components(
-    components: torch.Tensor, explained_variance: torch.Tensor, path: str | os.PathLike, columns: int = 7
+    components: torch.Tensor,
+    explained_variance: torch.Tensor,
+    path: str | os.PathLike,
+    columns: int = 7,
+    what: str = "RGB embedding filters",
 ) -> Path:
     """Fig. 7 (left): principal components of the patch-embedding filters as RGB patches.
 
     Args:
         components: `(k, 3, P_h, P_w)` in [0, 1] (`analysis.patch_embedding_principal_components`).
         explained_variance: `(k,)` fraction of variance of each component (shown above it).
+        what: the filters' name, in the title.
     """
     if components.dim() != 4 or components.shape[1] != 3:
         raise ValueError(f"components must be (k, 3, P_h, P_w) RGB filters, got shape {tuple(components.shape)}.")
@@ -60,7 +78,7 @@ def plot_patch_embedding_components(
         if index < count:
             ax.imshow(components[index].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_title(f"{100 * explained_variance[index].item():.1f}%", fontsize=7)
-    fig.suptitle(f"RGB embedding filters (first {count} principal components)", fontsize=9)
+    fig.suptitle(f"{what} (first {count} principal components)", fontsize=9)
     return _save(fig, path)
 
 
@@ -216,10 +234,10 @@ def write_analysis(
     num_prefix = config.num_prefix_tokens
     files = []
 
-    weight = encoder.get_input_embeddings().projection.weight.detach()
+    weight, what = first_rgb_filters(encoder)
     num_components = min(num_components, min(weight.shape[0], weight[0].numel()))
     components, explained = analysis.patch_embedding_principal_components(weight, num_components)
-    files.append(plot_patch_embedding_components(components, explained, out_dir / "patch_embedding_pca.png"))
+    files.append(plot_patch_embedding_components(components, explained, out_dir / "patch_embedding_pca.png", what=what))
 
     similarity = analysis.position_embedding_similarity(
         encoder.embeddings.position_embeddings.detach(), grid, num_prefix

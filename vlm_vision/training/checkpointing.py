@@ -224,6 +224,9 @@ def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None =
     if problem is not None:
         raise _damaged(checkpoint, problem)
     state = TrainerState(**json.loads(state_file.read_text()))
+    if config is not None and state.config is not None and "recipe" in config and "recipe" not in state.config:
+        logger.warning("%s was saved before runs recorded their recipe: its recipe fields are not checked", checkpoint)
+        config = {k: v for k, v in config.items() if k != "recipe"}
     if config is not None and state.config is not None and state.config != config:
         changes = "\n".join(f"  {key}: saved {a!r}, now {b!r}" for key, a, b in _differences(state.config, config))
         raise ValueError(

@@ -26,6 +26,7 @@ from ..checkpoint import save_checkpoint
 from ..configuration_vlm_vit import CLASSIFIER_HEADS, VisionTransformerConfig
 from ..data import ImageClassificationDataset, load_easy_vqa, load_image_folder
 from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, TrainResult, make_accelerator, process_state, train
 from .optim import OptimizerConfig
 
@@ -364,6 +365,12 @@ def run_recipe(
     With `resume`, finished stages (their model folder exists) are loaded instead of retrained and the running
     stage continues from its latest checkpoint. Call on every process (under `accelerate launch`).
     """
+    if deepspeed_zero_stage() == 3:  # before any data is read
+        raise ValueError(
+            "A classifier recipe measures accuracy before and after each stage and hands the model on, which needs "
+            "whole weights; under DeepSpeed ZeRO-3 they are partitioned over the processes. Run it under DDP "
+            "(configs/accelerate/ddp.yaml), ZeRO-2 (deepspeed_zero2.yaml) or FSDP (fsdp.yaml)."
+        )
     process = process_state()
     rows, model = [], None
     for index, stage in enumerate(recipe.stages):

@@ -12,13 +12,17 @@ the environment read here.
   the model). Frozen and trainable parameters may share a unit (FSDP2 allows mixed `requires_grad`).
 - Checkpoints: the model and optimizer state are saved sharded with torch's distributed checkpoint (each process
   writes its shards; a run can resume on another number of processes), next to accelerate's state.
-- Results: :func:`unsharded_copy` gathers the full weights into an ordinary module on every process, for the final
-  save, LoRA merging, evaluation on every process, and the next stage.
+- Results: :func:`full_state_dict` gathers the full weights on every process and :func:`unsharded_copy` loads them
+  into an ordinary module, for the final save, LoRA merging, evaluation on every process, and the next stage.
+
+DeepSpeed is accelerate's (`accelerator.prepare`); :func:`deepspeed_zero_stage` says which ZeRO stage a launch runs,
+so that what can't work under ZeRO-3 (partitioned parameters) is refused before training (see `vlm_recipe`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -112,12 +116,30 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def unsharded_copy(sharded: nn.Module, skeleton: nn.Module) -> nn.Module:
-    """Gather the full weights of `sharded` (call on every process) into `skeleton` (:func:`meta_skeleton` of the
-    model before sharding), an ordinary module on every process."""
+def deepspeed_zero_stage() -> int | None:
+    """The DeepSpeed ZeRO stage of this launch (from the accelerate config's `deepspeed_config.zero_stage`, or the
+    `zero_optimization.stage` of its `deepspeed_config_file`), or None when the launch doesn't use DeepSpeed."""
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and os.path.isfile(config_file):
+        with open(config_file) as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage")
+        if stage is not None:
+            return int(stage)
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))  # accelerate's default
+
+
+def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model, on every process (call on every process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+
+
+def unsharded_copy(full: dict[str, torch.Tensor], skeleton: nn.Module) -> nn.Module:
+    """Load `full` (:func:`full_state_dict`) into `skeleton` (:func:`meta_skeleton` of the model before sharding):
+    an ordinary module on every process."""
     shared = {}  # parameters that are one tensor under several names (tied embeddings)
     for name, parameter in skeleton.named_parameters(remove_duplicate=False):
         shared.setdefault(id(parameter), []).append(name)
@@ -166,6 +188,8 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> 
 
 __all__ = [
     "FSDPSettings",
+    "deepspeed_zero_stage",
+    "full_state_dict",
     "is_sharded",
     "layer_classes",
     "load_sharded",

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpointing import TrainerState, load_state, resolve_resume, save_state_atomically
-from .distributed import FSDPSettings, is_sharded, meta_skeleton, shard, unsharded_copy
+from .distributed import FSDPSettings, full_state_dict, is_sharded, meta_skeleton, shard, unsharded_copy
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 @dataclass
 class TrainResult:
-    """What `train` returns: the unwrapped model and the run's figures."""
+    """What `train` returns: the unwrapped model, its full state dict and the run's figures.
+
+    Save from `state_dict` (`model.save_pretrained(folder, state_dict=result.state_dict)`), not from the module's own
+    weights: under DeepSpeed ZeRO-3 `model`'s parameters are partitioned (empty on every process) and only
+    `state_dict` holds the gathered weights (16-bit, on the main process); under DDP, ZeRO-2 and FSDP2 both are full.
+    """
 
     model: nn.Module
     state: TrainerState
@@ -264,6 +269,7 @@ class TrainResult:
     train_seconds: float = 0.0
     samples_per_second: float = 0.0
     finished: bool = True
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def default_compute_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -560,11 +566,16 @@ def train(
     finished = state.global_step >= num_training_steps
     if main:
         logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
-    # the result is an ordinary module on every process: under FSDP the full weights gathered into the skeleton
-    trained = unsharded_copy(model, skeleton) if fsdp is not None else accelerator.unwrap_model(model)
+    if fsdp is not None:  # an ordinary module on every process: the full weights gathered into the skeleton
+        state_dict = full_state_dict(model)
+        trained = unsharded_copy(state_dict, skeleton)
+    else:  # accelerate gathers what it sharded (DeepSpeed ZeRO-3: the full 16-bit weights, on the main process)
+        state_dict = accelerator.get_state_dict(model)
+        trained = accelerator.unwrap_model(model)
     release(accelerator)
     return TrainResult(
         model=trained,
+        state_dict=state_dict,
         state=state,
         num_training_steps=num_training_steps,
         last_loss=last_loss,

@@ -54,6 +54,7 @@ from ..smollm import as_plain_model
 from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
 from ..towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
+from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, make_accelerator, process_state, train
 from .schema import apply_overrides, check_keys, from_dict
 from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
@@ -351,6 +352,7 @@ class _Run:
     classifier: VisionTransformerForImageClassification | None = None  # the tower as a classifier (vision_pretrain)
     aux: tuple | None = None  # (head, label names, task) of the last vision_pretrain stage
     model: VisionLanguageForConditionalGeneration | None = None
+    state_dict: dict | None = None  # the gathered weights of `model` to save (None: the module's own)
     processor: VisionLanguageProcessor | None = None
     accelerator: object = None  # one for the whole run, every stage's
 
@@ -378,6 +380,7 @@ def run_vlm_recipe(
 
     Call it on every process (under `accelerate launch`); evaluation and the final folders are on the main process.
     """
+    check_zero3(recipe, evaluate)
     set_seed(recipe.seed)
     run = _Run(
         recipe,
@@ -443,7 +446,7 @@ def run_vision_pretrain(run: _Run, stage: VLMStage, resume: bool) -> bool:
             }
         )
         if run.process.is_main_process:
-            run.classifier.save_pretrained(stage_dir / "model")
+            run.classifier.save_pretrained(stage_dir / "model", state_dict=dict(result.train.state_dict))
         run.process.wait_for_everyone()
     config = run.classifier.config
     run.classifier = prepare_classifier(
@@ -465,6 +468,7 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         run.model, run.processor = build_vlm(recipe, run.classifier, run.out / "tokenizer")
     if resume and (stage_dir / "model" / "config.json").is_file():
         run.model = VisionLanguageForConditionalGeneration.from_pretrained(stage_dir / "model")
+        run.state_dict = None
         logger.info("stage %s already finished: loaded %s", stage.name, stage_dir / "model")
         return True
     if stage.init_from is not None:
@@ -514,18 +518,20 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         compute_loss=loss,
         count_items=count_supervised,
         accelerator=run.accelerator,
-        fingerprint_extra={"stage": stage_summary(stage)},
+        fingerprint_extra={"stage": stage_summary(stage), "recipe": resume_identity(recipe, stage)},
         **grouping,
     )
     skipped = loss.all_skipped()
     if not result.finished:
         return False
     trained = result.model.vlm if use_aux else result.model
-    if stage.lora is not None:
+    # saved from the gathered weights (accelerate's get_state_dict), not the module's (partitioned under ZeRO-3)
+    state_dict = _within(result.state_dict, "vlm.") if use_aux else result.state_dict
+    if stage.lora is not None:  # the module's weights are whole here: LoRA is refused under ZeRO-3 (check_zero3)
         if run.process.is_main_process:
             trained.save_pretrained(run.out / "lora" / stage.name)  # the LoRA adapters alone (peft format)
-        trained = trained.merge_and_unload()
-    run.model = trained
+        trained, state_dict = trained.merge_and_unload(), None
+    run.model, run.state_dict = trained, state_dict
     run.rows.append(
         {
             "stage": stage.name,
@@ -539,21 +545,32 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
     )
     if run.process.is_main_process:
         report_skipped(stage_dir, stage.name, dataset.source, skipped)
-        save_folder_atomically(stage_dir / "model", lambda folder: _save_vlm(run.model, run.processor, folder))
-        save_folder_atomically(stage_dir / "projector", run.model.adapter.save_pretrained)
+        save_folder_atomically(stage_dir / "model", lambda folder: _save_vlm(run, folder))
+        weights = None if run.state_dict is None else _within(run.state_dict, "adapter.")
+        save_folder_atomically(stage_dir / "projector", lambda path: run.model.adapter.save_pretrained(path, weights))
     run.process.wait_for_everyone()
     return True
+
+
+# What a resumed stage may change in the recipe (the loop refuses any other change, naming it): what is evaluated and
+# how (evaluation comes after training), the description, and the data's worker count. The models, the data, the
+# lengths, the seed and the stage's own fields must be the stage's checkpoint's; other stages' fields don't matter.
+RESUMABLE_RECIPE_FIELDS = ("description", "eval_batch_size", "eval_max_new_tokens", "eval_metric")
+RESUMABLE_DATA_FIELDS = ("eval", "eval_image_folder", "eval_subset", "num_workers")
+
+
+def resume_identity(recipe: VLMRecipe, stage: VLMStage) -> dict:
+    """The recipe's resolved fields that a checkpoint of `stage` is saved with and a resume must match."""
+    fields = recipe.to_dict()
+    identity = {k: v for k, v in fields.items() if k not in (*RESUMABLE_RECIPE_FIELDS, "stages", "data")}
+    data = {k: v for k, v in recipe.stage_data(stage).items() if k not in RESUMABLE_DATA_FIELDS}
+    return {**identity, "data": data}
 
 
 def feature_store(run: _Run, stage: VLMStage, index, data: dict) -> FeatureStore:
     """The frozen tower's features of every image file of the stage's data (and their flips when the stage flips),
     built once by the main process under `<out>/feature_cache/` (memory-mapped; reused by later stages with the same
     tower and preprocessing), then opened by every process."""
-    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ValueError(
-            f"Stage {stage.name!r}: cache_features under DeepSpeed ZeRO-3 (the tower's weights are partitioned, the "
-            "main process can't run it alone): drop cache_features or use ZeRO-2 / FSDP."
-        )
     paths = set()
     for i in range(len(index)):
         try:
@@ -600,7 +617,7 @@ def finish(run: _Run, evaluate: bool) -> dict:
     if main and run.model is not None:
 
         def write(folder: Path) -> None:
-            _save_vlm(run.model, run.processor, folder)
+            _save_vlm(run, folder)
             write_vlm_card(folder, recipe.to_dict(), run.rows, evaluation, run.model)
 
         save_folder_atomically(run.out / "vlm", write)
@@ -853,9 +870,67 @@ def _trainable_in_fp32(model: nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
-def _save_vlm(model, processor, folder: Path) -> None:
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+def _save_vlm(run: _Run, folder: Path) -> None:
+    # a copy: transformers' save_pretrained empties the dict it is given
+    run.model.save_pretrained(folder, state_dict=None if run.state_dict is None else dict(run.state_dict))
+    run.processor.save_pretrained(folder)
+
+
+def _within(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under `prefix` (a submodule's), the prefix removed."""
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def zero3_problems(recipe: VLMRecipe, evaluate: bool) -> list[str]:
+    """What this run would do that can't work on DeepSpeed ZeRO-3's partitioned parameters, each with its fix.
+
+    After a ZeRO-3 stage the loop saves from `accelerator.get_state_dict` (the full 16-bit weights, gathered on the
+    main process), but the module itself keeps empty partitions on every process: nothing else may use it.
+    """
+    problems = []
+    stages = recipe.stages
+    for stage in stages:
+        where = f"stage {stage.name!r}"
+        if stage.kind == "vision_pretrain":
+            problems.append(
+                f"{where} (vision_pretrain) evaluates the classifier and hands its tower on, which needs whole "
+                "weights: run it under ZeRO-2 or FSDP (configs/accelerate/fsdp.yaml), and the VLM stages from its "
+                "folder"
+            )
+        if stage.cache_features:
+            problems.append(
+                f"{where}: cache_features runs the tower on the main process alone, whose weights are partitioned: "
+                "drop cache_features, or use ZeRO-2 or FSDP"
+            )
+        if stage.lora is not None:
+            problems.append(
+                f"{where}: LoRA's merge_and_unload would run on partitioned weights: use ZeRO-2 or FSDP (which gather "
+                "the full weights before merging), or train without lora"
+            )
+    if len(stages) > 1:
+        problems.append(
+            f"stages {[s.name for s in stages[1:]]} would start from the partitioned weights of the stage before: run "
+            "one stage per launch (the next recipe's stage with init_from=<out>/<stage>/projector), the earlier ones "
+            "under ZeRO-2 as LLaVA-1.5 does, or use FSDP"
+        )
+    if evaluate and (recipe.data.get("eval") or recipe.data["name"] == "easy-vqa"):
+        problems.append(
+            "evaluation calls generate on every process, on partitioned weights: pass --no-eval and evaluate the "
+            "saved folder afterwards (vlm-vision evaluate <out>/vlm), or use FSDP"
+        )
+    return problems
+
+
+def check_zero3(recipe: VLMRecipe, evaluate: bool) -> None:
+    """Refuse, before anything trains, what can't work under DeepSpeed ZeRO-3 (see :func:`zero3_problems`)."""
+    if deepspeed_zero_stage() != 3:
+        return
+    problems = zero3_problems(recipe, evaluate)
+    if problems:
+        raise ValueError(
+            "This run can't work under DeepSpeed ZeRO-3 (parameters partitioned over the processes):\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
 
 
 __all__ = ["VLMRecipe", "build_vlm", "open_training_data", "run_vlm_recipe"]
