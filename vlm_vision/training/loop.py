@@ -567,8 +567,8 @@ def train(
     if main:
         logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
     if fsdp is not None:  # an ordinary module on every process: the full weights gathered into the skeleton
-        state_dict = full_state_dict(model)
-        trained = unsharded_copy(state_dict, skeleton)
+        trained = unsharded_copy(full_state_dict(model), skeleton)
+        state_dict = trained.state_dict()  # tied parameters share a tensor again: saved once, as by one process
     else:  # accelerate gathers what it sharded (DeepSpeed ZeRO-3: the full 16-bit weights, on the main process)
         state_dict = accelerator.get_state_dict(model)
         trained = accelerator.unwrap_model(model)
