@@ -9,7 +9,7 @@ import vlm_vision.hub as hub
 from scripts.push_to_hub import main
 from tests.conftest import tiny_config
 from tests.vlm_helpers import tiny_text_config
-from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration
+from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, remote_code
 from vlm_vision.checkpoint import create_checkpoint
 
 
@@ -88,7 +88,8 @@ def test_a_vlm_folder_without_a_card_gets_one_in_the_same_commit(tmp_path, recor
     (api,) = recorder
     assert [call[0] for call in api.calls] == ["create_repo", "create_commit"]  # a PR needs no branch
     assert api.calls[1][2]["create_pr"] is True
-    assert sorted(api.uploaded) == sorted({"README.md", "config.json", "generation_config.json", "model.safetensors"})
+    weights = {"README.md", "config.json", "generation_config.json", "model.safetensors"}
+    assert sorted(api.uploaded) == sorted(weights | set(remote_code.CODE_FILES))  # the code files travel too
     metadata = card_metadata(api.uploaded["README.md"])
     assert metadata["pipeline_tag"] == "image-text-to-text" and metadata["library_name"] == "transformers"
     assert sorted(p.name for p in (tmp_path / "vlm").iterdir()) == saved  # the folder itself is untouched

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .adapters import ADAPTER_CLASSES, adapter_config_from_dict
-from .configuration_vlm_vit import unknown_fields_message, unknown_kwargs
+from .configuration_vlm_vit import VisionTransformerConfig, unknown_fields_message, unknown_kwargs
+
+# The vision sub-config is found by its model type. The package registers it on import; a folder loaded as remote
+# code without the package has only its copy, registered here (never over the package's own).
+if VisionTransformerConfig.model_type not in CONFIG_MAPPING:
+    AutoConfig.register(VisionTransformerConfig.model_type, VisionTransformerConfig)
 
 # Tokens before the patch tokens in the sequences of towers that don't say so in their config. Our own tower reports
 # `num_prefix_tokens`; transformers' DINOv2 with registers reports `num_register_tokens` (plus its [CLS]).

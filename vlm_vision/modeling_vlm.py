@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import build_adapter
 from .configuration_vlm import LLAVA_NAMES, VisionLanguageConfig, vision_patch_size
-from .configuration_vlm_vit import unknown_fields_message
+from .configuration_vlm_vit import VisionTransformerConfig, unknown_fields_message
 from .modeling_vlm_vit import (
     VisionTransformerModel,
     allowing_missing_keys,
@@ -127,6 +127,16 @@ class VisionLanguagePreTrainedModel(PreTrainedModel):
         raise_on_missing_keys(model, load_config, set(loading_info.missing_keys), hint)
         return loading_info
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, and the code files with `auto_map` (`vlm_vision.remote_code`), so the
+        folder loads with `trust_remote_code=True` where vlm-vision isn't installed."""
+        from .remote_code import add_model_auto_map, write_code_files
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_code_files(save_directory)
+            add_model_auto_map(save_directory)
+
 
 class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, GenerationMixin):
     """Vision tower + adapter + causal LM, for captioning and VQA (training and `generate`).
@@ -143,7 +153,12 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 + (unknown_fields_message(type(config), sorted(kwargs), LLAVA_NAMES) if kwargs else "")
             )
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        # our tower by model type: loaded as remote code, the config's class is another file's copy, unknown to
+        # AutoModel where the package (which registers it) isn't installed
+        if config.vision_config.model_type == VisionTransformerConfig.model_type:
+            self.vision_tower = VisionTransformerModel._from_config(config.vision_config)
+        else:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
         self.adapter = build_adapter(config.adapter_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self._no_split_modules = sorted(

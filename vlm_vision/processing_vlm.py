@@ -326,6 +326,17 @@ class VisionLanguageProcessor(ProcessorMixin):
             return None
         return self.tokenizer.convert_tokens_to_ids(list(TILE_SEPARATOR_TOKENS))
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, and the code files with `auto_map` (`vlm_vision.remote_code`), so the
+        folder loads through `AutoProcessor` with `trust_remote_code=True` where vlm-vision isn't installed."""
+        from .remote_code import add_processor_auto_map, write_code_files
+
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        ours = type(self.image_processor).__name__ == "VisionTransformerImageProcessor"
+        write_code_files(save_directory)
+        add_processor_auto_map(save_directory, image_processor_is_ours=ours)
+        return saved
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`; a local folder without the tokenizer's files (a processor saved without
