@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.launch import launch_two_processes
-from vlm_vision import VisionTransformerConfig, VisionTransformerModel
+from vlm_vision import VisionTransformerConfig, VisionTransformerModel, remote_code
 from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +88,9 @@ def test_all_stages_run_and_write_the_artefacts(tmp_path):
     assert (tmp_path / "lora" / "finetune" / "adapter_config.json").is_file()
     card = (tmp_path / "vlm" / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and '"kind": "finetune"' in card and "| overall |" in card
+    # and its code with auto_map, for trust_remote_code=True without the package (tests/test_vlm_remote_code.py)
+    assert json.loads((tmp_path / "vlm" / "config.json").read_text())["auto_map"] == remote_code.MODEL_AUTO_MAP
+    assert set(remote_code.CODE_FILES) <= {path.name for path in (tmp_path / "vlm").iterdir()}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["evaluation"]["accuracy"] == results["evaluation"]["accuracy"]
 

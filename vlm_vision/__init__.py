@@ -40,7 +40,7 @@ if is_torchvision_available():
 
     _image_processors["torchvision"] = ViTImageProcessor
 AutoImageProcessor.register(VisionTransformerConfig, image_processor_classes=_image_processors, exist_ok=True)
-# The vision-language model loads after `import vlm_vision` (like LLaVA, it carries no remote code).
+# The vision-language model: registered here; its saved folders also carry their code (`remote_code`).
 AutoConfig.register(VisionLanguageConfig.model_type, VisionLanguageConfig, exist_ok=True)
 AutoModelForImageTextToText.register(VisionLanguageConfig, VisionLanguageForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(VisionLanguageConfig, VisionLanguageProcessor, exist_ok=True)
