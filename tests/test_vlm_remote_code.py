@@ -104,6 +104,14 @@ def test_remote_code_without_the_package_gives_the_same_logits_and_generation(sa
             generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
         assert torch.equal(generated, expected["generated"]), (generated, expected["generated"])
+        # a model and processor loaded as remote code save a folder that loads the same way
+        model.save_pretrained({str(tmp_path / "resaved")!r})
+        processor.save_pretrained({str(tmp_path / "resaved")!r})
+        model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / "resaved")!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(tmp_path / "resaved")!r}, trust_remote_code=True)
+        inputs = processor(images=[image], text=processor.apply_chat_template(messages), return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(**inputs).logits, expected["logits"], rtol=0, atol=1e-5)
         print("ok", generated.shape[1] - inputs["input_ids"].shape[1])
         """
     )

@@ -58,6 +58,15 @@ IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_vlm_vit.Visi
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+(\.+)(\S*)\s+import|import\s+(\.+)(\S*))", re.MULTILINE)
 
 
+def _import_closure() -> None:
+    """Never called: transformers copies a remote module and the files its relative imports name (read as text) into
+    its module cache, and a model loaded from there re-saves from its own cache folder (`code_sources`, flat). These
+    imports put every file of `CODE_FILES` into that folder, not only those `modeling_vlm` needs to run."""
+    from .image_processing_vlm_vit import VisionTransformerImageProcessor  # noqa: F401
+    from .images import to_rgb  # noqa: F401
+    from .processing_vlm import VisionLanguageProcessor  # noqa: F401
+
+
 def _flat() -> bool:
     # this file is itself a copy in a saved folder (loaded by transformers as remote code)
     return (Path(__file__).parent / "adapters.py").is_file()
