@@ -62,6 +62,9 @@ def test_an_import_the_flat_folder_cannot_follow_is_refused(monkeypatch):
     monkeypatch.setitem(remote_code.REWRITES, "processing_vlm.py", [])
     with pytest.raises(RuntimeError, match=r"imports \.data\.images.*CODE_FILES"):
         remote_code.code_sources()
+    monkeypatch.setitem(remote_code.REWRITES, "processing_vlm.py", [("from .gone import", "from .images import")])
+    with pytest.raises(RuntimeError, match=r"'from \.gone import' is gone; update remote_code\.REWRITES"):
+        remote_code.code_sources()
 
 
 def test_remote_code_without_the_package_gives_the_same_logits_and_generation(saved, tmp_path):
