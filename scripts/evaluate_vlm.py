@@ -1,6 +1,7 @@
 """Evaluate a saved VLM folder with batched greedy generation on its device.
 
 python scripts/evaluate_vlm.py outputs/easy-vqa-vlm/vlm                          # easy-VQA test, exact match
+python scripts/evaluate_vlm.py outputs/easy-vqa-vlm/match/model --breakdown       # + the yes/no answers by kind
 python scripts/evaluate_vlm.py VLM --llava EVAL.json --images IMAGES/ --max-new-tokens 64   # first answers, exact match
 python scripts/evaluate_vlm.py VLM --vqav2 QUESTIONS.json ANNOTATIONS.json --images val2014/
 python scripts/evaluate_vlm.py VLM --coco-captions captions_val2017.json --images val2017/   # needs [eval]
@@ -17,6 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlm_vision  # noqa: F401  registers the Auto classes
 from vlm_vision.data.conversations import read_coco_captions, read_easy_vqa, read_llava, read_vqav2
+from vlm_vision.data.easy_vqa import yes_no_breakdown
 from vlm_vision.generation import evaluate_samples
 from vlm_vision.towers import resolve_dtype
 from vlm_vision.training.vlm import seeded_subset
@@ -37,10 +39,15 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output", default=None, help="write the metrics and the predictions to this JSON file")
     parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="easy-VQA: the yes/no answers by attribute, negation and match"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.llava or args.vqav2 or args.coco_captions) and not args.images:
         parser.error("--images is required with --llava, --vqav2 and --coco-captions")
+    if args.breakdown and (args.llava or args.vqav2 or args.coco_captions):
+        parser.error("--breakdown is for easy-VQA (the default data): drop --llava / --vqav2 / --coco-captions")
 
     if args.llava:
         samples, report = read_llava(args.llava, args.images)
@@ -70,7 +77,16 @@ def main(argv=None) -> None:
         progress_bar=not args.no_progress_bar,
     )
     predictions = results.pop("predictions")
-    print(json.dumps(results, indent=2))
+    if args.breakdown:
+        qa = [s.meta["qa"][0] for s in samples]
+        results["yes_no_breakdown"] = yes_no_breakdown(
+            [q["question"] for q in qa], [q["answer"] for q in qa], predictions
+        )
+    print(json.dumps({k: v for k, v in results.items() if k != "yes_no_breakdown"}, indent=2))
+    for row in results.get("yes_no_breakdown", []):
+        kind = f"{row['attribute']}, {'negated' if row['negated'] else 'not negated'}, "
+        kind += "names what is shown" if row["shown"] else "names what is absent"
+        print(f"  {kind:<48} {row['questions']:>5} questions  right {row['right']:.3f}  answered yes {row['yes']:.3f}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({**results, "predictions": dict(zip([s.id for s in samples], predictions, strict=True))}, f)

@@ -202,3 +202,16 @@ def test_image_folder_and_dataset_arguments_are_checked(tmp_path):
     assert torch.equal(dataset[-1]["pixel_values"], dataset[3]["pixel_values"])
     with pytest.raises(ValueError, match=r"num_images=0.5"):
         images.subset(0.5)
+
+
+def test_the_yes_no_breakdown_groups_by_attribute_negation_and_match():
+    from vlm_vision.data.easy_vqa import yes_no_breakdown
+
+    questions = ["is there a red shape?", "is there not a red shape?", "is there a circle?", "what color is it?"]
+    answers = ["yes", "no", "no", "red"]
+    rows = yes_no_breakdown(questions, answers, ["yes", " Yes", None, "red"])
+    assert rows == [
+        {"attribute": "color", "negated": False, "shown": True, "questions": 1, "right": 1.0, "yes": 1.0},
+        {"attribute": "color", "negated": True, "shown": True, "questions": 1, "right": 0.0, "yes": 1.0},
+        {"attribute": "shape", "negated": False, "shown": False, "questions": 1, "right": 0.0, "yes": 0.0},
+    ]

@@ -96,9 +96,22 @@ def test_all_stages_run_and_write_the_artefacts(tmp_path):
 
     # the evaluation script on the saved folder: batched greedy answers, exact match by question type
     evaluate = runpy.run_path(str(ROOT / "scripts" / "evaluate_vlm.py"), run_name="evaluate_vlm")["main"]
-    evaluate([str(tmp_path / "vlm"), "--limit", "8", "--batch-size", "4", "--output", str(tmp_path / "eval.json")])
+    out = str(tmp_path / "eval.json")
+    evaluate([str(tmp_path / "vlm"), "--limit", "40", "--batch-size", "8", "--output", out, "--breakdown"])
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["num_samples"] == 8 and len(report["predictions"]) == 8 and "overall" in report["accuracy"]
+    assert report["num_samples"] == 40 and len(report["predictions"]) == 40 and "overall" in report["accuracy"]
+    # the breakdown counts each yes/no question among the 40 in one group, right as the predictions say
+    from vlm_vision.data.conversations import read_easy_vqa
+    from vlm_vision.data.easy_vqa import yes_no_breakdown
+    from vlm_vision.training.vlm import seeded_subset
+
+    samples = seeded_subset(read_easy_vqa("test")[0], 40, 0)
+    qa = [s.meta["qa"][0] for s in samples]
+    yes_no = [q for q in qa if q["answer"] in ("yes", "no")]
+    groups = report["yes_no_breakdown"]
+    assert yes_no and sum(g["questions"] for g in groups) == len(yes_no)
+    predictions = [report["predictions"][s.id] for s in samples]
+    assert groups == yes_no_breakdown([q["question"] for q in qa], [q["answer"] for q in qa], predictions)
 
 
 def test_vqa_and_exact_match_scoring_of_generated_answers(monkeypatch):

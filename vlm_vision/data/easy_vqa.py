@@ -191,3 +191,32 @@ def load_easy_vqa(split: str = "train", task: str = "shape_color") -> LabelledIm
     if missing:
         logger.info("easy-VQA %s/%s: %d images left out (their questions do not give the label).", split, task, missing)
     return LabelledImages(tuple(paths), tuple(labels), class_names)
+
+
+def yes_no_breakdown(questions, answers, predictions) -> list[dict]:
+    """Where a model goes wrong on easy-VQA's yes/no questions: one row per (attribute, negated, names what is
+    shown) group with its size, the share answered right and the share answered "yes". A model that compares
+    the named attribute with the image is right in every group; one that reads only the negation answers the
+    negated groups "yes" and the others "no"; one that ignores the negation is wrong on both negated groups.
+
+    Args:
+        questions, answers, predictions: parallel sequences (the reference answers, the model's answers; a
+            prediction of None counts as wrong). Only the yes/no questions naming a colour or a shape are counted.
+    """
+    groups: dict[tuple[str, bool, bool], list[int]] = {}
+    for i, attribute, shown in _yes_no_questions(questions, answers):
+        groups.setdefault((attribute, is_negated(questions[i]), shown), []).append(i)
+    rows = []
+    for (attribute, negated, shown), indices in sorted(groups.items()):
+        said = [(predictions[i] or "").strip().lower() for i in indices]
+        rows.append(
+            {
+                "attribute": attribute,
+                "negated": negated,
+                "shown": shown,
+                "questions": len(indices),
+                "right": sum(s == answers[i] for s, i in zip(said, indices, strict=True)) / len(indices),
+                "yes": sum(s == "yes" for s in said) / len(indices),
+            }
+        )
+    return rows
