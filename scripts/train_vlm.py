@@ -103,7 +103,7 @@ FILE_ONLY = (("accelerate.utils.other", "Removed shared tensor"),)
 
 
 def _on_console(record: logging.LogRecord) -> bool:
-    if any(record.name == name and record.getMessage().startswith(text) for name, text in FILE_ONLY):
+    if any(record.name == name and text in record.getMessage() for name, text in FILE_ONLY):  # "[RANK 0] Removed..."
         return False
     return record.levelno >= logging.WARNING or record.name in STAGE_LOGGERS
 
