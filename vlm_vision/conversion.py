@@ -408,7 +408,7 @@ def _transformers_vision_config(folder: Path | None, config_class, composite_cla
     return config_class.from_dict(raw)
 
 
-def _common_fields(cfg) -> dict:
+def _transformer_fields(cfg) -> dict:
     return {
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,
@@ -416,6 +416,12 @@ def _common_fields(cfg) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "hidden_act": cfg.hidden_act,
         "layer_norm_eps": cfg.layer_norm_eps,
+    }
+
+
+def _common_fields(cfg) -> dict:
+    return {
+        **_transformer_fields(cfg),
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,
         "num_channels": cfg.num_channels,
@@ -572,12 +578,7 @@ def _convert_siglip2(source, folder, overrides):
     ]
     has_head = any(k.endswith("head.probe") for k in source)
     fields = {
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": cfg.hidden_act,
-        "layer_norm_eps": cfg.layer_norm_eps,
+        **_transformer_fields(cfg),
         "image_size": side * size,  # the table's grid, side x side
         "patch_size": size,
         "num_channels": channels,
