@@ -279,7 +279,9 @@ def test_the_default_recipe_parses():
     assert default.stages[0].kind == "vision_pretrain" and default.data["name"] == "easy-vqa"
     # after the full stage, the language model learns the yes/no comparison with the tower frozen, then negation
     match, negation = default.stages[-2:]
-    assert match.freeze_vision and match.data == {"negated_questions": False, "rewrite_shown_fraction": 0.5}
+    # one question per sequence: no earlier answer in the context to compare the named colour with instead of the image
+    expected = {"negated_questions": False, "rewrite_shown_fraction": 0.5, "separate_questions": True}
+    assert match.freeze_vision and match.data == expected
     assert negation.freeze_vision and negation.data == {"rewrite_shown_fraction": 0.5}
     assert match.cache_features and negation.cache_features and negation.max_steps == 1000
     # the shape pre-training as the classifier recipe's: the MLP head and clipping (with a linear head and no
