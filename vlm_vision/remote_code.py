@@ -42,7 +42,7 @@ REWRITES = {
     "processing_vlm.py": [("from .data.images import", "from .images import")],
     "base.py": [
         (
-            "from ..checkpoint import replace_directory_atomically",
+            "from ..export import replace_directory_atomically",
             'raise ImportError("Adapter.save_pretrained needs the vlm-vision package (pip install vlm-vision): this '
             'copy of the adapter code came with a saved VLM folder, which loads and runs without it.")',
         )
