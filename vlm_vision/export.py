@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from .model_card import model_card
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
@@ -64,13 +64,6 @@ def save_folder_atomically(folder: str | Path, write: Callable[[Path], None], ov
 def write_vlm_card(folder: Path, recipe: dict, rows: list[dict], evaluation: dict | None, model) -> None:
     """The model card of a trained VLM: metadata, the evaluation, the stages and the recipe."""
     data_name = recipe.get("data", {}).get("name")
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        license="apache-2.0",
-        tags=["vision", "vlm-vision", "vision-language-model"],
-        datasets=["easy-vqa"] if data_name == "easy-vqa" else None,
-    )
     accuracy = ""
     if evaluation and "accuracy" in evaluation:
         lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in evaluation["accuracy"].items())
@@ -88,7 +81,15 @@ def write_vlm_card(folder: Path, recipe: dict, rows: list[dict], evaluation: dic
         f"## Training\n\n| stage | kind | steps | seconds |\n|---|---|---|---|\n{stages}\n\n"
         f"## Recipe\n\n```json\n{json.dumps(recipe, indent=2, default=str)}\n```\n"
     )
-    ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
+    card = model_card(
+        body,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license="apache-2.0",
+        tags=["vision", "vlm-vision", "vision-language-model"],
+        datasets=["easy-vqa"] if data_name == "easy-vqa" else None,
+    )
+    card.save(folder / "README.md")
 
 
 __all__ = ["check_out_dir", "replace_directory_atomically", "save_folder_atomically", "write_vlm_card"]
