@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from .configuration_vlm_vit import PRESET_NAMES, VisionTransformerConfig
 from .export import check_out_dir, replace_directory_atomically, save_folder_atomically  # noqa: F401 (its old home)
 from .model_card import write_model_card
 from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from .remote_code import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +112,7 @@ def upgrade_checkpoint(folder: str | os.PathLike) -> list[str]:
     if saved.get("do_convert_rgb") is None and channels == 3:
         saved["do_convert_rgb"] = True
         changes.append(f"{PREPROCESSOR_CONFIG}: do_convert_rgb = true (grayscale, RGBA and palette images work)")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PREPROCESSOR_CONFIG}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomically(file, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     for change in changes:
         logger.info("%s: %s", folder, change)
     return changes
