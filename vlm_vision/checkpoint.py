@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .configuration_vlm_vit import PRESET_NAMES, VisionTransformerConfig
 from .export import check_out_dir, replace_directory_atomically, save_folder_atomically  # noqa: F401 (its old home)
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # The reference ViT preprocessing: resize to the model's size (bilinear), scale to [0, 1], normalise to [-1, 1].
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PREPROCESSOR_CONFIG = IMAGE_PROCESSOR_NAME  # transformers' "preprocessor_config.json"
 
 
 def image_processor_for(

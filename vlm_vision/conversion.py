@@ -52,6 +52,7 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
 )
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .configuration_vlm_vit import VisionTransformerConfig
 from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
@@ -122,7 +123,7 @@ FAMILY_IMAGE_PROCESSORS = {
     "siglip": "SiglipImageProcessorPil",
     "dinov2": "BitImageProcessorPil",
 }
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PREPROCESSOR_CONFIG = IMAGE_PROCESSOR_NAME  # transformers' "preprocessor_config.json"
 
 # How each source resamples position embeddings to another grid (run time and `image_size=`): (mode, antialias).
 # transformers' ViT/CLIP/SigLIP/DINOv2 interpolate bicubic without antialias; timm's `resample_abs_pos_embed` uses
