@@ -55,8 +55,8 @@ from transformers.image_utils import (
 from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .configuration_vlm_vit import VisionTransformerConfig
-from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from .position_embeddings import infer_square_grid, resample_position_embeddings
+from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel, resample_for_config
+from .position_embeddings import infer_square_grid
 
 logger = logging.getLogger(__name__)
 
@@ -1194,14 +1194,7 @@ def _at_image_size(model, image_size):
     resized = type(model)(config).eval()
     state = model.state_dict()
     for key in [k for k in state if k.endswith("embeddings.position_embeddings")]:
-        state[key] = resample_position_embeddings(
-            state[key],
-            new_grid=config.grid_size,
-            old_grid=model.config.grid_size,
-            num_prefix_tokens=int(config.use_class_token),
-            mode=config.interpolation_mode,
-            antialias=config.interpolation_antialias,
-        )
+        state[key] = resample_for_config(state[key], config, new_grid=config.grid_size, old_grid=model.config.grid_size)
     resized.load_state_dict(state, strict=True)
     return resized
 
