@@ -16,23 +16,24 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoImageProcessor, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .configuration_vlm_vit import PRESET_NAMES, VisionTransformerConfig
+from .export import check_out_dir, replace_directory_atomically, save_folder_atomically  # noqa: F401 (its old home)
 from .model_card import write_model_card
 from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from .remote_code import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
 # The reference ViT preprocessing: resize to the model's size (bilinear), scale to [0, 1], normalise to [-1, 1].
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PREPROCESSOR_CONFIG = IMAGE_PROCESSOR_NAME  # transformers' "preprocessor_config.json"
 
 
 def image_processor_for(
@@ -112,46 +113,10 @@ def upgrade_checkpoint(folder: str | os.PathLike) -> list[str]:
     if saved.get("do_convert_rgb") is None and channels == 3:
         saved["do_convert_rgb"] = True
         changes.append(f"{PREPROCESSOR_CONFIG}: do_convert_rgb = true (grayscale, RGBA and palette images work)")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PREPROCESSOR_CONFIG}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomically(file, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     for change in changes:
         logger.info("%s: %s", folder, change)
     return changes
-
-
-def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
-    """Whether `out_dir` exists (to be replaced); refuses a file in the way, and an existing folder unless
-    `overwrite`."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        return False
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder: choose another output folder.")
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) to replace it.")
-    return True
-
-
-def replace_directory_atomically(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move a fully written `staging` folder to `out_dir` (same file system), replacing it only when `overwrite`."""
-    if check_out_dir(out_dir, overwrite):
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / out_dir.name)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:  # put the previous folder back rather than leave none
-            os.replace(trash / out_dir.name, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-            raise
-        shutil.rmtree(trash)
-    else:
-        os.replace(staging, out_dir)
 
 
 def save_checkpoint(
@@ -173,10 +138,8 @@ def save_checkpoint(
         )
     out_dir = Path(out_dir).resolve()
     check_out_dir(out_dir, overwrite)  # before the work, not after it
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         (image_processor or image_processor_for(model.config)).save_pretrained(staging)
         is_classifier = isinstance(model, VisionTransformerForImageClassification)
@@ -190,9 +153,8 @@ def save_checkpoint(
             sections=sections,
             base_model=base_model,
         )
-        replace_directory_atomically(staging, out_dir, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    save_folder_atomically(out_dir, write, overwrite=overwrite)
     return out_dir
 
 

@@ -52,10 +52,11 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
 )
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .configuration_vlm_vit import VisionTransformerConfig
-from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from .position_embeddings import infer_square_grid, resample_position_embeddings
+from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel, resample_for_config
+from .position_embeddings import infer_square_grid
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ FAMILY_IMAGE_PROCESSORS = {
     "siglip": "SiglipImageProcessorPil",
     "dinov2": "BitImageProcessorPil",
 }
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PREPROCESSOR_CONFIG = IMAGE_PROCESSOR_NAME  # transformers' "preprocessor_config.json"
 
 # How each source resamples position embeddings to another grid (run time and `image_size=`): (mode, antialias).
 # transformers' ViT/CLIP/SigLIP/DINOv2 interpolate bicubic without antialias; timm's `resample_abs_pos_embed` uses
@@ -1193,14 +1194,7 @@ def _at_image_size(model, image_size):
     resized = type(model)(config).eval()
     state = model.state_dict()
     for key in [k for k in state if k.endswith("embeddings.position_embeddings")]:
-        state[key] = resample_position_embeddings(
-            state[key],
-            new_grid=config.grid_size,
-            old_grid=model.config.grid_size,
-            num_prefix_tokens=int(config.use_class_token),
-            mode=config.interpolation_mode,
-            antialias=config.interpolation_antialias,
-        )
+        state[key] = resample_for_config(state[key], config, new_grid=config.grid_size, old_grid=model.config.grid_size)
     resized.load_state_dict(state, strict=True)
     return resized
 

@@ -17,15 +17,18 @@ import logging
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from .model_card import model_card
+
 logger = logging.getLogger(__name__)
 
-# Never uploaded: editor, OS and Python leftovers, and hidden files (`.git`, the staging folders of `checkpoint.py`).
+# Never uploaded: editor, OS and Python leftovers, and hidden files (`.git`, the staging folders of the atomic saves in
+# `export.py`).
 IGNORED = (".*", "__pycache__", "*.pyc")
 PIPELINE_TAGS = {"vlm_vision": "image-text-to-text", "vlm_vit": "image-feature-extraction"}
 
@@ -99,16 +102,16 @@ def default_model_card(config, kind: str) -> ModelCard:
     pipeline_tag = PIPELINE_TAGS.get(model_type)
     if any("ImageClassification" in name for name in getattr(config, "architectures", None) or []):
         pipeline_tag = "image-classification"
-    data = ModelCardData(
-        library_name="peft" if kind == "peft" else "transformers",
-        pipeline_tag=pipeline_tag,
-        tags=["vlm-vision", *([model_type] if model_type else [])],
-    )
     usage = (
         "`pip install vlm-vision`, then `import vlm_vision` before loading with transformers' Auto classes "
         "(`AutoModelForImageTextToText` for the VLM, `AutoModel` for the encoder)."
     )
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {model_type or 'Adapter'} (vlm-vision)\n\n{usage}\n")
+    return model_card(
+        f"# {model_type or 'Adapter'} (vlm-vision)\n\n{usage}\n",
+        library_name="peft" if kind == "peft" else "transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["vlm-vision", *([model_type] if model_type else [])],
+    )
 
 
 def push_folder(

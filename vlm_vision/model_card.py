@@ -1,4 +1,9 @@
-"""Model cards (README.md with YAML metadata) generated from the real config of a saved folder."""
+"""Model cards (README.md with YAML metadata) generated from the real config of a saved folder.
+
+:func:`model_card` is the one place a card is put together (Hub metadata as YAML front matter, then the Markdown
+body); the encoder's card (:func:`write_model_card`), the trained VLM's (`export.write_vlm_card`) and the minimal card
+`hub.push_folder` uploads for a folder without one (`hub.default_model_card`) differ only in what they say.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,11 @@ CITATION = """@inproceedings{dosovitskiy2021an,
   booktitle={International Conference on Learning Representations},
   year={2021}
 }"""
+
+
+def model_card(body: str, **metadata) -> ModelCard:
+    """A card of `ModelCardData(**metadata)` (the YAML block the Hub reads) followed by the Markdown `body`."""
+    return ModelCard(f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n\n{body}")
 
 
 def architecture_table(config) -> str:
@@ -51,14 +61,6 @@ def write_model_card(
     tags: list[str] | None = None,
 ) -> ModelCard:
     """Write `directory/README.md`: metadata for the Hub plus usage, architecture and any extra `sections`."""
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        license="apache-2.0",
-        tags=["vision", "vit", "vlm-vision", config.model_type, *(tags or [])],
-        base_model=base_model,
-        datasets=datasets,
-    )
     body = [
         f"# {title}",
         summary,
@@ -74,6 +76,14 @@ def write_model_card(
         *(f"## {name}\n{text}" for name, text in (sections or {}).items()),
         f"## Citation\n```bibtex\n{CITATION}\n```",
     ]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n")
+    card = model_card(
+        "\n\n".join(body) + "\n",
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license="apache-2.0",
+        tags=["vision", "vit", "vlm-vision", config.model_type, *(tags or [])],
+        base_model=base_model,
+        datasets=datasets,
+    )
     card.save(os.path.join(directory, "README.md"))
     return card

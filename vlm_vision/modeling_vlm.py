@@ -37,10 +37,10 @@ from .modeling_vlm_vit import (
     raise_on_mismatched_shapes,
     raise_on_missing_keys,
 )
+from .processing_vlm import IGNORE_INDEX  # the label convention is the processor's (and transformers' loss default)
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # packed rows (position_ids restarting at 0 per sequence, no attention_mask; see `vlm_vision.data.packing`): these
 # build a block-diagonal causal mask from the position ids (transformers' `masking_utils`, without a cache) ...
 PACKING_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")

@@ -62,6 +62,21 @@ POSITION_EMBEDDING_SUFFIX = "embeddings.position_embeddings"
 GLOBAL_POOL_NAMES = {"token": "cls", "avg": "mean", "map": "map", "cls": "cls", "mean": "mean"}
 
 
+def resample_for_config(
+    table: torch.Tensor, config: VisionTransformerConfig, *, new_grid: tuple[int, int], old_grid: tuple[int, int]
+) -> torch.Tensor:
+    """`resample_position_embeddings` with the config's prefix tokens, interpolation mode and antialias: how a table
+    of this model changes grid (at run time, when a checkpoint of another size loads, when a converter resizes)."""
+    return resample_position_embeddings(
+        table,
+        new_grid=new_grid,
+        old_grid=old_grid,
+        num_prefix_tokens=int(config.use_class_token),
+        mode=config.interpolation_mode,
+        antialias=config.interpolation_antialias,
+    )
+
+
 class CheckpointMismatchError(RuntimeError, ValueError):
     """A checkpoint that does not fit the model: weights of another shape, or weights the model needs and the
     checkpoint lacks. A RuntimeError, as transformers raises for mismatched sizes, and a ValueError (bad input)."""
@@ -129,14 +144,7 @@ class VisionTransformerEmbeddings(nn.Module):
 
     def position_embeddings_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """E_pos for a `grid` of patches, resampled from the config's grid when they differ. (1, [1] + h*w, D)."""
-        return resample_position_embeddings(
-            self.position_embeddings,
-            new_grid=grid,
-            old_grid=self.config.grid_size,
-            num_prefix_tokens=int(self.config.use_class_token),
-            mode=self.config.interpolation_mode,
-            antialias=self.config.interpolation_antialias,
-        )
+        return resample_for_config(self.position_embeddings, self.config, new_grid=grid, old_grid=self.config.grid_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
@@ -598,14 +606,7 @@ def _resample_checkpoint_position_embeddings(model, state_dict, checkpoint_files
         num_prefix = int(config.use_class_token)
         grid = old_grid or infer_square_grid(value.shape[1] - num_prefix)
         logger.info(f"Resampling {key} from grid {grid} to {config.grid_size} ({config.interpolation_mode}).")
-        resampled[key] = resample_position_embeddings(
-            value,
-            new_grid=config.grid_size,
-            old_grid=grid,
-            num_prefix_tokens=num_prefix,
-            mode=config.interpolation_mode,
-            antialias=config.interpolation_antialias,
-        )
+        resampled[key] = resample_for_config(value, config, new_grid=config.grid_size, old_grid=grid)
     return resampled
 
 

@@ -42,7 +42,7 @@ REWRITES = {
     "processing_vlm.py": [("from .data.images import", "from .images import")],
     "base.py": [
         (
-            "from ..checkpoint import replace_directory_atomically",
+            "from ..export import replace_directory_atomically",
             'raise ImportError("Adapter.save_pretrained needs the vlm-vision package (pip install vlm-vision): this '
             'copy of the adapter code came with a saved VLM folder, which loads and runs without it.")',
         )
@@ -97,7 +97,8 @@ def code_sources() -> dict[str, str]:
     return sources
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary sibling renamed over it: the old file or the new one, never half of one."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
@@ -112,14 +113,14 @@ def _write_atomically(path: Path, text: str) -> None:
 def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["auto_map"] = {**config.get("auto_map", {}), **auto_map}
-    _write_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_code_files(folder: str | os.PathLike) -> None:
     """Write the VLM's code files into `folder` (each atomically)."""
     folder = Path(folder)
     for name, text in code_sources().items():
-        _write_atomically(folder / name, text)
+        write_text_atomically(folder / name, text)
 
 
 def add_model_auto_map(folder: str | os.PathLike) -> None:
@@ -135,4 +136,4 @@ def add_processor_auto_map(folder: str | os.PathLike, image_processor_is_ours: b
     nested = config.get("image_processor")
     if image_processor_is_ours and isinstance(nested, dict):
         nested["auto_map"] = {**nested.get("auto_map", {}), **IMAGE_PROCESSOR_AUTO_MAP}
-    _write_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")

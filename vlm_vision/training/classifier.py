@@ -29,6 +29,7 @@ from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTr
 from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, TrainResult, make_accelerator, process_state, train
 from .optim import OptimizerConfig
+from .schema import read_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -308,13 +309,7 @@ class ClassifierRecipe:
     @classmethod
     def from_json(cls, path) -> ClassifierRecipe:
         """A recipe from a JSON file (configs/classifier/*.json); unknown keys are refused with the known ones."""
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except ValueError as error:
-                raise ValueError(f"{path} is not valid JSON ({error}): fix the recipe file.") from error
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path} holds a JSON {type(raw).__name__}; a recipe is an object with model and stages.")
+        raw = read_recipe(path)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known - {"description"})
         if unknown:

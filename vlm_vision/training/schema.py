@@ -3,6 +3,8 @@
 - :func:`from_dict` builds a dataclass from a dict, refusing keys it doesn't have (naming the closest valid one and
   listing them all) and building nested dataclass fields (a stage's `optimizer`) the same way.
 - :func:`check_keys` does the same for the free-form sections whose valid keys are a set (`vision`, `data`, ...).
+- :func:`read_recipe` reads a recipe file (VLM or classifier) into a dict, naming a missing file, broken JSON or a
+  JSON value that is not an object.
 - :func:`apply_overrides` sets values in the raw recipe before it is built: `stages.finetune.batch_size=64`
   (a stage by name or index), `language_model.dtype=bfloat16`, `stages.0.optimizer.learning_rate=2e-5`. Values
   are read as JSON when they parse (numbers, true/false/null, lists, objects), else as strings.
@@ -15,6 +17,7 @@ import difflib
 import json
 import typing
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -62,6 +65,19 @@ def _dataclass_in(hint) -> type | None:
     if dataclasses.is_dataclass(hint):
         return hint
     return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+
+
+def read_recipe(path) -> dict:
+    """The JSON object of the recipe file `path`, before any checking of its keys."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Recipe {path} does not exist: check the path (configs/*/*.json).") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Recipe {path} is not valid JSON ({error}): check the file is complete.") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"Recipe {path} holds a JSON {type(raw).__name__}; a recipe is an object (its sections).")
+    return raw
 
 
 def parse_value(text: str) -> Any:
@@ -117,4 +133,4 @@ def _list_position(items: list, key: str, where: str) -> int:
     raise ValueError(f"--set {where}: no element {key!r}; name one of {names} or an index below {len(items)}.")
 
 
-__all__ = ["apply_overrides", "check_fields", "check_keys", "from_dict", "parse_value"]
+__all__ = ["apply_overrides", "check_fields", "check_keys", "from_dict", "parse_value", "read_recipe"]

@@ -16,7 +16,6 @@ from the command line (`--set stages.finetune.batch_size=64`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -56,7 +55,7 @@ from ..towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
 from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, make_accelerator, process_state, train
-from .schema import apply_overrides, check_keys, from_dict
+from .schema import apply_overrides, check_keys, from_dict, read_recipe
 from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
 from .vlm import VLMLoss, WithAuxiliaryClassifier, count_supervised, save_json
 
@@ -226,14 +225,7 @@ class VLMRecipe:
         """Read a recipe file, point it at a `vision` tower folder and a `language_model` folder (what
         `--vision`/`--lm` do: the loading options of the recipe's section are kept), apply `--set` style
         `overrides` (`dotted.key=value`), and check it."""
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"Recipe {path} does not exist: check the path (configs/vlm/*.json).") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"Recipe {path} is not valid JSON ({error}): check the file is complete.") from error
-        if not isinstance(raw, dict):
-            raise ValueError(f"Recipe {path} must hold a JSON object, got a {type(raw).__name__}.")
+        raw = read_recipe(path)
         for section, folder, keep in (
             ("vision", vision, VISION_KEYS + VISION_PROCESSING_KEYS),
             ("language_model", language_model, LM_KEYS),
