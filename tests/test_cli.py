@@ -86,6 +86,18 @@ def vlm_folder(tmp_path_factory):
     return folder, image, model, processor
 
 
+def test_the_script_exits_0_when_a_subcommand_returns_a_value(vlm_folder):
+    # `ask` returns its answer to Python callers; the console script must not take it for an exit status
+    folder, image, *_ = vlm_folder
+    code = (
+        "import sys; from vlm_vision.cli import console; sys.argv = ['vlm-vision', *sys.argv[1:]]; sys.exit(console())"
+    )
+    argv = ["ask", str(folder), str(image), "what is the blue shape?", "--max-new-tokens", "3"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() and done.stdout.strip() not in done.stderr
+
+
 def test_ask_prints_the_greedy_answer_of_generate(vlm_folder, capsys):
     folder, image, model, processor = vlm_folder
     question = "what is the blue shape?"
@@ -152,7 +164,7 @@ def test_a_wheel_carries_the_recipes_and_the_commands(tmp_path):
     assert "vlm_vision/cli.py" in names and "vlm_vision/adapters/mlp.py" in names
     assert any(name.endswith("entry_points.txt") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "vlm-vision = vlm_vision.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "vlm-vision = vlm_vision.cli:console" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)

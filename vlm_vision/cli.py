@@ -118,3 +118,10 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
+
+
+def console() -> int:
+    """The `vlm-vision` script: `main`, exiting 0 on success (the values `main` returns, such as `ask`'s answer or a
+    benchmark's report, are for Python callers; a console script would take them for an exit status)."""
+    main()
+    return 0
