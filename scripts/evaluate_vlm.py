@@ -21,7 +21,7 @@ from vlm_vision.data.conversations import read_coco_captions, read_easy_vqa, rea
 from vlm_vision.data.easy_vqa import yes_no_breakdown
 from vlm_vision.generation import evaluate_samples
 from vlm_vision.towers import resolve_dtype
-from vlm_vision.training.vlm import seeded_subset
+from vlm_vision.training.vlm import save_json, seeded_subset
 
 
 def main(argv=None) -> None:
@@ -77,19 +77,19 @@ def main(argv=None) -> None:
         progress_bar=not args.no_progress_bar,
     )
     predictions = results.pop("predictions")
+    breakdown = []
     if args.breakdown:
         qa = [s.meta["qa"][0] for s in samples]
-        results["yes_no_breakdown"] = yes_no_breakdown(
-            [q["question"] for q in qa], [q["answer"] for q in qa], predictions
-        )
-    print(json.dumps({k: v for k, v in results.items() if k != "yes_no_breakdown"}, indent=2))
-    for row in results.get("yes_no_breakdown", []):
+        breakdown = yes_no_breakdown([q["question"] for q in qa], [q["answer"] for q in qa], predictions)
+    print(json.dumps(results, indent=2))
+    for row in breakdown:
         kind = f"{row['attribute']}, {'negated' if row['negated'] else 'not negated'}, "
         kind += "names what is shown" if row["shown"] else "names what is absent"
         print(f"  {kind:<48} {row['questions']:>5} questions  right {row['right']:.3f}  answered yes {row['yes']:.3f}")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({**results, "predictions": dict(zip([s.id for s in samples], predictions, strict=True))}, f)
+        extra = {"yes_no_breakdown": breakdown} if args.breakdown else {}
+        predicted = dict(zip([s.id for s in samples], predictions, strict=True))
+        save_json(args.output, {**results, **extra, "predictions": predicted})
 
 
 if __name__ == "__main__":
