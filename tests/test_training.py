@@ -164,6 +164,72 @@ def test_cosine_schedule_with_warmup_per_group():
     assert [g["lr"] for g in optimizer.param_groups][head] == pytest.approx(0.0)
 
 
+def _rates(config: OptimizerConfig, steps: int) -> list[float]:
+    optimizer = build_optimizer(tiny_classifier(), config)
+    scheduler = build_scheduler(optimizer, config, num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_other_schedules_by_transformers_name():
+    constant = _rates(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, lr_scheduler_type="constant_with_warmup"), 10)
+    assert constant[:3] == pytest.approx([0.0, 5e-3, 1e-2]) and constant[-1] == pytest.approx(1e-2)
+    # warm-up 2, stable until the last 4 steps (decay_ratio 0.4 of 10), then cosine to 0.
+    wsd = _rates(
+        OptimizerConfig(
+            learning_rate=1e-2,
+            warmup_steps=2,
+            lr_scheduler_type="warmup_stable_decay",
+            lr_scheduler_kwargs={"decay_ratio": 0.4},
+        ),
+        10,
+    )
+    reference = _rates(
+        OptimizerConfig(
+            learning_rate=1e-2,
+            warmup_steps=2,
+            lr_scheduler_type="warmup_stable_decay",
+            lr_scheduler_kwargs={"num_decay_steps": 4},
+        ),
+        10,
+    )
+    assert wsd == reference
+    assert wsd[2:6] == pytest.approx([1e-2] * 4) and 0 < wsd[7] < 1e-2 and wsd[-1] < wsd[7]
+    floor = _rates(
+        OptimizerConfig(
+            learning_rate=1e-2,
+            warmup_steps=0,
+            lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        ),
+        10,
+    )
+    assert min(floor) >= 1e-3 - 1e-12 and floor[0] == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"lr_scheduler_type": "cosine_decay"}, "not a schedule this loop can run; use one of"),
+        ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "not a schedule this loop can run"),
+        ({"lr_scheduler_type": "warmup_stable_decay"}, "set exactly one of lr_scheduler_kwargs.decay_ratio"),
+    ],
+)
+def test_schedule_refusals(fields, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(**fields)
+
+
+def test_schedule_arguments_that_do_not_fit_are_named():
+    config = OptimizerConfig(lr_scheduler_type="linear", lr_scheduler_kwargs={"min_lr_rate": 0.1})
+    with pytest.raises(ValueError, match="do not fit lr_scheduler_type='linear'"):
+        build_scheduler(build_optimizer(tiny_classifier(), config), config, num_training_steps=10)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # loop and data order
 # ---------------------------------------------------------------------------------------------------------------------

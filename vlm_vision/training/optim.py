@@ -1,4 +1,4 @@
-"""AdamW with weight decay by rule and per-part learning rates, and the cosine schedule with warm-up.
+"""AdamW with weight decay by rule and per-part learning rates, and a learning-rate schedule with warm-up.
 
 Weight decay (as timm and nanoGPT): only the weight matrices of layers decay, i.e. parameters with `p.ndim >= 2`
 whose name ends in `weight` (Linear, Conv, attention in-projections). Biases, norms and LayerScale (1-D), embedding
@@ -11,6 +11,11 @@ a path prefix on module boundaries (`"vit"` matches `vit.layers.0...`, not `vita
 pattern over the full parameter name. A parameter belongs to the part of the longest pattern it matches (so
 `vit.*lora_*` beats `vit`), and to the part `"default"` when none matches. `learning_rates` maps part names to
 their rates; parts without an entry use the base rate.
+
+Schedules: transformers' (`get_scheduler`), named as in `TrainingArguments.lr_scheduler_type` (`cosine`, the
+default, `linear`, `constant_with_warmup`, `cosine_with_min_lr`, `warmup_stable_decay`, ...), with their own
+arguments in `lr_scheduler_kwargs`. For `warmup_stable_decay`, `decay_ratio` (the fraction of the steps that decay)
+stands for transformers' `num_decay_steps`, so that a recipe need not know its step count.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_scheduler
+from transformers.trainer_utils import SchedulerType
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PART = "default"
+# transformers' schedules that step once per optimizer step with nothing but the step count.
+SCHEDULES = frozenset(t.value for t in SchedulerType) - {"reduce_lr_on_plateau", "greedy"}
 
 
 @dataclass
@@ -39,7 +48,10 @@ class OptimizerConfig:
         weight_decay: decoupled weight decay of the weight matrices (see the module docstring).
         betas, eps: AdamW's.
         warmup_ratio: linear warm-up over this fraction of the optimizer steps (used when `warmup_steps` is None).
-        warmup_steps: linear warm-up steps; then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup).
+        warmup_steps: linear warm-up steps (when not None).
+        lr_scheduler_type: the schedule after the warm-up, a transformers name (see the module docstring).
+        lr_scheduler_kwargs: the schedule's own arguments (`min_lr_rate` of `cosine_with_min_lr`, `decay_ratio` or
+            `num_decay_steps` of `warmup_stable_decay`, ...).
         parts: part name -> module-path pattern(s).
         learning_rates: part name -> peak learning rate.
     """
@@ -52,6 +64,8 @@ class OptimizerConfig:
     warmup_steps: int | None = None
     parts: dict[str, str | list[str]] = field(default_factory=dict)
     learning_rates: dict[str, float] = field(default_factory=dict)
+    lr_scheduler_type: str = "cosine"
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.learning_rate > 0:
@@ -72,6 +86,18 @@ class OptimizerConfig:
         bad = {k: v for k, v in self.learning_rates.items() if not v >= 0}
         if bad:
             raise ValueError(f"learning rates must be >= 0, got {bad}.")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(
+                f"lr_scheduler_type={self.lr_scheduler_type!r} is not a schedule this loop can run; use one of "
+                f"{sorted(SCHEDULES)} (transformers' names; those that need a metric or a search are left out)."
+            )
+        if self.lr_scheduler_type == "warmup_stable_decay" and (
+            ("decay_ratio" in self.lr_scheduler_kwargs) == ("num_decay_steps" in self.lr_scheduler_kwargs)
+        ):
+            raise ValueError(
+                "lr_scheduler_type='warmup_stable_decay' needs how long the decay is: set exactly one of "
+                "lr_scheduler_kwargs.decay_ratio (a fraction of the steps, e.g. 0.2) or num_decay_steps."
+            )
 
     def num_warmup_steps(self, num_training_steps: int) -> int:
         if self.warmup_steps is not None:
@@ -173,10 +199,26 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: OptimizerConfig, num_training_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to 0 over `num_training_steps` optimizer steps; each group from its own lr."""
+    """Linear warm-up, then `config.lr_scheduler_type` over `num_training_steps` optimizer steps (cosine decay to 0
+    by default); each group from its own lr."""
     if num_training_steps <= 0:
         raise ValueError(f"num_training_steps={num_training_steps} must be > 0: is the data set empty?")
-    return get_cosine_schedule_with_warmup(optimizer, config.num_warmup_steps(num_training_steps), num_training_steps)
+    kwargs = dict(config.lr_scheduler_kwargs)
+    if "decay_ratio" in kwargs:
+        kwargs["num_decay_steps"] = math.ceil(kwargs.pop("decay_ratio") * num_training_steps)
+    try:
+        return get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=config.num_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=kwargs,
+        )
+    except TypeError as error:  # an argument the schedule does not take
+        raise ValueError(
+            f"lr_scheduler_kwargs {config.lr_scheduler_kwargs} do not fit lr_scheduler_type="
+            f"{config.lr_scheduler_type!r} ({error}): see transformers.optimization for its arguments."
+        ) from None
 
 
 def describe_trainable(model: nn.Module, parts: Mapping[str, str | Sequence[str]] | None = None) -> str:
