@@ -342,7 +342,7 @@ class Adapter(nn.Module):
         names differ from peft's (``adapter_config.json``/``adapter_model.safetensors``), so a projector and a LoRA
         adapter can share a folder.
         """
-        from ..export import replace_directory_atomically
+        from ..export.folders import replace_directory_atomically
 
         directory = Path(directory).resolve()
         if directory.exists() and not directory.is_dir():

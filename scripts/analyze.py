@@ -16,8 +16,8 @@ from pathlib import Path
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 import vlm_vision  # noqa: F401  registers the model with the Auto classes
+from vlm_vision.analysis.plots import write_analysis
 from vlm_vision.data import IMAGE_EXTENSIONS, load_image
-from vlm_vision.plots import write_analysis
 
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 

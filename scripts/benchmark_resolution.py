@@ -31,11 +31,11 @@ from PIL import Image
 from transformers import LlamaConfig
 
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionTransformerConfig
-from vlm_vision.checkpoint import image_processor_for
 from vlm_vision.data.packing import pack_encoded
-from vlm_vision.image_processing_vlm_vit import VisionTransformerImageProcessor
-from vlm_vision.modeling_vlm import IGNORE_INDEX, tile_layout
-from vlm_vision.processing_vlm import split_image
+from vlm_vision.encoder.image_processing_vit import VisionTransformerImageProcessor
+from vlm_vision.export.encoder_folder import image_processor_for
+from vlm_vision.vlm.modeling_vlm import IGNORE_INDEX, tile_layout
+from vlm_vision.vlm.processing_vlm import split_image
 
 MODES = ("squash", "native-padded", "native-packed", "tiles")
 

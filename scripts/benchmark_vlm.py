@@ -8,7 +8,7 @@ Warm-up steps are excluded; the median step time of the timed ones gives samples
     align        only the adapter trains (tower and LM frozen; gradients still flow through the LM to the adapter).
                  Ours runs the frozen tower without autograd and only up to the feature layer; LLaVA runs its whole
                  tower (`output_hidden_states`) with the same parameters frozen.
-    align-cache  align, ours fed from a `vlm_vision.feature_cache` built once before timing (its build time is
+    align-cache  align, ours fed from a `vlm_vision.vlm.feature_cache` built once before timing (its build time is
                  printed; it pays when the dataset is seen more than once); LLaVA as in align
     packed       full, on a mix of lengths (text lengths log-normal around `--text-length`, spread
                  `--length-sigma`, up to `--max-length` with the image): supervised tokens/s of ours on padded
@@ -34,7 +34,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionTransformerConfig
 from vlm_vision.data.packing import pack_encoded
-from vlm_vision.feature_cache import build_feature_cache
+from vlm_vision.vlm.feature_cache import build_feature_cache
 
 MODES = ("full", "align", "align-cache", "packed")
 

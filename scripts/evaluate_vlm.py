@@ -19,9 +19,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import vlm_vision  # noqa: F401  registers the Auto classes
 from vlm_vision.data.conversations import read_coco_captions, read_easy_vqa, read_llava, read_vqav2
 from vlm_vision.data.easy_vqa import yes_no_breakdown
-from vlm_vision.generation import evaluate_samples
-from vlm_vision.towers import resolve_dtype
+from vlm_vision.evaluation.generation import evaluate_samples
 from vlm_vision.training.vlm import save_json, seeded_subset
+from vlm_vision.vlm.towers import resolve_dtype
 
 
 def main(argv=None) -> None:

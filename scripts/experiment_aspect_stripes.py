@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from vlm_vision.commands.benchmark_resolution import build_model, image_inputs
-from vlm_vision.modeling_vlm import IGNORE_INDEX
+from vlm_vision.vlm.modeling_vlm import IGNORE_INDEX
 
 QUESTION = 10  # token ids 0 and 1 are the answers
 MODES = {"squash": "squash", "native": "native-padded"}  # this task's names -> the benchmark's image layouts

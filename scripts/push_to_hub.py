@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vlm_vision.hub import push_folder
+from vlm_vision.export.hub import push_folder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ def smollm2_folder(out: Path) -> Path:
     """SmolLM2-135M-Instruct as a transformers folder (read from the GGUF once, then reused)."""
     folder = out / "SmolLM2-135M-Instruct"
     if not (folder / "config.json").is_file():
-        from vlm_vision.smollm import load_smollm2
+        from vlm_vision.vlm.smollm import load_smollm2
 
         model, tokenizer = load_smollm2()
         model.save_pretrained(folder)

@@ -18,11 +18,11 @@ from transformers import AutoModel
 
 import vlm_vision  # noqa: F401  registers the Auto classes
 from vlm_vision import VisionLanguageForConditionalGeneration, VisionLanguageProcessor, VisionTransformerConfig
-from vlm_vision.checkpoint import image_processor_for
 from vlm_vision.demo import astronaut
-from vlm_vision.modeling_vlm_vit import VisionTransformerModel
-from vlm_vision.processing_vlm import IGNORE_INDEX
-from vlm_vision.smollm import load_smollm2
+from vlm_vision.encoder.modeling_vit import VisionTransformerModel
+from vlm_vision.export.encoder_folder import image_processor_for
+from vlm_vision.vlm.processing_vlm import IGNORE_INDEX
+from vlm_vision.vlm.smollm import load_smollm2
 
 
 def main(argv=None) -> None:

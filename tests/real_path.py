@@ -26,7 +26,7 @@ from transformers import (
     SiglipModel,
 )
 
-from vlm_vision.tokenizer import train_sentencepiece_tokenizer
+from vlm_vision.vlm.tokenizer import train_sentencepiece_tokenizer
 
 # a ChatML template with a default system prompt, as Qwen2.5 and SmolLM2 have
 CHATML_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""Closed-form checks of the Figure 7 analyses and attention rollout (`vlm_vision.analysis`)."""
+"""Closed-form checks of the Figure 7 analyses and attention rollout (`vlm_vision.analysis.measures`)."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vlm_vision.analysis import (
+from vlm_vision.analysis.measures import (
     attention_rollout,
     attention_rollout_map,
     mean_attention_distance,

@@ -14,7 +14,7 @@ import torch
 from tests.vlm_helpers import build_vlm, shapes_image, train_tokenizer
 from vlm_vision import cli, recipes
 from vlm_vision.data.conversations import VLMSample
-from vlm_vision.generation import generate_answers
+from vlm_vision.evaluation.generation import generate_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -388,7 +388,7 @@ def test_cli_writes_a_complete_folder_with_the_source_preprocessing(tmp_path, pi
     main(["--from", "clip", str(source), "--out", str(out), "--base-model", "openai/clip-vit-base-patch32"])
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
-    assert "modeling_vlm_vit.py" in names and not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    assert "modeling_vit.py" in names and not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.1, 0.2, 0.3] and processor["image_std"] == [0.4, 0.5, 0.6]
     # CLIP's own processor (the file names no class: the CLIP family's), sized for the 32 px model: shortest edge,

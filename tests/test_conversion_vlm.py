@@ -10,8 +10,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaTokenizer, Sigl
 from tests.test_conversion import TINY, randomised, saved
 from tests.vlm_helpers import shapes_image, tiny_text_config, train_tokenizer, vqa
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionLanguageProcessor
-from vlm_vision.checkpoint import image_processor_for
 from vlm_vision.conversion import convert_checkpoint
+from vlm_vision.export.encoder_folder import image_processor_for
 
 ATOL = RTOL = 1e-5
 REFERENCES = {

@@ -79,7 +79,7 @@ def test_fsdp2_shards_trains_as_one_process_resumes_exactly_and_evaluates_on_eve
         assert torch.equal(resumed[key], fsdp[key]), key
 
     # every process answered its share: the gathered answers are those of the saved model answering alone
-    from vlm_vision.generation import evaluate_samples
+    from vlm_vision.evaluation.generation import evaluate_samples
     from vlm_vision.training.vlm_recipe import load_eval_samples
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp" / "vlm")  # reloads as any folder

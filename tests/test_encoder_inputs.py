@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from tests.conftest import TINY, tiny_config
 from vlm_vision import VisionTransformerConfig, VisionTransformerForImageClassification, VisionTransformerModel
-from vlm_vision.checkpoint import save_checkpoint
-from vlm_vision.modeling_vlm_vit import CheckpointFileError, CheckpointMismatchError
+from vlm_vision.encoder.modeling_vit import CheckpointFileError, CheckpointMismatchError
+from vlm_vision.export.encoder_folder import save_checkpoint
 
 
 def build(**overrides) -> VisionTransformerModel:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vlm_vision.evaluation import (
+from vlm_vision.evaluation.metrics import (
     CONTRACTIONS,
     accuracy_by,
     caption_scores,

@@ -5,12 +5,12 @@ import torch
 import yaml
 from huggingface_hub import CommitInfo
 
-import vlm_vision.hub as hub
+import vlm_vision.export.hub as hub
 from scripts.push_to_hub import main
 from tests.conftest import tiny_config
 from tests.vlm_helpers import tiny_text_config
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, remote_code
-from vlm_vision.checkpoint import create_checkpoint
+from vlm_vision.export.encoder_folder import create_checkpoint
 
 
 class RecordingHubApi:
@@ -68,7 +68,7 @@ def test_the_script_pushes_an_encoder_folder_exactly_as_saved(encoder_folder, re
     saved = sorted(p.name for p in encoder_folder.iterdir())
     assert sorted(api.uploaded) == saved
     expected = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
-    assert expected | {"configuration_vlm_vit.py", "modeling_vlm_vit.py"} <= set(saved)
+    assert expected | {"configuration_vit.py", "modeling_vit.py"} <= set(saved)
     for name in saved:  # byte for byte, the card included
         assert api.uploaded[name] == (encoder_folder / name).read_bytes()
     metadata = card_metadata(api.uploaded["README.md"])

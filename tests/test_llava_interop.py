@@ -7,7 +7,7 @@ from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGenerati
 from tests.conftest import tiny_config
 from tests.vlm_helpers import build_vlm, shapes_image, tiny_text_config, train_tokenizer, vqa
 from vlm_vision import VisionTransformerModel
-from vlm_vision.llava import export_to_llava
+from vlm_vision.vlm.llava import export_to_llava
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForImageTextToText, LlamaTokenizer
 
 from tests.vlm_helpers import build_vlm, shapes_image, vqa
-from vlm_vision.lora import LoraPreset, LoraSide, apply_lora, lora_config, parameter_table
+from vlm_vision.vlm.lora import LoraPreset, LoraSide, apply_lora, lora_config, parameter_table
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_merge_and_unload_gives_a_plain_checkpoint_with_the_same_outputs(vlm, tm
 
 def test_parameter_table_counts_each_part(vlm, caplog):
     model, _ = vlm
-    with caplog.at_level("INFO", logger="vlm_vision.lora"):
+    with caplog.at_level("INFO", logger="vlm_vision.vlm.lora"):
         peft_model = apply_lora(model, "lm")
     table = parameter_table(peft_model)
     assert "vision_tower" in table and "adapter" in table and "language_model" in table and "lora" in table

@@ -18,7 +18,7 @@ from transformers.models.siglip2.image_processing_pil_siglip2 import (
 
 from tests.conftest import tiny_config
 from vlm_vision import VisionTransformerConfig, VisionTransformerImageProcessor, VisionTransformerModel
-from vlm_vision.position_embeddings import MAX_RESAMPLE_FACTOR
+from vlm_vision.encoder.position_embeddings import MAX_RESAMPLE_FACTOR
 
 ATOL = 1e-5
 PATCH = 4  # tiny_config: image 32, patch 4 -> an 8 x 8 position table, 48 values per patch

@@ -21,9 +21,9 @@ from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision.data.conversations import VLMSample
 from vlm_vision.data.dataset import VLMCollator, VLMDataset
 from vlm_vision.data.packing import pack_encoded, pack_sequences
-from vlm_vision.modeling_vlm import flatten_packed_rows
-from vlm_vision.processing_vlm import IGNORE_INDEX
 from vlm_vision.training.vlm_recipe import run_vlm_recipe
+from vlm_vision.vlm.modeling_vlm import flatten_packed_rows
+from vlm_vision.vlm.processing_vlm import IGNORE_INDEX
 
 # an attention function transformers' masking_utils knows nothing of: it gets no mask, so it can't keep packed
 # sequences apart (test_a_custom_attention_really_leaks... shows it)

@@ -10,8 +10,7 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from vlm_vision import VisionTransformerForImageClassification
-from vlm_vision.checkpoint import image_processor_for, save_checkpoint
-from vlm_vision.plots import (
+from vlm_vision.analysis.plots import (
     DPI,
     plot_attention_rollout,
     plot_mean_attention_distance,
@@ -20,6 +19,7 @@ from vlm_vision.plots import (
     position_similarity_summary,
     write_analysis,
 )
+from vlm_vision.export.encoder_folder import image_processor_for, save_checkpoint
 
 
 def png_size(path):
@@ -88,7 +88,7 @@ def test_write_analysis_and_the_script_on_a_saved_checkpoint(tmp_path):
 
 
 def test_a_hybrid_shows_the_rgb_filters_of_its_root_convolution(tmp_path):
-    from vlm_vision.plots import first_rgb_filters
+    from vlm_vision.analysis.plots import first_rgb_filters
 
     torch.manual_seed(0)
     stem = {

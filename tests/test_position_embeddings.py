@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_vision.position_embeddings import infer_square_grid, resample_position_embeddings
+from vlm_vision.encoder.position_embeddings import infer_square_grid, resample_position_embeddings
 
 
 def table(prefix=1, grid=(4, 6), dim=8, dtype=torch.float32):

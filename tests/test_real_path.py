@@ -185,7 +185,7 @@ def test_two_processes_train_the_llava_recipe_as_one(world, tmp_path):
 def test_the_plain_template_supervises_the_caption_only(world):
     from vlm_vision.data.dataset import VLMDataset
     from vlm_vision.data.index import JsonIndex
-    from vlm_vision.processing_vlm import PLAIN_CHAT_TEMPLATE
+    from vlm_vision.vlm.processing_vlm import PLAIN_CHAT_TEMPLATE
 
     _, processor = vlm_recipe.build_vlm(_recipe(world), None, Path("unused"))
     index = JsonIndex(world["data"].pretrain, world["data"].root)
@@ -203,7 +203,7 @@ def test_the_plain_template_supervises_the_caption_only(world):
 
 
 def test_bad_towers(world, tmp_path):
-    from vlm_vision.towers import load_vision_tower
+    from vlm_vision.vlm.towers import load_vision_tower
 
     unknown = tmp_path / "bert"
     unknown.mkdir()

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from tests.conftest import tiny_config
 from vlm_vision import VisionTransformerForImageClassification, VisionTransformerModel, resample_position_embeddings
-from vlm_vision.checkpoint import create_checkpoint, save_checkpoint
+from vlm_vision.export.encoder_folder import create_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -42,18 +42,18 @@ def test_folder_is_complete(saved):
         "config.json",
         "model.safetensors",
         "preprocessor_config.json",
-        "configuration_vlm_vit.py",
-        "modeling_vlm_vit.py",
+        "configuration_vit.py",
+        "modeling_vit.py",
         "position_embeddings.py",
         "README.md",
     }
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"] == {
-        "AutoConfig": "configuration_vlm_vit.VisionTransformerConfig",
-        "AutoModel": "modeling_vlm_vit.VisionTransformerModel",
+        "AutoConfig": "configuration_vit.VisionTransformerConfig",
+        "AutoModel": "modeling_vit.VisionTransformerModel",
     }
     # the copied code imports only torch, transformers and its siblings
-    for name in ("configuration_vlm_vit.py", "modeling_vlm_vit.py", "position_embeddings.py"):
+    for name in ("configuration_vit.py", "modeling_vit.py", "position_embeddings.py"):
         source = (path / name).read_text()
         assert "vlm_vision" not in source.replace("vlm_vit", ""), name
 
@@ -217,7 +217,7 @@ def test_the_saved_image_processor_takes_every_pillow_mode_from_real_files(saved
 
 
 def test_old_folders_without_rgb_conversion_are_upgraded_or_loaded_with_it(saved, tmp_path, caplog):
-    from vlm_vision.checkpoint import load_image_processor, main, upgrade_checkpoint
+    from vlm_vision.export.encoder_folder import load_image_processor, main, upgrade_checkpoint
 
     _, path = saved
     config_file = path / "preprocessor_config.json"
@@ -238,13 +238,13 @@ def test_old_folders_without_rgb_conversion_are_upgraded_or_loaded_with_it(saved
     assert AutoImageProcessor.from_pretrained(path)(images=gray, return_tensors="pt").pixel_values.shape[1] == 3
     assert upgrade_checkpoint(path) == []  # already up to date
     names = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "position_embeddings.py"}
-    assert {p.name for p in path.iterdir()} == names | {"configuration_vlm_vit.py", "modeling_vlm_vit.py"}
+    assert {p.name for p in path.iterdir()} == names | {"configuration_vit.py", "modeling_vit.py"}
     with pytest.raises(SystemExit):
         main(["--upgrade", str(tmp_path / "nowhere")])
 
 
 def test_image_processor_for_other_channel_counts():
-    from vlm_vision.checkpoint import image_processor_for
+    from vlm_vision.export.encoder_folder import image_processor_for
 
     gray_model = tiny_config(num_channels=1)
     processor = image_processor_for(gray_model)
@@ -255,7 +255,7 @@ def test_image_processor_for_other_channel_counts():
 
 
 def test_create_checkpoint_and_save_checkpoint_check_their_arguments(tmp_path, capsys):
-    from vlm_vision.checkpoint import main
+    from vlm_vision.export.encoder_folder import main
 
     with pytest.raises(ValueError, match=r"num_labels=0 must be a positive int.*leave it None"):
         create_checkpoint("vit-ti16", tmp_path / "a", num_labels=0, image_size=32)

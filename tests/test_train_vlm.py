@@ -333,7 +333,7 @@ def test_a_frozen_tower_stage_trains_the_same_from_cached_features(tmp_path, cap
     run_vlm_recipe(recipe(ALIGN, frozen), str(tmp_path / "pixels"), progress_bar=False, evaluate=False)
     cached = {**frozen, "cache_features": True}
     again = {**cached, "name": "again", "max_steps": 1}
-    with caplog.at_level(logging.INFO, logger="vlm_vision.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="vlm_vision.vlm.feature_cache"):
         run_vlm_recipe(recipe(ALIGN, cached, again), str(tmp_path / "cached"), progress_bar=False, evaluate=False)
     pixels, features = weights(tmp_path / "pixels" / "lm" / "model"), weights(tmp_path / "cached" / "lm" / "model")
     for key in pixels:

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision import VisionLanguageForConditionalGeneration, VisionTransformerModel
-from vlm_vision.processing_vlm import IGNORE_INDEX
+from vlm_vision.vlm.processing_vlm import IGNORE_INDEX
 
 
 @pytest.fixture
@@ -35,8 +35,8 @@ def test_tokenizer_is_a_real_sentencepiece_model(tokenizer):
 
 
 def test_a_tokenizer_trained_on_chat_texts_has_pieces_for_the_template_markup():
-    from vlm_vision.processing_vlm import DEFAULT_CHAT_TEMPLATE
-    from vlm_vision.tokenizer import chat_texts, train_sentencepiece_tokenizer
+    from vlm_vision.vlm.processing_vlm import DEFAULT_CHAT_TEMPLATE
+    from vlm_vision.vlm.tokenizer import chat_texts, train_sentencepiece_tokenizer
 
     pairs = [(c, s) for c in ("red", "blue", "teal") for s in ("circle", "square")]
     conversations = [vqa(f"what is the {c} shape?", f"a {c} {s}") for c, s in pairs]
@@ -61,7 +61,7 @@ def test_the_tokenizer_splits_text_as_its_sentencepiece_model_does(monkeypatch):
     (the chat template puts the question after "<image>\n")."""
     import sentencepiece as spm
 
-    from vlm_vision.tokenizer import train_sentencepiece_tokenizer
+    from vlm_vision.vlm.tokenizer import train_sentencepiece_tokenizer
 
     trained, train = {}, spm.SentencePieceTrainer.train
 

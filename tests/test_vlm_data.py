@@ -25,7 +25,7 @@ from vlm_vision.data.conversations import (
     read_vqav2,
 )
 from vlm_vision.data.dataset import VLMCollator, VLMDataset, split_questions
-from vlm_vision.processing_vlm import IGNORE_INDEX
+from vlm_vision.vlm.processing_vlm import IGNORE_INDEX
 
 
 @pytest.fixture

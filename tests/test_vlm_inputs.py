@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from tests.vlm_helpers import build_vlm, shapes_image, vqa
 from vlm_vision import VisionLanguageForConditionalGeneration
-from vlm_vision.modeling_vlm_vit import CheckpointFileError, CheckpointMismatchError
+from vlm_vision.encoder.modeling_vit import CheckpointFileError, CheckpointMismatchError
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_apply_chat_template_takes_content_lists_as_string_messages(vlm):
 def test_content_lists_train_and_evaluate_like_strings(vlm, tmp_path):
     from vlm_vision.data.conversations import VLMSample, read_llava
     from vlm_vision.data.dataset import VLMDataset, split_questions
-    from vlm_vision.generation import first_turn, reference_answer
+    from vlm_vision.evaluation.generation import first_turn, reference_answer
 
     _, processor = vlm
     as_text = vqa("what is the blue shape?", "a blue circle")
@@ -232,7 +232,7 @@ def test_content_lists_train_and_evaluate_like_strings(vlm, tmp_path):
 
 def test_a_processor_without_a_usable_tokenizer_names_the_fix(vlm, tmp_path):
     from vlm_vision import VisionLanguageProcessor
-    from vlm_vision.processing_vlm import ChatTemplateError, resolve_chat_template
+    from vlm_vision.vlm.processing_vlm import ChatTemplateError, resolve_chat_template
 
     model, processor = vlm
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
@@ -376,7 +376,7 @@ def llava_named_config(tokenizer, vision=None, **fields):
 
 def test_vision_feature_select_strategy_is_keep_prefix_tokens(tokenizer):
     from tests.conftest import tiny_config
-    from vlm_vision.modeling_vlm import num_image_tokens_for
+    from vlm_vision.vlm.modeling_vlm import num_image_tokens_for
 
     full = llava_named_config(tokenizer, vision_feature_select_strategy="full")
     default = llava_named_config(tokenizer, vision_feature_select_strategy="default")

@@ -13,9 +13,9 @@ from PIL import Image
 from tests.conftest import tiny_config
 from tests.vlm_helpers import tiny_text_config, train_tokenizer, vqa
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionLanguageProcessor
-from vlm_vision.checkpoint import image_processor_for
-from vlm_vision.image_processing_vlm_vit import VisionTransformerImageProcessor
-from vlm_vision.processing_vlm import IGNORE_INDEX, split_image
+from vlm_vision.encoder.image_processing_vit import VisionTransformerImageProcessor
+from vlm_vision.export.encoder_folder import image_processor_for
+from vlm_vision.vlm.processing_vlm import IGNORE_INDEX, split_image
 
 SHUFFLE = {"adapter_type": "pixel_shuffle", "scale_factor": 2}
 
@@ -143,7 +143,7 @@ def test_split_image_follows_the_longest_edge_rule():
 def test_the_tile_size_is_what_the_image_processor_outputs():
     from transformers import CLIPImageProcessorPil
 
-    from vlm_vision.processing_vlm import output_size
+    from vlm_vision.vlm.processing_vlm import output_size
 
     assert output_size(image_processor_for(tiny_config())) == (32, 32)
     clip = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36})

@@ -60,7 +60,7 @@ def test_the_folder_carries_flat_code_and_auto_map(saved):
 
 def test_an_import_the_flat_folder_cannot_follow_is_refused(monkeypatch):
     monkeypatch.setitem(remote_code.REWRITES, "processing_vlm.py", [])
-    with pytest.raises(RuntimeError, match=r"imports \.data\.images.*CODE_FILES"):
+    with pytest.raises(RuntimeError, match=r"imports \.\.data\.images.*CODE_FILES"):
         remote_code.code_sources()
     monkeypatch.setitem(remote_code.REWRITES, "processing_vlm.py", [("from .gone import", "from .images import")])
     with pytest.raises(RuntimeError, match=r"'from \.gone import' is gone; update remote_code\.REWRITES"):
@@ -131,5 +131,5 @@ def test_the_in_package_classes_still_load_the_folder_without_trust_remote_code(
     _, _, folder = saved
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    assert type(model).__module__ == "vlm_vision.modeling_vlm"
-    assert type(processor).__module__ == "vlm_vision.processing_vlm"
+    assert type(model).__module__ == "vlm_vision.vlm.modeling_vlm"
+    assert type(processor).__module__ == "vlm_vision.vlm.processing_vlm"

@@ -6,7 +6,7 @@ import torch
 from tests.conftest import tiny_config
 from tests.vlm_helpers import tiny_text_config
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration
-from vlm_vision.feature_cache import build_feature_cache
+from vlm_vision.vlm.feature_cache import build_feature_cache
 
 IMAGE_TOKEN_ID = 99
 TOKENS_PER_IMAGE = 64  # 32 px / patch 4 = 8x8 patches, [CLS] dropped, mlp adapter

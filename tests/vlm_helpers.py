@@ -9,8 +9,8 @@ from transformers import LlamaConfig
 
 from tests.conftest import tiny_config
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionLanguageProcessor
-from vlm_vision.checkpoint import image_processor_for
-from vlm_vision.tokenizer import train_sentencepiece_tokenizer
+from vlm_vision.export.encoder_folder import image_processor_for
+from vlm_vision.vlm.tokenizer import train_sentencepiece_tokenizer
 
 CORPUS = [
     "what is the blue shape?",

@@ -2,7 +2,17 @@
 
 Importing the package registers the encoder with transformers' Auto classes, so that
 `AutoModel.from_pretrained("./vit-b16")` works without `trust_remote_code`.
+
+The layout, one sub-package per concern: `encoder/` (the ViT; its files are copied into checkpoints), `vlm/` (the
+vision-language model around it; `adapters/` holds the projectors), and the tooling: `conversion/`, `data/`,
+`training/`, `evaluation/`, `export/`, `analysis/`. Modules of the earlier flat layout (`vlm_vision.modeling_vlm_vit`,
+...) still import, as the same module objects under their old names: see `MOVED_MODULES`.
 """
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 from transformers import (
     AutoConfig,
@@ -14,17 +24,17 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from .configuration_vlm import VisionLanguageConfig
-from .configuration_vlm_vit import PRESET_NAMES, PRESET_SIZES, VisionTransformerConfig
-from .image_processing_vlm_vit import VisionTransformerImageProcessor
-from .modeling_vlm import VisionLanguageForConditionalGeneration
-from .modeling_vlm_vit import (
+from .encoder.configuration_vit import PRESET_NAMES, PRESET_SIZES, VisionTransformerConfig
+from .encoder.image_processing_vit import VisionTransformerImageProcessor
+from .encoder.modeling_vit import (
     VisionTransformerForImageClassification,
     VisionTransformerModel,
     VisionTransformerPreTrainedModel,
 )
-from .position_embeddings import resample_position_embeddings
-from .processing_vlm import VisionLanguageProcessor
+from .encoder.position_embeddings import resample_position_embeddings
+from .vlm.configuration_vlm import VisionLanguageConfig
+from .vlm.modeling_vlm import VisionLanguageForConditionalGeneration
+from .vlm.processing_vlm import VisionLanguageProcessor
 
 AutoConfig.register(VisionTransformerConfig.model_type, VisionTransformerConfig, exist_ok=True)
 AutoModel.register(VisionTransformerConfig, VisionTransformerModel, exist_ok=True)
@@ -50,6 +60,64 @@ VisionTransformerModel.register_for_auto_class("AutoModel")
 VisionTransformerForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __version__ = "0.1.0"
+
+# Old module path (the flat layout, before the sub-packages) -> where that module lives now.
+MOVED_MODULES = {
+    "configuration_vlm_vit": "encoder.configuration_vit",
+    "modeling_vlm_vit": "encoder.modeling_vit",
+    "image_processing_vlm_vit": "encoder.image_processing_vit",
+    "position_embeddings": "encoder.position_embeddings",
+    "configuration_vlm": "vlm.configuration_vlm",
+    "modeling_vlm": "vlm.modeling_vlm",
+    "processing_vlm": "vlm.processing_vlm",
+    "remote_code": "vlm.remote_code",
+    "lora": "vlm.lora",
+    "llava": "vlm.llava",
+    "towers": "vlm.towers",
+    "smollm": "vlm.smollm",
+    "feature_cache": "vlm.feature_cache",
+    "tokenizer": "vlm.tokenizer",
+    "generation": "evaluation.generation",
+    "checkpoint": "export.encoder_folder",
+    "model_card": "export.model_card",
+    "hub": "export.hub",
+    "plots": "analysis.plots",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `vlm_vision.<old name>` as the module it moved to (lazily: on first import, then `sys.modules`).
+
+    `import vlm_vision.modeling_vlm_vit`, `from vlm_vision.modeling_vlm_vit import X` and `importlib.import_module`
+    all give the one module object `vlm_vision.encoder.modeling_vit`; its own name and spec are unchanged.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{MOVED_MODULES[spec.name.rpartition('.')[2]]}")
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        # the import system has set the alias's spec on the module: give it back its own
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
+
+
+def __getattr__(name: str):
+    # `vlm_vision.modeling_vlm_vit` as an attribute, as the flat layout's eager imports allowed
+    if name in MOVED_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PRESET_NAMES",

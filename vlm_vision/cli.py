@@ -23,8 +23,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("vlm_vision.commands.train_classifier", "the paper's classifier recipe: pre-train, fine-tune"),
     "evaluate": ("vlm_vision.commands.evaluate_vlm", "evaluate a saved VLM (easy-VQA, LLaVA JSON, VQAv2)"),
     "ask": ("vlm_vision.cli", "answer one question about one image with a saved VLM"),
-    "convert": ("vlm_vision.conversion", "convert a CLIP/SigLIP/DINOv2/ViT/timm/JAX checkpoint into an encoder folder"),
-    "create": ("vlm_vision.checkpoint", "write an encoder checkpoint folder for a preset"),
+    "convert": (
+        "vlm_vision.conversion.cli",
+        "convert a CLIP/SigLIP/DINOv2/ViT/timm/JAX checkpoint into an encoder folder",
+    ),
+    "create": ("vlm_vision.export.encoder_folder", "write an encoder checkpoint folder for a preset"),
     "analyze": ("vlm_vision.commands.analyze", "Figure 7 of the paper and attention rollout for an encoder"),
     "push": ("vlm_vision.commands.push_to_hub", "push a saved folder to the Hugging Face Hub"),
     "demo": ("vlm_vision.demo", "write ./vit-b16 and encode a photo through it"),
@@ -77,7 +80,7 @@ def ask(argv: list[str] | None = None) -> str:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlm_vision.data.conversations import VLMSample
-    from vlm_vision.generation import generate_answers
+    from vlm_vision.evaluation.generation import generate_answers
 
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)

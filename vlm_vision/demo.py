@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
-from .checkpoint import create_checkpoint
+from .export.encoder_folder import create_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..processing_vlm import IMAGE_TOKEN, normalize_messages
+from ..vlm.processing_vlm import IMAGE_TOKEN, normalize_messages
 from .easy_vqa import (
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
@@ -79,7 +79,7 @@ class VLMSample:
             in tag order. Empty for a text-only sample.
         messages: the conversation, `[{"role": "user" | "assistant" | "system", "content": str}]`; transformers'
             content lists (`[{"type": "image"}, {"type": "text", "text": ...}]`) are turned into that form, and an
-            unknown role (a misspelt "asistant") raises (:func:`~vlm_vision.processing_vlm.normalize_messages`).
+            unknown role (a misspelt "asistant") raises (:func:`~vlm_vision.vlm.processing_vlm.normalize_messages`).
         id: a unique, human-readable id (used in every error and report).
         meta: what evaluation needs and training ignores, e.g. `question_type`, VQAv2's ten `answers`, COCO's
             reference `captions`.

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..processing_vlm import IMAGE_TOKEN, ConversationTooLongError, VisionLanguageProcessor
+from ..vlm.processing_vlm import IMAGE_TOKEN, ConversationTooLongError, VisionLanguageProcessor
 from .conversations import (
     MALFORMED,
     MISSING_IMAGE,
@@ -76,7 +76,7 @@ class VLMDataset(torch.utils.data.Dataset):
             the flips are the same under any number of processes, DataLoader workers or a resume (call `set_epoch`).
         cache: keep each distinct conversation's encoding and each image's pixel values in memory after their first
             use (per process): for small data sets read many times (easy-VQA); off for large ones.
-        features: a :class:`~vlm_vision.feature_cache.FeatureStore` of a frozen tower: items then hold each image's
+        features: a :class:`~vlm_vision.vlm.feature_cache.FeatureStore` of a frozen tower: items then hold each image's
             tower features (`"features"`) instead of its pixels, and the tower does not run (flipped images read
             their flipped rows).
         on_error: "skip" (the next usable sample instead, reported in the batch) or "raise".

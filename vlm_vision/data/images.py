@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ON_ERROR_CHOICES = ("raise", "skip")
-IMAGE_MEAN = IMAGE_STD = 0.5  # the reference ViT preprocessing, as vlm_vision.checkpoint.image_processor_for
+IMAGE_MEAN = IMAGE_STD = 0.5  # the reference ViT preprocessing, as vlm_vision.export.encoder_folder.image_processor_for
 
 
 class ImageLoadError(ValueError):

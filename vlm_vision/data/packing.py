@@ -10,8 +10,8 @@ position_ids restart at 0 per conversation and there is no `attention_mask`: tha
 convention (`DataCollatorWithFlattening`). From it, sdpa, eager and flex attention build a block-diagonal causal
 mask (`masking_utils.find_packed_sequence_indices`, only when `attention_mask` is None and no cache is used: the
 VLM's forward turns the cache off) and flash-attention runs varlen on `cu_seqlens` (one flattened row: the VLM's
-forward flattens). :class:`~vlm_vision.modeling_vlm.VisionLanguageForConditionalGeneration` checks the LM's attention
-implementation can honour it and refuses one that can't.
+forward flattens). :class:`~vlm_vision.vlm.modeling_vlm.VisionLanguageForConditionalGeneration` checks the LM's
+attention implementation can honour it and refuses one that can't.
 
 Images keep their order in the batch (so per-image labels stay aligned); `image_index` says which image each
 `<image>` span of the packed rows shows, as packing reorders the conversations.
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..processing_vlm import IGNORE_INDEX
+from ..vlm.processing_vlm import IGNORE_INDEX
 
 
 def pack_sequences(lengths: Sequence[int], row_length: int) -> list[list[int]]:

@@ -22,10 +22,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..checkpoint import save_checkpoint
-from ..configuration_vlm_vit import CLASSIFIER_HEADS, VisionTransformerConfig
 from ..data import ImageClassificationDataset, load_easy_vqa, load_image_folder
-from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from ..encoder.configuration_vit import CLASSIFIER_HEADS, VisionTransformerConfig
+from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from ..export.encoder_folder import save_checkpoint
 from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, TrainResult, make_accelerator, process_state, train
 from .optim import OptimizerConfig

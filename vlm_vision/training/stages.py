@@ -23,7 +23,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
-from ..lora import LM_TARGETS, LORA_PRESETS, VISION_TARGETS, LoraPreset, LoraSide, apply_lora, parameter_table
+from ..vlm.lora import LM_TARGETS, LORA_PRESETS, VISION_TARGETS, LoraPreset, LoraSide, apply_lora, parameter_table
 from .loop import TrainingArguments
 from .optim import OptimizerConfig
 from .schema import check_keys
@@ -89,7 +89,7 @@ class VLMStage:
         aux_classification_weight: weight of the tower's classification loss (needs `vision_pretrain` first).
         freeze_vision: for `full`: keep the tower frozen (the same as `finetune`).
         cache_features: run the frozen tower once over the stage's images (their flips too with `horizontal_flip`)
-            and train from its features on disk (`vlm_vision.feature_cache.FeatureStore`, memory-mapped), instead of
+            and train from its features on disk (`vlm_vision.vlm.feature_cache.FeatureStore`, memory-mapped), instead of
             running it every step: `true` (float32) or `"float16"`. Only for stages that keep the tower frozen.
         optimizer: AdamW and the per-part learning rates (`adapter`, `lm`, `lm_lora`, `vision`, `vision_lora`).
         classifier: for `vision_pretrain`: the `ClassifierStage` fields (task, image size, epochs, ...).

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.conversations import SkippedSample
-from ..processing_vlm import IGNORE_INDEX
+from ..vlm.processing_vlm import IGNORE_INDEX
 from .stages import STAGE_DATA_KEYS, STAGE_KINDS, VLM_PARTS, VLMStage, set_trainable, stage_optimizer, stage_summary
 
 logger = logging.getLogger(__name__)

@@ -30,18 +30,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from ..adapters import CONFIG_NAME as PROJECTOR_CONFIG
 from ..adapters import Adapter
-from ..checkpoint import image_processor_for
-from ..configuration_vlm_vit import VisionTransformerConfig
 from ..data.conversations import read_easy_vqa
 from ..data.dataset import VLMCollator, VLMDataset
 from ..data.index import SampleList, SubsetIndex, open_llava_index
-from ..export import save_folder_atomically, write_vlm_card
-from ..feature_cache import FeatureStore
-from ..generation import METRICS, evaluate_samples
-from ..image_processing_vlm_vit import VisionTransformerImageProcessor
-from ..modeling_vlm import VisionLanguageForConditionalGeneration, check_packing_attention
-from ..modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from ..processing_vlm import (
+from ..encoder.configuration_vit import VisionTransformerConfig
+from ..encoder.image_processing_vit import VisionTransformerImageProcessor
+from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from ..evaluation.generation import METRICS, evaluate_samples
+from ..export.encoder_folder import image_processor_for
+from ..export.folders import save_folder_atomically
+from ..export.model_card import write_vlm_card
+from ..vlm.feature_cache import FeatureStore
+from ..vlm.modeling_vlm import VisionLanguageForConditionalGeneration, check_packing_attention
+from ..vlm.processing_vlm import (
     IMAGE_ASPECT_RATIOS,
     IMAGE_MODES,
     IMAGE_TOKEN,
@@ -49,9 +50,9 @@ from ..processing_vlm import (
     VisionLanguageProcessor,
     resolve_chat_template,
 )
-from ..smollm import as_plain_model
-from ..tokenizer import chat_texts, train_sentencepiece_tokenizer
-from ..towers import load_vision_tower, resolve_dtype
+from ..vlm.smollm import as_plain_model
+from ..vlm.tokenizer import chat_texts, train_sentencepiece_tokenizer
+from ..vlm.towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
 from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, make_accelerator, process_state, train

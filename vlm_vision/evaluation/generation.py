@@ -2,7 +2,7 @@
 
 :func:`generate_answers` answers each sample's first user turn (its images and question), left-padded batches of
 `batch_size` on `model.device`, images decoded and processed once per file (a bounded cache), with a progress bar.
-:func:`evaluate_samples` scores the answers with a metric of :mod:`vlm_vision.evaluation`. A sample whose image
+:func:`evaluate_samples` scores the answers with a metric of :mod:`vlm_vision.evaluation.metrics`. A sample whose image
 cannot be read is not scored (its prediction is None) and is counted in the result.
 """
 
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data.conversations import VLMSample
-from .data.images import ImageLoadError, load_image
-from .processing_vlm import normalize_messages
+from ..data.conversations import VLMSample
+from ..data.images import ImageLoadError, load_image
+from ..vlm.processing_vlm import normalize_messages
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def evaluate_samples(
         `{"accuracy": {...}}` (or `{"captions": {...}}`), `"num_samples"` scored, `"num_unanswered"` (unreadable
         images) and `"predictions"` (per sample, in order; None where unanswered).
     """
-    from .evaluation import accuracy_by, caption_scores, exact_match, vqa_accuracy
+    from .metrics import accuracy_by, caption_scores, exact_match, vqa_accuracy
 
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; use one of {METRICS}.")

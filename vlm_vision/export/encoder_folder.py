@@ -23,11 +23,11 @@ from transformers import AutoImageProcessor, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
 from transformers.utils import IMAGE_PROCESSOR_NAME
 
-from .configuration_vlm_vit import PRESET_NAMES, VisionTransformerConfig
-from .export import check_out_dir, replace_directory_atomically, save_folder_atomically  # noqa: F401 (its old home)
+from ..encoder.configuration_vit import PRESET_NAMES, VisionTransformerConfig
+from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from ..vlm.remote_code import write_text_atomically
+from .folders import check_out_dir, replace_directory_atomically, save_folder_atomically  # noqa: F401 (its old home)
 from .model_card import write_model_card
-from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from .remote_code import write_text_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -99,7 +99,7 @@ def load_vision_tower(
         (tower, image_processor): the tower in eval mode, and the image processor (PIL backend where torchvision is
         not installed).
     """
-    from .modeling_vlm_vit import VisionTransformerForImageClassification, VisionTransformerModel
+    from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
 
     model_type = tower_family(path)
     torch_dtype = resolve_dtype(dtype, "vision")
@@ -108,7 +108,7 @@ def load_vision_tower(
     if model_type == "vlm_vit":
         tower = VisionTransformerModel.from_pretrained(path, **kwargs)
     elif convert and source_format is not None:
-        from .conversion import convert_checkpoint
+        from ..conversion import convert_checkpoint
 
         tower = convert_checkpoint(source_format, path).model
         if isinstance(tower, VisionTransformerForImageClassification):
@@ -137,7 +137,7 @@ def load_image_processor(tower_path: str | os.PathLike, override: str | os.PathL
             "--image-processor FOLDER (vision.image_processor in a recipe): a folder with the tower's "
             "preprocessor_config.json, e.g. the original Hub folder's."
         )
-    from .checkpoint import load_image_processor as load_saved_processor
+    from ..export.encoder_folder import load_image_processor as load_saved_processor
 
     return load_saved_processor(folder)  # AutoImageProcessor, with RGB conversion for folders that predate it
 

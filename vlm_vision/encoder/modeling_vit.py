@@ -52,7 +52,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_vlm_vit import VisionTransformerConfig
+from .configuration_vit import VisionTransformerConfig
 from .position_embeddings import MAX_RESAMPLE_FACTOR, infer_square_grid, resample_position_embeddings
 
 logger = logging.get_logger(__name__)

@@ -69,7 +69,7 @@ def check_folder(folder: str | os.PathLike) -> dict:
     else:
         raise ValueError(
             f"{folder} has no config.json (files: {', '.join(files) or 'none'}): it is not a saved model. Save it "
-            "with save_pretrained or vlm_vision.checkpoint.create_checkpoint first."
+            "with save_pretrained or vlm_vision.export.encoder_folder.create_checkpoint first."
         )
     weights = [name for name in files if name.endswith(".safetensors")]
     if not weights:

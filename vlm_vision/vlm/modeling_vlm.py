@@ -27,16 +27,16 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .adapters import build_adapter
-from .configuration_vlm import LLAVA_NAMES, VisionLanguageConfig, vision_patch_size
-from .configuration_vlm_vit import VisionTransformerConfig, unknown_fields_message
-from .modeling_vlm_vit import (
+from ..adapters import build_adapter
+from ..encoder.configuration_vit import VisionTransformerConfig, unknown_fields_message
+from ..encoder.modeling_vit import (
     VisionTransformerModel,
     allowing_missing_keys,
     check_weight_files,
     raise_on_mismatched_shapes,
     raise_on_missing_keys,
 )
+from .configuration_vlm import LLAVA_NAMES, VisionLanguageConfig, vision_patch_size
 from .processing_vlm import IGNORE_INDEX  # the label convention is the processor's (and transformers' loss default)
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class VisionLanguagePreTrainedModel(PreTrainedModel):
         return loading_info
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' `save_pretrained`, and the code files with `auto_map` (`vlm_vision.remote_code`), so the
+        """transformers' `save_pretrained`, and the code files with `auto_map` (`vlm_vision.vlm.remote_code`), so the
         folder loads with `trust_remote_code=True` where vlm-vision isn't installed."""
         from .remote_code import add_model_auto_map, write_code_files
 
@@ -480,7 +480,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             )
             raise TypeError(
                 f"vision_features must be a float torch.Tensor (the output of model.vision_features), got {got}: read "
-                "them from a feature store (vlm_vision.feature_cache), or pass pixel_values."
+                "them from a feature store (vlm_vision.vlm.feature_cache), or pass pixel_values."
             )
         grid_h, grid_w = self.config.grid_size
         expected = (self.config.prefix_tokens + grid_h * grid_w, self.config.adapter_config["vision_hidden_size"])
@@ -504,8 +504,8 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
     ) -> torch.Tensor:
         """The LM's input embeddings with every image's features scattered into its placeholder positions.
 
-        `vision_features` (precomputed `vision_features(pixel_values)`, e.g. from `vlm_vision.feature_cache`) replaces
-        `pixel_values`: the tower does not run. `image_index` (see `forward`) maps placeholder spans to images.
+        `vision_features` (precomputed `vision_features(pixel_values)`, e.g. from `vlm_vision.vlm.feature_cache`)
+        replaces `pixel_values`: the tower does not run. `image_index` (see `forward`) maps placeholder spans to images.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")

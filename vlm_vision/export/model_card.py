@@ -1,14 +1,16 @@
 """Model cards (README.md with YAML metadata) generated from the real config of a saved folder.
 
 :func:`model_card` is the one place a card is put together (Hub metadata as YAML front matter, then the Markdown
-body); the encoder's card (:func:`write_model_card`), the trained VLM's (`export.write_vlm_card`) and the minimal card
+body); the encoder's card (:func:`write_model_card`), the trained VLM's (:func:`write_vlm_card`) and the minimal card
 `hub.push_folder` uploads for a folder without one (`hub.default_model_card`) differ only in what they say.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -87,3 +89,34 @@ def write_model_card(
     )
     card.save(os.path.join(directory, "README.md"))
     return card
+
+
+def write_vlm_card(folder: Path, recipe: dict, rows: list[dict], evaluation: dict | None, model) -> None:
+    """The model card of a trained VLM: metadata, the evaluation, the stages and the recipe."""
+    data_name = recipe.get("data", {}).get("name")
+    accuracy = ""
+    if evaluation and "accuracy" in evaluation:
+        lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in evaluation["accuracy"].items())
+        header = f"Greedy answers, exact match, {evaluation['num_samples']} questions of {evaluation.get('data')}:"
+        accuracy = f"{header}\n\n| | accuracy |\n|---|---|\n{lines}"
+    stages = "\n".join(
+        f"| {r['stage']} | {r['kind']} | {r.get('steps', '')} | {r.get('train_seconds', '')} |" for r in rows
+    )
+    body = (
+        f"# A vision-language model trained with vlm-vision\n\n"
+        f"{model.num_parameters():,} parameters: a `{model.config.vision_config.model_type}` vision tower, a "
+        f"`{model.config.adapter_config['adapter_type']}` adapter and a `{model.config.text_config.model_type}` "
+        "causal LM. Load with `import vlm_vision` then `AutoModelForImageTextToText.from_pretrained(path)` and "
+        f"`AutoProcessor.from_pretrained(path)`.\n\n## Evaluation\n\n{accuracy or 'not evaluated'}\n\n"
+        f"## Training\n\n| stage | kind | steps | seconds |\n|---|---|---|---|\n{stages}\n\n"
+        f"## Recipe\n\n```json\n{json.dumps(recipe, indent=2, default=str)}\n```\n"
+    )
+    card = model_card(
+        body,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license="apache-2.0",
+        tags=["vision", "vlm-vision", "vision-language-model"],
+        datasets=["easy-vqa"] if data_name == "easy-vqa" else None,
+    )
+    card.save(folder / "README.md")

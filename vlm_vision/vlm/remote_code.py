@@ -2,10 +2,11 @@
 
 transformers' remote-code loader (`transformers.dynamic_module_utils`) imports a folder's files as one flat package:
 it follows `from .sibling import X` and nothing else (no sub-packages, no `..parent`). The VLM's code spans
-`vlm_vision/`, `vlm_vision/adapters/` and `vlm_vision/data/`, so `write_code_files` copies exactly the files it needs
-side by side and rewrites the few imports that cross a package boundary (`REWRITES`); the adapters package's
-`__init__.py` becomes `adapters.py`, so `from .adapters import build_adapter` reads the same in both layouts. The
-copies import only torch, transformers, numpy, PIL and each other (the save checks it).
+`vlm_vision/vlm/`, `vlm_vision/encoder/`, `vlm_vision/adapters/` and `vlm_vision/data/`, so `write_code_files` copies
+exactly the files it needs side by side (`CODE_FILES`) and rewrites the imports that cross a package boundary
+(`REWRITES`: `from ..encoder.modeling_vit import` becomes `from .modeling_vit import`); the adapters package's
+`__init__.py` becomes `adapters.py`. The copies import only torch, transformers, numpy, PIL and each other (the save
+checks it).
 
 The encoder's folders get their code from transformers (`register_for_auto_class`): its files already are siblings.
 """
@@ -19,16 +20,16 @@ import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
-# file in the saved folder -> its module, relative to the package
+# file in the saved folder -> its module, relative to the top package (vlm_vision)
 CODE_FILES = {
-    "configuration_vlm.py": "configuration_vlm",
-    "modeling_vlm.py": "modeling_vlm",
-    "processing_vlm.py": "processing_vlm",
-    "configuration_vlm_vit.py": "configuration_vlm_vit",
-    "modeling_vlm_vit.py": "modeling_vlm_vit",
-    "image_processing_vlm_vit.py": "image_processing_vlm_vit",
-    "position_embeddings.py": "position_embeddings",
-    "remote_code.py": "remote_code",
+    "configuration_vlm.py": "vlm.configuration_vlm",
+    "modeling_vlm.py": "vlm.modeling_vlm",
+    "processing_vlm.py": "vlm.processing_vlm",
+    "remote_code.py": "vlm.remote_code",
+    "configuration_vit.py": "encoder.configuration_vit",
+    "modeling_vit.py": "encoder.modeling_vit",
+    "image_processing_vit.py": "encoder.image_processing_vit",
+    "position_embeddings.py": "encoder.position_embeddings",
     "adapters.py": "adapters",
     "base.py": "adapters.base",
     "linear.py": "adapters.linear",
@@ -37,12 +38,21 @@ CODE_FILES = {
     "resampler.py": "adapters.resampler",
     "images.py": "data.images",
 }
+_ADAPTERS = ("from ..adapters import", "from .adapters import")
+_VIT_CONFIG = ("from ..encoder.configuration_vit import", "from .configuration_vit import")
+_IMAGES = ("from ..data.images import", "from .images import")
 # the imports that leave a flat folder, and what they become there
 REWRITES = {
-    "processing_vlm.py": [("from .data.images import", "from .images import")],
+    "configuration_vlm.py": [_ADAPTERS, _VIT_CONFIG],
+    "modeling_vlm.py": [_ADAPTERS, _VIT_CONFIG, ("from ..encoder.modeling_vit import", "from .modeling_vit import")],
+    "processing_vlm.py": [_IMAGES],
+    "remote_code.py": [
+        ("from ..encoder.image_processing_vit import", "from .image_processing_vit import"),
+        _IMAGES,
+    ],
     "base.py": [
         (
-            "from ..export import replace_directory_atomically",
+            "from ..export.folders import replace_directory_atomically",
             'raise ImportError("Adapter.save_pretrained needs the vlm-vision package (pip install vlm-vision): this '
             'copy of the adapter code came with a saved VLM folder, which loads and runs without it.")',
         )
@@ -54,7 +64,8 @@ MODEL_AUTO_MAP = {
     "AutoProcessor": "processing_vlm.VisionLanguageProcessor",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_vlm.VisionLanguageProcessor"}
-IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_vlm_vit.VisionTransformerImageProcessor"}
+IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_vit.VisionTransformerImageProcessor"}
+_PACKAGE = (__package__ or "").rpartition(".")[0]  # vlm_vision (unused in a flat copy)
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+(\.+)(\S*)\s+import|import\s+(\.+)(\S*))", re.MULTILINE)
 
 
@@ -62,8 +73,8 @@ def _import_closure() -> None:
     """Never called: transformers copies a remote module and the files its relative imports name (read as text) into
     its module cache, and a model loaded from there re-saves from its own cache folder (`code_sources`, flat). These
     imports put every file of `CODE_FILES` into that folder, not only those `modeling_vlm` needs to run."""
-    from .image_processing_vlm_vit import VisionTransformerImageProcessor  # noqa: F401
-    from .images import to_rgb  # noqa: F401
+    from ..data.images import to_rgb  # noqa: F401
+    from ..encoder.image_processing_vit import VisionTransformerImageProcessor  # noqa: F401
     from .processing_vlm import VisionLanguageProcessor  # noqa: F401
 
 
@@ -80,7 +91,7 @@ def code_sources() -> dict[str, str]:
         if _flat():
             sources[name] = (here / name).read_text(encoding="utf-8")
             continue
-        text = Path(find_spec(f"{__package__}.{module}").origin).read_text(encoding="utf-8")
+        text = Path(find_spec(f"{_PACKAGE}.{module}").origin).read_text(encoding="utf-8")
         for old, new in REWRITES.get(name, []):
             if old not in text:
                 raise RuntimeError(f"{name}: the import {old!r} is gone; update remote_code.REWRITES to match.")

@@ -1,6 +1,6 @@
 """Pictures of what a Vision Transformer learned: the three panels of Figure 7 of the ViT paper and attention rollout.
 
-Plotting only: the numbers come from :mod:`vlm_vision.analysis`. matplotlib is an extra (`pip install
+Plotting only: the numbers come from :mod:`vlm_vision.analysis.measures`. matplotlib is an extra (`pip install
 'vlm-vision[plots]'`), imported when a function here first runs, with the non-interactive Agg backend; every
 function writes one PNG of `figsize x dpi` pixels and returns its path. :func:`write_analysis` runs a model on images
 and writes all of them (what `scripts/analyze.py` does).
@@ -223,7 +223,7 @@ def write_analysis(
     """
     from tqdm.auto import tqdm
 
-    from . import analysis
+    from . import measures as analysis
 
     if not images:
         raise ValueError("No images to analyse: pass image files, or use the default photos.")

@@ -6,8 +6,8 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .adapters import ADAPTER_CLASSES, adapter_config_from_dict
-from .configuration_vlm_vit import VisionTransformerConfig, unknown_fields_message, unknown_kwargs
+from ..adapters import ADAPTER_CLASSES, adapter_config_from_dict
+from ..encoder.configuration_vit import VisionTransformerConfig, unknown_fields_message, unknown_kwargs
 
 # The vision sub-config is found by its model type. The package registers it on import; a folder loaded as remote
 # code without the package has only its copy, registered here (never over the package's own).

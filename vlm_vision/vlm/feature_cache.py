@@ -243,7 +243,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .data.images import ImageLoadError, load_image
+        from ..data.images import ImageLoadError, load_image
 
         try:
             return self.paths[i], self.processor.process_images([load_image(self.paths[i])])[0], None

@@ -327,7 +327,7 @@ class VisionLanguageProcessor(ProcessorMixin):
         return self.tokenizer.convert_tokens_to_ids(list(TILE_SEPARATOR_TOKENS))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' `save_pretrained`, and the code files with `auto_map` (`vlm_vision.remote_code`), so the
+        """transformers' `save_pretrained`, and the code files with `auto_map` (`vlm_vision.vlm.remote_code`), so the
         folder loads through `AutoProcessor` with `trust_remote_code=True` where vlm-vision isn't installed."""
         from .remote_code import add_processor_auto_map, write_code_files
 
@@ -743,7 +743,7 @@ def _sentinel(index: int) -> str:
 def _as_rgb(image):
     """An image file (its path) or a PIL image of any mode as an RGB PIL image; tensors and arrays are passed to the
     image processor as they are."""
-    from .data.images import load_image, to_rgb
+    from ..data.images import load_image, to_rgb
 
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
