@@ -97,7 +97,7 @@ def set_up_logging(output_dir: Path, main_process: bool) -> Path:
     return log_file
 
 
-STAGE_LOGGERS = ("vlm_vision.training.vlm_recipe", "vlm_vision.training.loop")
+STAGE_LOGGERS = ("vlm_vision.training.vlm_recipe", "vlm_vision.training.vlm_parts", "vlm_vision.training.loop")
 # harmless notices repeated at every checkpoint: kept in the log file, not on the console
 FILE_ONLY = (("accelerate.utils.other", "Removed shared tensor"),)
 

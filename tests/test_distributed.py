@@ -80,7 +80,7 @@ def test_fsdp2_shards_trains_as_one_process_resumes_exactly_and_evaluates_on_eve
 
     # every process answered its share: the gathered answers are those of the saved model answering alone
     from vlm_vision.evaluation.generation import evaluate_samples
-    from vlm_vision.training.vlm_recipe import load_eval_samples
+    from vlm_vision.training.vlm_data import load_eval_samples
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp" / "vlm")  # reloads as any folder
     processor = AutoProcessor.from_pretrained(tmp_path / "fsdp" / "vlm")
@@ -150,7 +150,7 @@ def llava_recipe(*overrides: str):
 def test_what_cannot_work_under_zero3_is_refused_before_training_with_the_fix(monkeypatch, tmp_path):
     """DeepSpeed isn't installed here: what is testable is the refusal, from the launch's settings, before any work."""
     from vlm_vision.training.distributed import deepspeed_zero_stage
-    from vlm_vision.training.vlm_recipe import check_zero3, zero3_problems
+    from vlm_vision.training.vlm_schema import check_zero3, zero3_problems
 
     recipe = llava_recipe("data.eval=/data/eval.json", "stages.pretrain.cache_features=float16")
     assert deepspeed_zero_stage() is None

@@ -23,7 +23,7 @@ from tests.real_path import (
 )
 from vlm_vision import VisionLanguageForConditionalGeneration, VisionTransformerModel
 from vlm_vision.data.images import load_image
-from vlm_vision.training import vlm_recipe
+from vlm_vision.training import vlm_parts, vlm_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAVA_RECIPE = ROOT / "configs" / "vlm" / "llava_1_5.json"
@@ -187,7 +187,7 @@ def test_the_plain_template_supervises_the_caption_only(world):
     from vlm_vision.data.index import JsonIndex
     from vlm_vision.vlm.processing_vlm import PLAIN_CHAT_TEMPLATE
 
-    _, processor = vlm_recipe.build_vlm(_recipe(world), None, Path("unused"))
+    _, processor = vlm_parts.build_vlm(_recipe(world), None, Path("unused"))
     index = JsonIndex(world["data"].pretrain, world["data"].root)
     item = VLMDataset(index, processor, chat_template=PLAIN_CHAT_TEMPLATE)[0]
     ids, labels = item["encoded"]["input_ids"], item["encoded"]["labels"]

@@ -318,12 +318,12 @@ def test_a_hybrid_tower_pretrains_trains_saves_and_loads(tmp_path):
 def test_every_recipe_key_is_documented():
     import dataclasses
 
-    from vlm_vision.training import stages, vlm_recipe
+    from vlm_vision.training import stages, vlm_schema
 
     documented = (ROOT / "docs" / "recipes.md").read_text()
     keys = {f.name for f in dataclasses.fields(VLMRecipe)} | {f.name for f in dataclasses.fields(stages.VLMStage)}
-    keys |= set(vlm_recipe.VISION_KEYS + vlm_recipe.VISION_PROCESSING_KEYS + vlm_recipe.LM_KEYS)
-    keys |= set(vlm_recipe.DATA_KEYS + stages.STAGE_DATA_KEYS) | set(stages.STAGE_KINDS)
+    keys |= set(vlm_schema.VISION_KEYS + vlm_schema.VISION_PROCESSING_KEYS + vlm_schema.LM_KEYS)
+    keys |= set(vlm_schema.DATA_KEYS + stages.STAGE_DATA_KEYS) | set(stages.STAGE_KINDS)
     missing = sorted(key for key in keys if f"`{key}`" not in documented)
     assert not missing, f"docs/recipes.md does not document {missing}"
 

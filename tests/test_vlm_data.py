@@ -255,7 +255,7 @@ def test_easy_vqa_grouped_questions_share_one_image():
 
 def test_easy_vqa_repeats_the_questions_that_name_what_is_shown():
     from vlm_vision.data.easy_vqa import asks_about_what_is_shown, repeats_for_shown_fraction, yes_no_attribute
-    from vlm_vision.training.vlm_recipe import load_eval_samples, open_training_data
+    from vlm_vision.training.vlm_data import load_eval_samples, open_training_data
 
     assert asks_about_what_is_shown("is there a red shape?", "yes")
     assert asks_about_what_is_shown("is there not a red shape?", "no")
@@ -298,7 +298,7 @@ def test_easy_vqa_rewrites_questions_to_name_what_is_shown_and_drops_negated_one
         is_negated,
         yes_no_attribute,
     )
-    from vlm_vision.training.vlm_recipe import check_data
+    from vlm_vision.training.vlm_schema import check_data
 
     def yes_no(samples):
         return [(s.meta["image_id"], qa) for s in samples for qa in s.meta["qa"] if qa["question_type"] == "yes/no"]

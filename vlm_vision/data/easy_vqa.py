@@ -220,3 +220,20 @@ def yes_no_breakdown(questions, answers, predictions) -> list[dict]:
             }
         )
     return rows
+
+
+class EasyVQAImageLabel:
+    """sample -> the index of its easy-VQA image's class for `task` (`shape`, `color`, `shape_color`), -100 if the
+    image's questions don't tell; for the auxiliary classification loss (picklable, for DataLoader workers)."""
+
+    def __init__(self, task: str, label_names: list[str]):
+        self.task, self.label_names = task, label_names
+        self.labels = easy_vqa_image_labels("train")
+
+    def __call__(self, sample) -> int:
+        labels = self.labels.get(sample.meta.get("image_id"), {})
+        if self.task == "shape_color":
+            name = f"{labels['color']} {labels['shape']}" if "shape" in labels and "color" in labels else None
+        else:
+            name = labels.get(self.task)
+        return self.label_names.index(name) if name in self.label_names else -100

@@ -1,4 +1,4 @@
-"""A VLM recipe as data (`configs/vlm/*.json`) and the function that runs it, stage after stage.
+"""Running a VLM recipe (`configs/vlm/*.json`, read into `vlm_schema.VLMRecipe`), stage after stage.
 
     recipe -> parts: the vision tower (a Hub folder converted in memory, one of ours, or a fresh ViT pre-trained by
               `vision_pretrain` stages), the language model (a folder, or a tiny Llama whose sentencepiece tokenizer
@@ -11,14 +11,15 @@ Each stage's result is saved (`<out>/<stage>/model`, its adapter alone in `<out>
 finished stages are loaded and the running one continues exactly from its last atomic checkpoint. The recipe schema
 is documented in `docs/recipes.md`; unknown keys are refused with the valid ones listed, and any field can be set
 from the command line (`--set stages.finetune.batch_size=64`).
+
+`run_vlm_recipe` is a straight loop over one function per stage kind (`run_vision_pretrain`, `run_vlm_stage`), then
+`finish`; the recipe's schema is in `vlm_schema`, its data in `vlm_data`, the parts it builds in `vlm_parts`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,307 +27,31 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from ..adapters import CONFIG_NAME as PROJECTOR_CONFIG
 from ..adapters import Adapter
-from ..data.conversations import read_easy_vqa
 from ..data.dataset import VLMCollator, VLMDataset
-from ..data.index import SampleList, SubsetIndex, open_llava_index
-from ..encoder.configuration_vit import VisionTransformerConfig
-from ..encoder.image_processing_vit import VisionTransformerImageProcessor
-from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
-from ..evaluation.generation import METRICS, evaluate_samples
-from ..export.encoder_folder import image_processor_for
+from ..data.easy_vqa import EasyVQAImageLabel
+from ..encoder.modeling_vit import VisionTransformerForImageClassification
+from ..evaluation.generation import evaluate_samples
 from ..export.folders import save_folder_atomically
 from ..export.model_card import write_vlm_card
 from ..vlm.feature_cache import FeatureStore
 from ..vlm.modeling_vlm import VisionLanguageForConditionalGeneration, check_packing_attention
 from ..vlm.processing_vlm import (
-    IMAGE_ASPECT_RATIOS,
-    IMAGE_MODES,
-    IMAGE_TOKEN,
-    TILE_SEPARATOR_TOKENS,
     VisionLanguageProcessor,
     resolve_chat_template,
 )
-from ..vlm.smollm import as_plain_model
-from ..vlm.tokenizer import chat_texts, train_sentencepiece_tokenizer
-from ..vlm.towers import load_vision_tower, resolve_dtype
 from .classifier import ClassifierStage, load_stage_data, prepare_classifier, train_classifier
-from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, make_accelerator, process_state, train
-from .schema import apply_overrides, check_keys, from_dict, read_recipe
+from .schema import from_dict
 from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
 from .vlm import VLMLoss, WithAuxiliaryClassifier, count_supervised, save_json
+from .vlm_data import load_eval_samples, open_training_data
+from .vlm_parts import build_tower, build_vlm, fresh_tower_config
+from .vlm_schema import VLMRecipe, check_zero3
 
 logger = logging.getLogger(__name__)
-
-# keys of `vision` that say how to load or run the tower (the others, for a fresh tower, are its config fields)
-VISION_KEYS = (
-    "path",
-    "image_processor",
-    "convert",
-    "dtype",
-    "attn_implementation",
-    "gradient_checkpointing",
-    "compile",
-)
-VISION_PROCESSING_KEYS = ("image_aspect_ratio", "image_mode", "max_num_patches", "max_tiles")
-# keys of `language_model` that say how to load or run it (the others, for a fresh tiny Llama, are LlamaConfig's)
-LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "compile", "chat_template")
-EASY_VQA_KEYS = ("questions_per_sample", "shown_fraction", "rewrite_shown_fraction", "negated_questions")
-DATA_KEYS = (
-    "name",
-    "train",
-    "image_folder",
-    "eval",
-    "eval_image_folder",
-    "train_subset",
-    "eval_subset",
-    "separate_questions",
-    "num_workers",
-    "group_by_length",
-    "on_error",
-    "cache",
-    "packing",
-    *EASY_VQA_KEYS,
-)
-DATA_NAMES = ("easy-vqa", "llava")
-TOKENIZER_KEYS = ("vocab_size",)
-TOKENIZER_TRAINING_SAMPLES = 200_000  # a tiny LM's tokenizer is trained on at most this many conversations
-
-
-def _config_fields(config_class) -> set[str]:
-    return {f.name for f in dataclasses.fields(config_class)}
-
-
-@dataclass
-class VLMRecipe:
-    """What to build and how to train it (the schema, field by field: `docs/recipes.md`).
-
-    Attributes:
-        description: what the recipe is for, its expected result and runtime (not read by the code).
-        vision: `{"path": folder}` of a tower saved by transformers (CLIP, SigLIP, DINOv2, ViT) or by us, with
-            `image_processor`, `convert`, `dtype`, `attn_implementation`; or the `VisionTransformerConfig` fields of
-            a fresh tower. Either way `gradient_checkpointing`, `image_aspect_ratio` ("squash" or "pad") and
-            `image_mode`: "fixed" (default), "native" (with `max_num_patches`) or "tiles" (with `max_tiles`).
-        language_model: `{"path": folder}` of any causal LM with its tokenizer (`gguf_file`, `dtype`,
-            `attn_implementation`), or the `LlamaConfig` fields of a fresh tiny LM (its tokenizer trained on the
-            data); `gradient_checkpointing`; `chat_template` (the LM's own by default).
-        adapter: the adapter config (`vlm_vision.adapters`).
-        vision_feature_layer: the tower layer(s) the adapter reads (-2: the penultimate block, as LLaVA).
-        keep_prefix_tokens: the tower's [CLS] goes to the LM too, as one more image token.
-        data: `{"name": "easy-vqa", ...}` (built in) or `{"name": "llava", "train": file, "image_folder": dir,
-            "eval": file}`; see `docs/recipes.md` for every key. A stage may override it (its own file).
-        tokenizer: `{"vocab_size": n}` for the trained sentencepiece tokenizer of a fresh LM.
-        max_length: longest sequence in tokens, image tokens included (longer samples are skipped, never
-            truncated). 2048 fits 576 CLIP-L/336 image tokens and a long conversation.
-        stages: `VLMStage`s, in order. `vision_pretrain` stages come first; each continues the tower of the one
-            before, and the last one's head is the auxiliary classifier.
-        seed: model initialisation, data order, augmentation.
-        eval_batch_size, eval_max_new_tokens, eval_metric: the end-of-run evaluation (metric: "exact_match",
-            "vqa" or "captions"; default exact match).
-    """
-
-    vision: dict = field(default_factory=dict)
-    language_model: dict = field(default_factory=dict)
-    adapter: dict = field(default_factory=lambda: {"adapter_type": "mlp"})
-    vision_feature_layer: int | list[int] = -2
-    keep_prefix_tokens: bool = False
-    data: dict = field(default_factory=lambda: {"name": "easy-vqa", "questions_per_sample": 1})
-    tokenizer: dict = field(default_factory=lambda: {"vocab_size": 512})
-    max_length: int = 2048
-    stages: list[VLMStage] = field(default_factory=list)
-    seed: int = 0
-    eval_batch_size: int = 64
-    eval_max_new_tokens: int = 32
-    eval_metric: str | None = None
-    description: str = ""
-
-    def __post_init__(self):
-        for section, flag in (("vision", "--vision"), ("language_model", "--lm")):
-            if "path" in getattr(self, section) and not getattr(self, section)["path"]:
-                raise ValueError(
-                    f"This recipe needs {section}.path, a folder saved by transformers: pass {flag} FOLDER (or --set "
-                    f"{section}.path=FOLDER)."
-                )
-        tower_fields = set() if self.vision.get("path") else _config_fields(VisionTransformerConfig)
-        check_keys(self.vision, {*VISION_KEYS, *VISION_PROCESSING_KEYS, *tower_fields}, "vision")
-        lm_fields = set() if self.language_model.get("path") else _config_fields(LlamaConfig)
-        check_keys(self.language_model, {*LM_KEYS, *lm_fields}, "language_model")
-        check_keys(self.data, DATA_KEYS, "data")
-        check_keys(self.tokenizer, TOKENIZER_KEYS, "tokenizer")
-        if self.vision.get("image_aspect_ratio", "squash") not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(
-                f"vision.image_aspect_ratio={self.vision['image_aspect_ratio']!r}; use {IMAGE_ASPECT_RATIOS}."
-            )
-        mode = self.vision.get("image_mode", "fixed")
-        if mode not in IMAGE_MODES:
-            raise ValueError(f"vision.image_mode={mode!r}; use one of {IMAGE_MODES}.")
-        needs = {"native": "max_num_patches", "tiles": "max_tiles"}
-        for other, key in needs.items():
-            if mode == other and not isinstance(self.vision.get(key), int):
-                raise ValueError(
-                    f"vision.image_mode={mode!r} needs vision.{key} (an int: "
-                    + (
-                        "the patch budget per image, e.g. 576"
-                        if key == "max_num_patches"
-                        else "tiles along the long side, e.g. 3"
-                    )
-                    + ")."
-                )
-            if mode != other and key in self.vision:
-                raise ValueError(f"vision.{key} is for image_mode={other!r}, but image_mode is {mode!r}: remove it.")
-        if self.eval_metric is not None and self.eval_metric not in METRICS:
-            raise ValueError(f"eval_metric={self.eval_metric!r}; use one of {METRICS} (or null for exact match).")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            raise ValueError(f"max_length={self.max_length!r} must be a positive int (tokens).")
-        self.stages = [
-            from_dict(VLMStage, s, f"stages[{i}] ({s.get('name', '?')})") if isinstance(s, dict) else s
-            for i, s in enumerate(self.stages)
-        ]
-        names = [s.name for s in self.stages]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"A recipe needs stages with unique names (they are folders), got {names}.")
-        kinds = [s.kind for s in self.stages]
-        leading = next((i for i, kind in enumerate(kinds) if kind != "vision_pretrain"), len(kinds))
-        if "vision_pretrain" in kinds[leading:]:
-            raise ValueError(
-                f"Stage kinds {kinds}: vision_pretrain stages must come first (the VLM is built from their tower); "
-                "each one continues the tower of the one before."
-            )
-        for position, stage in enumerate(self.stages):
-            if stage.classifier is not None:
-                from_dict(ClassifierStage, {"name": stage.name, **stage.classifier}, f"stages.{stage.name}.classifier")
-            data = self.stage_data(stage)
-            check_data(data, f"stage {stage.name!r}")
-            if stage.kind != "vision_pretrain" and data["name"] == "llava":
-                for key in ("train", "image_folder"):
-                    _required(data, key, stage.name)
-            if stage.init_from in names and names.index(stage.init_from) >= position:
-                raise ValueError(
-                    f"Stage {stage.name!r}: init_from={stage.init_from!r} names a stage that runs at or after it; name "
-                    f"one of the stages before it {names[:position]}, or a saved projector/VLM folder."
-                )
-
-    def stage_data(self, stage: VLMStage) -> dict:
-        """The data a stage trains on: the recipe's `data` with the stage's overrides."""
-        return {**self.data, **(stage.data or {})}
-
-    @classmethod
-    def from_json(
-        cls,
-        path,
-        overrides: list[str] | tuple[str, ...] = (),
-        *,
-        vision: str | None = None,
-        language_model: str | None = None,
-    ) -> VLMRecipe:
-        """Read a recipe file, point it at a `vision` tower folder and a `language_model` folder (what
-        `--vision`/`--lm` do: the loading options of the recipe's section are kept), apply `--set` style
-        `overrides` (`dotted.key=value`), and check it."""
-        raw = read_recipe(path)
-        for section, folder, keep in (
-            ("vision", vision, VISION_KEYS + VISION_PROCESSING_KEYS),
-            ("language_model", language_model, LM_KEYS),
-        ):
-            if folder is not None:
-                kept = {k: v for k, v in (raw.get(section) or {}).items() if k in keep and k != "path"}
-                raw[section] = {"path": str(folder), **kept}
-        apply_overrides(raw, overrides)
-        recipe = from_dict(cls, raw, f"recipe {path}")
-        recipe.source = str(path)  # for results.json and the model card; not a field
-        return recipe
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def check_data(data: dict, where: str) -> None:
-    """The data section of a stage (or the evaluation's), checked before anything runs."""
-    name = data.get("name")
-    if name not in DATA_NAMES:
-        raise ValueError(f"{where}: data.name={name!r}; use 'easy-vqa' (built in) or 'llava' (a LLaVA-format file).")
-    if name == "llava":
-        wrong = sorted(set(data) & set(EASY_VQA_KEYS))
-        if wrong:
-            raise ValueError(
-                f"{where}: data options {wrong} are for the built-in easy-VQA questions (they read its yes/no "
-                "questions); remove them for LLaVA data."
-            )
-    if data.get("on_error", "skip") not in ("skip", "raise"):
-        raise ValueError(f"{where}: data.on_error={data['on_error']!r}; use 'skip' or 'raise'.")
-    if not isinstance(data.get("packing", False), bool):
-        raise ValueError(f"{where}: data.packing={data['packing']!r}; use true (rows of max_length tokens) or false.")
-
-
-def _required(data: dict, key: str, stage: str) -> str:
-    if not data.get(key):
-        raise ValueError(
-            f"Stage {stage!r} trains on LLaVA data but has no data.{key}: pass --set stages.{stage}.data.{key}=PATH "
-            f"(or set data.{key} in the recipe)."
-        )
-    return data[key]
-
-
-def open_training_data(data: dict, seed: int, stage: str = "train"):
-    """The index of a stage's training samples (`data` merged already), with its seeded `train_subset`."""
-    if data["name"] == "easy-vqa":
-        samples, _ = read_easy_vqa(
-            "train",
-            questions_per_sample=data.get("questions_per_sample", 1),
-            shown_fraction=data.get("shown_fraction"),
-            rewrite_shown_fraction=data.get("rewrite_shown_fraction"),
-            negated_questions=data.get("negated_questions", True),
-            seed=seed,
-        )
-        index = SampleList(samples, source="easy-vqa train")
-    else:
-        index = open_llava_index(_required(data, "train", stage), _required(data, "image_folder", stage))
-    return SubsetIndex.seeded(index, data.get("train_subset"), seed)
-
-
-def load_eval_samples(data: dict, seed: int) -> list:
-    """The evaluation samples of the recipe's `data` (easy-VQA's test split, or LLaVA `eval`), in memory."""
-    if data["name"] == "easy-vqa":
-        samples, _ = read_easy_vqa("test", questions_per_sample=1)
-        index = SampleList(samples, source="easy-vqa test")
-    elif data.get("eval"):
-        folder = data.get("eval_image_folder") or data.get("image_folder")
-        if not folder:
-            raise ValueError("data.eval needs data.eval_image_folder (or data.image_folder) for its images.")
-        index = open_llava_index(data["eval"], folder)
-    else:
-        return []
-    index = SubsetIndex.seeded(index, data.get("eval_subset"), seed)
-    samples = []
-    for i in range(len(index)):
-        try:
-            samples.append(index.sample(i))
-        except ValueError as problem:
-            logger.warning("evaluation leaves out entry %d of %s: %s", i, index.source, problem)
-    return samples
-
-
-class EasyVQAImageLabel:
-    """sample -> the index of its easy-VQA image's class for `task` (`shape`, `color`, `shape_color`), -100 if the
-    image's questions don't tell; for the auxiliary classification loss (picklable, for DataLoader workers)."""
-
-    def __init__(self, task: str, label_names: list[str]):
-        from ..data.easy_vqa import easy_vqa_image_labels
-
-        self.task, self.label_names = task, label_names
-        self.labels = easy_vqa_image_labels("train")
-
-    def __call__(self, sample) -> int:
-        labels = self.labels.get(sample.meta.get("image_id"), {})
-        if self.task == "shape_color":
-            name = f"{labels['color']} {labels['shape']}" if "shape" in labels and "color" in labels else None
-        else:
-            name = labels.get(self.task)
-        return self.label_names.index(name) if name in self.label_names else -100
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A run: the parts, then one function per stage kind
@@ -410,7 +135,7 @@ def run_vision_pretrain(run: _Run, stage: VLMStage, resume: bool) -> bool:
         id2label = dict(enumerate(train_data.class_names))
         start = run.classifier
         if start is None:  # the recipe's tower: a fresh one, or a folder's (pre-trained as a classifier further)
-            start = build_tower(recipe, None)[0] if recipe.vision.get("path") else _fresh_tower_config(recipe)
+            start = build_tower(recipe, None)[0] if recipe.vision.get("path") else fresh_tower_config(recipe)
         classifier = prepare_classifier(
             start,
             image_size=classifier_stage.image_size,
@@ -650,170 +375,6 @@ def report_skipped(stage_dir: Path, stage: str, source: str, skipped: list) -> N
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The parts
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _fresh_tower_config(recipe: VLMRecipe) -> VisionTransformerConfig:
-    fields_ = {k: v for k, v in recipe.vision.items() if k not in (*VISION_KEYS, *VISION_PROCESSING_KEYS)}
-    return VisionTransformerConfig(**fields_)
-
-
-def build_tower(recipe: VLMRecipe, classifier: VisionTransformerForImageClassification | None):
-    """(tower, image processor): the pre-trained classifier's tower, a tower folder, or a fresh ViT."""
-    if classifier is not None:
-        return classifier.vit, image_processor_for(classifier.vit.config)
-    vision = recipe.vision
-    if vision.get("path"):
-        return load_vision_tower(
-            vision["path"],
-            image_processor=vision.get("image_processor"),
-            convert=vision.get("convert", True),
-            dtype=vision.get("dtype"),
-            attn_implementation=vision.get("attn_implementation"),
-        )
-    tower = VisionTransformerModel(_fresh_tower_config(recipe))
-    return tower, image_processor_for(tower.config)
-
-
-def build_tokenizer(recipe: VLMRecipe, tokenizer_folder: Path):
-    """(tokenizer, chat template): the language model's own, or a sentencepiece tokenizer trained on the data."""
-    lm = recipe.language_model
-    if lm.get("path"):
-        kwargs = {"gguf_file": lm["gguf_file"]} if lm.get("gguf_file") else {}
-        tokenizer = AutoTokenizer.from_pretrained(lm["path"], **kwargs)
-        return tokenizer, resolve_chat_template(lm.get("chat_template"), tokenizer, where=lm["path"])
-    chat_template = resolve_chat_template(lm.get("chat_template", "user_assistant"), None)
-    return _trained_tokenizer(recipe, tokenizer_folder, chat_template), chat_template
-
-
-def build_language_model(recipe: VLMRecipe, tokenizer) -> nn.Module:
-    """The causal LM from its folder, or a fresh tiny Llama sized for `tokenizer` (its vocabulary and `<image>`)."""
-    lm = recipe.language_model
-    if lm.get("path"):
-        kwargs = {key: lm[key] for key in ("gguf_file", "attn_implementation") if lm.get(key)}
-        dtype = resolve_dtype(lm.get("dtype"), "language_model") or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(lm["path"], dtype=dtype, **kwargs)
-        return as_plain_model(model) if lm.get("gguf_file") else model
-    config = {k: v for k, v in lm.items() if k not in LM_KEYS}
-    config = {"tie_word_embeddings": True, "max_position_embeddings": recipe.max_length, **config}
-    attention = {"attn_implementation": lm["attn_implementation"]} if lm.get("attn_implementation") else {}
-    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), **config), **attention)
-
-
-def _trained_tokenizer(recipe: VLMRecipe, folder: Path, chat_template: str):
-    """A sentencepiece tokenizer trained on the first VLM stage's conversations as the template renders them."""
-    process = process_state()
-    if process.is_main_process and not (folder / "tokenizer.json").is_file():
-        first = next(s for s in recipe.stages if s.kind != "vision_pretrain")
-        index = open_training_data(recipe.stage_data(first), recipe.seed, first.name)
-        positions = range(len(index))
-        if len(index) > TOKENIZER_TRAINING_SAMPLES:
-            positions = sorted(random.Random(recipe.seed).sample(positions, TOKENIZER_TRAINING_SAMPLES))
-        conversations = []
-        for i in positions:
-            try:
-                conversations.append(index.sample(i).messages)
-            except ValueError:
-                continue  # a malformed entry: the data set reports it when training reaches it
-        texts = chat_texts(conversations, chat_template)  # what the LM reads, the template's markup included
-        tokenizer = train_sentencepiece_tokenizer(texts, vocab_size=recipe.tokenizer.get("vocab_size", 512))
-        tokenizer.save_pretrained(folder)
-    process.wait_for_everyone()
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
-    """The VLM (tower + fresh adapter + LM) and its processor (the tower's image processor, the LM's tokenizer)."""
-    tower, image_processor = build_tower(recipe, classifier)
-    mode = recipe.vision.get("image_mode", "fixed")
-    if mode == "native":
-        image_processor = native_image_processor(tower, image_processor, recipe.vision["max_num_patches"])
-    tokenizer, chat_template = build_tokenizer(recipe, tokenizer_folder)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    separators = {}
-    if mode == "tiles":
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": list(TILE_SEPARATOR_TOKENS)}, replace_extra_special_tokens=False
-        )
-        separators["tile_separator_token_ids"] = tokenizer.convert_tokens_to_ids(list(TILE_SEPARATOR_TOKENS))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    language_model = build_language_model(recipe, tokenizer)
-    if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
-        language_model.resize_token_embeddings(len(tokenizer))
-    model = VisionLanguageForConditionalGeneration.from_parts(
-        tower,
-        language_model,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        adapter_config=recipe.adapter,
-        vision_feature_layer=recipe.vision_feature_layer,
-        keep_prefix_tokens=recipe.keep_prefix_tokens,
-        **separators,
-    )
-    for side, part in (("vision", model.vision_tower), ("language_model", model.language_model)):
-        if getattr(recipe, side).get("gradient_checkpointing"):
-            part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(recipe, side).get("compile"):
-            compile_layers(part)
-    processor = VisionLanguageProcessor.from_model_config(
-        model.config,
-        image_processor,
-        tokenizer,
-        chat_template=chat_template,
-        image_aspect_ratio=recipe.vision.get("image_aspect_ratio", "squash"),
-        image_mode=mode,
-        max_tiles=recipe.vision.get("max_tiles"),
-    )
-    if processor.num_image_tokens >= recipe.max_length:
-        raise ValueError(
-            f"One image takes {processor.num_image_tokens} tokens ({model.config.grid_size[0]}x"
-            f"{model.config.grid_size[1]} patches through the {recipe.adapter.get('adapter_type', 'mlp')} adapter), "
-            f"which leaves no room for text within max_length={recipe.max_length}: raise max_length (LLaVA uses "
-            "2048) or use an adapter that reduces tokens (pixel_shuffle, resampler)."
-        )
-    return model, processor
-
-
-def native_image_processor(tower, image_processor, max_num_patches: int) -> VisionTransformerImageProcessor:
-    """The tower's image processor (its mean, std, resampling) in native-resolution mode: aspect ratio kept, at most
-    `max_num_patches` patches of the tower's patch size."""
-    if not isinstance(tower, VisionTransformerModel):
-        raise ValueError(
-            f"vision.image_mode='native' needs a tower that takes masked patch sequences; {type(tower).__name__} "
-            "doesn't: load it with vision.convert=true (converted into VisionTransformerModel), or use 'fixed' / "
-            "'tiles'."
-        )
-    patch_h, patch_w = tower.config.patch_size_hw
-    if patch_h != patch_w:
-        raise ValueError(f"vision.image_mode='native' needs square patches, got {patch_h}x{patch_w}.")
-    return VisionTransformerImageProcessor(
-        patch_size=patch_h,
-        max_num_patches=max_num_patches,
-        image_mean=list(image_processor.image_mean),
-        image_std=list(image_processor.image_std),
-        resample=image_processor.resample,
-        do_convert_rgb=getattr(image_processor, "do_convert_rgb", None),
-        do_center_crop=False,
-    )
-
-
-def compile_layers(part: nn.Module) -> int:
-    """`torch.compile` each transformer layer of `part` in place (the classes of its `_no_split_modules`): regional
-    compilation, as accelerate's `compile_regions`: one layer's graph serves all of them (compiled once), the
-    module tree and its state-dict names stay as they are, and the tower's `get_intermediate_layers` (which a
-    compiled `forward` would bypass) runs compiled layers too. Returns the number of layers compiled."""
-    classes = set(getattr(part, "_no_split_modules", None) or ())
-    layers = [m for m in part.modules() if type(m).__name__ in classes and m is not part]
-    if not layers:
-        raise ValueError(f"{type(part).__name__} names no layer classes (_no_split_modules) to compile.")
-    for layer in layers:
-        layer.compile()
-    logger.info("torch.compile: %d %s layers", len(layers), type(part).__name__)
-    return len(layers)
-
-
 def initialise_from(run: _Run, stage: VLMStage) -> VisionLanguageForConditionalGeneration:
     """The model a stage with `init_from` starts from: another stage's result, or a saved projector/VLM's adapter."""
     source = stage.init_from
@@ -872,58 +433,6 @@ def _save_vlm(run: _Run, folder: Path) -> None:
 def _within(state_dict: dict, prefix: str) -> dict:
     """The entries of `state_dict` under `prefix` (a submodule's), the prefix removed."""
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
-def zero3_problems(recipe: VLMRecipe, evaluate: bool) -> list[str]:
-    """What this run would do that can't work on DeepSpeed ZeRO-3's partitioned parameters, each with its fix.
-
-    After a ZeRO-3 stage the loop saves from `accelerator.get_state_dict` (the full 16-bit weights, gathered on the
-    main process), but the module itself keeps empty partitions on every process: nothing else may use it.
-    """
-    problems = []
-    stages = recipe.stages
-    for stage in stages:
-        where = f"stage {stage.name!r}"
-        if stage.kind == "vision_pretrain":
-            problems.append(
-                f"{where} (vision_pretrain) evaluates the classifier and hands its tower on, which needs whole "
-                "weights: run it under ZeRO-2 or FSDP (configs/accelerate/fsdp.yaml), and the VLM stages from its "
-                "folder"
-            )
-        if stage.cache_features:
-            problems.append(
-                f"{where}: cache_features runs the tower on the main process alone, whose weights are partitioned: "
-                "drop cache_features, or use ZeRO-2 or FSDP"
-            )
-        if stage.lora is not None:
-            problems.append(
-                f"{where}: LoRA's merge_and_unload would run on partitioned weights: use ZeRO-2 or FSDP (which gather "
-                "the full weights before merging), or train without lora"
-            )
-    if len(stages) > 1:
-        problems.append(
-            f"stages {[s.name for s in stages[1:]]} would start from the partitioned weights of the stage before: run "
-            "one stage per launch (the next recipe's stage with init_from=<out>/<stage>/projector), the earlier ones "
-            "under ZeRO-2 as LLaVA-1.5 does, or use FSDP"
-        )
-    if evaluate and (recipe.data.get("eval") or recipe.data["name"] == "easy-vqa"):
-        problems.append(
-            "evaluation calls generate on every process, on partitioned weights: pass --no-eval and evaluate the "
-            "saved folder afterwards (vlm-vision evaluate <out>/vlm), or use FSDP"
-        )
-    return problems
-
-
-def check_zero3(recipe: VLMRecipe, evaluate: bool) -> None:
-    """Refuse, before anything trains, what can't work under DeepSpeed ZeRO-3 (see :func:`zero3_problems`)."""
-    if deepspeed_zero_stage() != 3:
-        return
-    problems = zero3_problems(recipe, evaluate)
-    if problems:
-        raise ValueError(
-            "This run can't work under DeepSpeed ZeRO-3 (parameters partitioned over the processes):\n"
-            + "\n".join(f"  - {problem}" for problem in problems)
-        )
 
 
 __all__ = ["VLMRecipe", "build_vlm", "open_training_data", "run_vlm_recipe"]
