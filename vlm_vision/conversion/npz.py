@@ -162,7 +162,7 @@ def _check_bit_standardization(model: torch.nn.Module) -> None:
     if eps != {BIT_WS_EPS}:
         raise ValueError(
             f"transformers' BiT standardises with eps {sorted(eps)}, but the hybrid conversion folds JAX's weight "
-            f"standardisation for eps={BIT_WS_EPS}: update BIT_WS_EPS in vlm_vision/conversion.py."
+            f"standardisation for eps={BIT_WS_EPS}: update BIT_WS_EPS in vlm_vision/conversion/npz.py."
         )
 
 

@@ -28,7 +28,7 @@ from .model_card import model_card
 logger = logging.getLogger(__name__)
 
 # Never uploaded: editor, OS and Python leftovers, and hidden files (`.git`, the staging folders of the atomic saves in
-# `export.py`).
+# `export/folders.py`).
 IGNORED = (".*", "__pycache__", "*.pyc")
 PIPELINE_TAGS = {"vlm_vision": "image-text-to-text", "vlm_vit": "image-feature-extraction"}
 
