@@ -30,11 +30,11 @@ Prefix tokens: a converted tower keeps its own layout, so `config.num_prefix_tok
 
 The package: `reading` (safe reading of the source files), `engine` (the strict mapping engine), one module per
 source family (`transformers_vit`, `clip`, `siglip`, `dinov2`, `timm`, `npz`), `preprocessing` (the converted
-folder's image processor), `convert` (`convert_checkpoint`, `convert`) and `cli` (`vlm-vision convert`).
+folder's image processor), `converter` (`convert_checkpoint`, `convert`) and `cli` (`vlm-vision convert`).
 """
 
 from .cli import main
-from .convert import LOADERS, ConvertedCheckpoint, convert, convert_checkpoint
+from .converter import LOADERS, ConvertedCheckpoint, convert, convert_checkpoint
 from .engine import SOURCE_FORMATS, load_strictly, map_keys
 from .npz import fold_weight_standardization
 from .reading import read_state_dict

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .convert import convert
+from .converter import convert
 from .engine import SOURCE_FORMATS
 
 logger = logging.getLogger(__name__)
