@@ -5,6 +5,9 @@
 - :mod:`.loop`: the accelerate training loop (`train`): 1 or N processes alike, accumulation, clipping, mixed
   precision, progress bar, trackers.
 - :mod:`.classifier`: the paper's pre-training and fine-tuning stages (Sec. 3.2) for any labelled image data.
+- :mod:`.stages`, :mod:`.vlm`: the VLM's stage kinds (what each trains) and its losses.
+- :mod:`.vlm_schema`, :mod:`.vlm_data`, :mod:`.vlm_parts`, :mod:`.vlm_recipe`: a VLM recipe's schema, its data, the
+  parts it builds, and the runner (`run_vlm_recipe`: one function per stage kind).
 """
 
 from .checkpointing import (
