@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -44,6 +45,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"{args.model} is not a saved model folder (no config.json): give the `vlm/` folder of a run.")
     if (args.llava or args.vqav2 or args.coco_captions) and not args.images:
         parser.error("--images is required with --llava, --vqav2 and --coco-captions")
     if args.breakdown and (args.llava or args.vqav2 or args.coco_captions):

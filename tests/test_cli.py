@@ -134,6 +134,14 @@ def test_ask_names_a_missing_folder_or_image(vlm_folder, tmp_path, capsys):
         cli.main(["ask", str(folder), str(broken), "q"])
 
 
+def test_evaluate_names_a_folder_that_is_not_a_model(tmp_path, capsys):
+    """A wrong path is named before any data is read (transformers would take it for a Hub repository id)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["evaluate", str(tmp_path / "run" / "model")])
+    assert exit_.value.code == 2
+    assert "model is not a saved model folder (no config.json): give the `vlm/` folder" in capsys.readouterr().err
+
+
 def test_a_wheel_carries_the_recipes_and_the_commands(tmp_path):
     """Built offline from a copy of this checkout (setuptools writes build/ into the tree it builds); the default
     recipe resolves from the unpacked wheel, not the checkout."""
