@@ -269,6 +269,11 @@ def test_recipe_errors():
         recipe({**ALIGN, "freeze_vision": True})
     with pytest.raises(ValueError, match="set aux_classification_weight to 0, or use a stage that trains the tower"):
         recipe({**ALIGN, "kind": "full", "freeze_vision": True, "aux_classification_weight": 0.5})
+    native = json.loads(json.dumps(TINY))
+    native["vision"].update(image_mode="native", max_num_patches=16)
+    aux_stage = {**ALIGN, "kind": "full", "aux_classification_weight": 0.5}
+    with pytest.raises(ValueError, match="in image_mode 'fixed' only, not 'native': set aux_classification_weight"):
+        VLMRecipe(**native, stages=[aux_stage])
     # per-part learning rates in a recipe's JSON name the VLM's parts
     stage = recipe({**ALIGN, "optimizer": {"learning_rates": {"lm": 2e-3}}}).stages[0]
     assert stage.optimizer.learning_rates == {"lm": 2e-3} and "lm" in stage.optimizer.parts
@@ -401,3 +406,39 @@ def test_the_console_gets_stage_lines_and_warnings_and_the_log_file_the_rest():
     notice = "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but check"  # as seen
     assert not _on_console(record("accelerate.utils.other", logging.WARNING, notice))
     assert _on_console(record("accelerate.utils.other", logging.WARNING, "another accelerate warning"))
+
+
+def test_the_auxiliary_loss_runs_the_tower_once_and_takes_the_labels_from_the_batch():
+    import torch.nn.functional as F
+
+    from tests.vlm_helpers import build_vlm, shapes_image, train_tokenizer, vqa
+    from vlm_vision.data.conversations import VLMSample
+    from vlm_vision.data.dataset import VLMCollator, VLMDataset
+    from vlm_vision.training.vlm import WithAuxiliaryClassifier, vlm_loss
+
+    model, processor = build_vlm(
+        train_tokenizer(), vision_feature_layer=[1, -1]
+    )  # the deepest layer is the second block
+    model.eval()
+    tower, width = model.vision_tower, model.vision_tower.config.hidden_size
+    torch.manual_seed(0)
+    head = torch.nn.Linear(width, 3)
+    wrapped = WithAuxiliaryClassifier(model, head, weight=0.5)
+    samples = [VLMSample([shapes_image(i, 32)], vqa("what is the shape?", "a circle"), str(i)) for i in range(3)]
+    labels = {"0": 2, "1": -100, "2": 0}
+    dataset = VLMDataset(samples, processor, image_label=lambda sample: labels[sample.id])
+    batch = VLMCollator(processor)([dataset[i] for i in range(3)])
+    assert batch["image_labels"].tolist() == [2, -100, 0]  # the labels travel in the batch, one per image
+
+    runs = []
+    hook = tower.embeddings.register_forward_hook(lambda *args: runs.append(1))
+    loss = vlm_loss(wrapped, dict(batch))
+    assert len(runs) == 1  # the tower ran once, for the VLM and the auxiliary head
+    hook.remove()
+    plain = vlm_loss(model, dict(batch))  # a VLM without the wrapper: the labels are dropped
+    deepest = tower.get_intermediate_layers(batch["pixel_values"], [-1])[0]
+    auxiliary = F.cross_entropy(head(tower.layernorm(deepest[:, 0])), batch["image_labels"], ignore_index=-100)
+    torch.testing.assert_close(loss, plain + 0.5 * auxiliary, rtol=0, atol=1e-6)
+
+    unlabelled = dict(batch, image_labels=torch.full((3,), -100))
+    torch.testing.assert_close(vlm_loss(wrapped, unlabelled), plain, rtol=0, atol=0)

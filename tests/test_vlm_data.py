@@ -472,3 +472,27 @@ def test_collator_builds_the_padded_batch(processor, images, tmp_path):
     direct = processor.encode_conversations([s.messages for s in samples[:3]], [s.images for s in samples[:3]])
     for key in ("input_ids", "labels", "pixel_values"):
         torch.testing.assert_close(batch[key], direct[key], msg=key)
+
+
+def test_processed_images_decode_each_file_once_and_bound_their_cache(processor, images, monkeypatch):
+    from vlm_vision.data import images as image_module
+    from vlm_vision.data.images import ImageLoadError, ProcessedImages
+
+    decoded = []
+    load = image_module.load_image
+    monkeypatch.setattr(image_module, "load_image", lambda path: decoded.append(str(path)) or load(path))
+    rgb, gray = str(images / "rgb.jpg"), images / "gray.png"
+    pixels = ProcessedImages(processor, max_size=1)
+    first = pixels(rgb)
+    assert first.shape == (3, 32, 32) and torch.equal(first, processor.process_images([load(rgb)])[0])
+    assert pixels(rgb) is first and decoded == [rgb]  # kept: decoded once
+    pixels(gray)  # a path-like too; the bound drops the least recently used, rgb.jpg
+    assert pixels(rgb) is not first and decoded == [rgb, str(gray), rgb]
+    uncached = ProcessedImages(processor, cache=False)
+    assert uncached(rgb) is not uncached(rgb)
+    picture = load(rgb)
+    assert pixels(picture) is not pixels(picture)  # in-memory images are kept only when asked
+    kept = ProcessedImages(processor, keep_in_memory_images=True)
+    assert kept(picture) is kept(picture)
+    with pytest.raises(ImageLoadError):
+        pixels(images / "missing.jpg")

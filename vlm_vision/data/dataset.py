@@ -36,7 +36,7 @@ from .conversations import (
     VLMSample,
     _check_on_error,
 )
-from .images import ImageLoadError, _flip_bit, load_image
+from .images import ImageLoadError, ProcessedImages, _flip_bit
 from .index import SampleList
 from .packing import pack_encoded
 
@@ -121,7 +121,7 @@ class VLMDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.on_error = on_error
         self._encodings: dict[str, Any] | None = {} if cache else None
-        self._pixels: dict[str, torch.Tensor] | None = {} if cache else None
+        self._images = ProcessedImages(processor, cache=cache)
         self.features = features
         self._unusable: set[int] = set()  # per process: known bad samples are not read again
 
@@ -248,26 +248,12 @@ class VLMDataset(torch.utils.data.Dataset):
             self._encodings[key] = encoded
         return encoded
 
-    def _pixel_values(self, image) -> torch.Tensor:
-        key = image if isinstance(image, str) else None
-        if key is not None and self._pixels is not None and key in self._pixels:
-            return self._pixels[key]
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                picture = load_image(image)
-            except ImageLoadError as error:
-                reason = UNREADABLE_IMAGE if os.path.exists(error.path) else MISSING_IMAGE
-                raise SampleProblem(reason, f"image {error.path}: {error.reason}", error.path) from None
-        else:
-            picture = image
-        if self._layouts_needed:  # (the image's model inputs, its token ids)
-            inputs, layouts = self.processor.preprocess_images([picture])
-            pixels = (inputs, layouts[0])
-        else:
-            pixels = self.processor.process_images([picture])[0]
-        if key is not None and self._pixels is not None:
-            self._pixels[key] = pixels
-        return pixels
+    def _pixel_values(self, image):
+        try:
+            return self._images(image)
+        except ImageLoadError as error:
+            reason = UNREADABLE_IMAGE if os.path.exists(error.path) else MISSING_IMAGE
+            raise SampleProblem(reason, f"image {error.path}: {error.reason}", error.path) from None
 
 
 class VLMCollator:

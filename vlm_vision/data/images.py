@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,57 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(path, "it is a folder, not an image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+class ProcessedImages:
+    """Images (file paths or in-memory PIL images) -> a VLM processor's inputs, each decoded and processed once.
+
+    One image's inputs: in `image_mode` "fixed" its `pixel_values` `(C, H, W)`; in "native" and "tiles" (its model
+    inputs, `processor.preprocess_images`'s dict, and its token ids in the text). Training
+    (:class:`~vlm_vision.data.dataset.VLMDataset`) and answering (:mod:`vlm_vision.evaluation.generation`) read
+    their images through it.
+
+    Args:
+        processor: the VLM's processor.
+        cache: keep what was processed, by file path (off: every call decodes again).
+        max_size: keep at most this many, the least recently used dropped first (None: no bound).
+        keep_in_memory_images: also keep in-memory images, by object identity: only while the caller holds them all
+            (one pass of answering), never for a data set whose index may make new image objects.
+
+    Raises:
+        ImageLoadError: a file that is missing or can't be decoded.
+    """
+
+    def __init__(
+        self, processor, *, cache: bool = True, max_size: int | None = None, keep_in_memory_images: bool = False
+    ):
+        self.processor = processor
+        self.max_size = max_size
+        self.keep_in_memory_images = keep_in_memory_images
+        self._cache: OrderedDict | None = OrderedDict() if cache else None
+
+    @property
+    def fixed(self) -> bool:
+        """Whether an image's inputs are its pixels alone (`image_mode` "fixed")."""
+        return getattr(self.processor, "image_mode", "fixed") == "fixed"
+
+    def __call__(self, image):
+        is_file = isinstance(image, (str, os.PathLike))
+        key = os.fspath(image) if is_file else (id(image) if self.keep_in_memory_images else None)
+        if self._cache is not None and key is not None and key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        picture = load_image(image) if is_file else image
+        if self.fixed:
+            processed = self.processor.process_images([picture])[0]
+        else:
+            inputs, layouts = self.processor.preprocess_images([picture])
+            processed = (inputs, layouts[0])
+        if self._cache is not None and key is not None:
+            self._cache[key] = processed
+            if self.max_size is not None and len(self._cache) > self.max_size:
+                self._cache.popitem(last=False)
+        return processed
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:

@@ -9,15 +9,13 @@ cannot be read is not scored (its prediction is None) and is counted in the resu
 from __future__ import annotations
 
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.conversations import VLMSample
-from ..data.images import ImageLoadError, load_image
+from ..data.images import ImageLoadError, ProcessedImages
 from ..vlm.processing_vlm import normalize_messages
 
 logger = logging.getLogger(__name__)
@@ -76,21 +74,8 @@ def _answer(model, processor, samples, batch_size: int, max_new_tokens: int, pro
     model.eval()
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    cache: OrderedDict = OrderedDict()
+    pixels = ProcessedImages(processor, max_size=IMAGE_CACHE_SIZE, keep_in_memory_images=True)
     answers: list[str | None] = []
-
-    def pixels(image) -> torch.Tensor:
-        key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
-        if key not in cache:
-            picture = load_image(image) if isinstance(image, (str, os.PathLike)) else image
-            if getattr(processor, "image_mode", "fixed") == "fixed":
-                cache[key] = processor.process_images([picture])[0]
-            else:  # native / tiles: the image's model inputs and its token ids
-                cache[key] = processor.preprocess_images([picture])
-            if len(cache) > IMAGE_CACHE_SIZE:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
 
     try:
         batches = range(0, len(samples), batch_size)
@@ -106,7 +91,7 @@ def _answer(model, processor, samples, batch_size: int, max_new_tokens: int, pro
                     continue
                 usable.append(True)
                 images += images_of_sample
-                layouts = [image[1][0] for image in images_of_sample if isinstance(image, tuple)] or None
+                layouts = [image[1] for image in images_of_sample if isinstance(image, tuple)] or None
                 prompts.append(processor.expand_image_tokens(processor.prompt(prompt), layouts))
             batch_answers = iter(_generate(model, tokenizer, prompts, images, max_new_tokens) if prompts else [])
             answers += [next(batch_answers) if ok else None for ok in usable]

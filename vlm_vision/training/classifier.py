@@ -355,10 +355,11 @@ def run_recipe(
 ) -> list[dict]:
     """Run every stage of `recipe` under `output_dir/<stage name>/`; returns one row of figures per stage.
 
-    Each stage: prepare the model (resolution, head), measure accuracy before, train, measure after, and save the
-    classifier as a checkpoint folder `output_dir/<stage>/model` (loadable with `AutoModelForImageClassification`).
-    With `resume`, finished stages (their model folder exists) are loaded instead of retrained and the running
-    stage continues from its latest checkpoint. Call on every process (under `accelerate launch`).
+    Each stage (:func:`run_classifier_stage`): prepare the model (resolution, head), measure accuracy before, train,
+    measure after, and save the classifier as a checkpoint folder `output_dir/<stage>/model` (loadable with
+    `AutoModelForImageClassification`). With `resume`, finished stages (their model folder exists) are loaded
+    instead of retrained and the running stage continues from its latest checkpoint. Call on every process (under
+    `accelerate launch`).
     """
     if deepspeed_zero_stage() == 3:  # before any data is read
         raise ValueError(
@@ -366,93 +367,135 @@ def run_recipe(
             "whole weights; under DeepSpeed ZeRO-3 they are partitioned over the processes. Run it under DDP "
             "(configs/accelerate/ddp.yaml), ZeRO-2 (deepspeed_zero2.yaml) or FSDP (fsdp.yaml)."
         )
-    process = process_state()
-    rows, model = [], None
-    for index, stage in enumerate(recipe.stages):
-        stage_dir = Path(output_dir) / stage.name
-        train_data, eval_data = load_stage_data(stage, recipe.seed, on_bad_image)
-        id2label = dict(enumerate(train_data.class_names))
-        final_dir, metrics_file = stage_dir / "model", stage_dir / "metrics.json"
-        if resume and (final_dir / "config.json").is_file() and metrics_file.is_file():
-            model = VisionTransformerForImageClassification.from_pretrained(final_dir)
-            rows.append(json.loads(metrics_file.read_text()))
-            logger.info("Stage %s already finished: loaded %s", stage.name, final_dir)
-            continue
-        set_seed(recipe.seed)
-        source = model if model is not None else VisionTransformerConfig(**recipe.model)
-        model = prepare_classifier(
-            source, image_size=stage.image_size, head=stage.head, num_labels=len(id2label), id2label=id2label
-        )
-        eval_data = eval_data.with_options(image_size=stage.image_size)
-        before = evaluate_classifier(
-            model, eval_data, batch_size=recipe.eval_batch_size, mixed_precision=mixed_precision
-        )["accuracy"]
-        args = stage.training_arguments(
-            str(stage_dir),
-            seed=recipe.seed,
-            save_every_steps=save_every_steps,
-            stop_after_steps=stop_after_steps,
-            resume="latest" if resume else None,
-            report_to=list(report_to or []),
-            progress_bar=progress_bar,
-            mixed_precision=mixed_precision,
-        )
-        result = train_classifier(
-            model, train_data, stage, args, eval_dataset=eval_data, eval_batch_size=recipe.eval_batch_size
-        )
-        model = result.model
-        if not result.train.finished:
-            logger.info("Stage %s stopped at step %d (stop_after_steps).", stage.name, result.train.state.global_step)
-            return rows
-        row = {
-            "stage": stage.name,
-            "task": stage.task,
-            "data": stage.data,
-            "image_size": stage.image_size,
-            "head": stage.head,
-            "train_images": stage.train_subset or len(train_data),
-            "eval_images": result.metrics["num_images"],
-            "steps": result.train.num_training_steps,
-            "train_seconds": round(result.train.train_seconds, 1),
-            "samples_per_second": round(result.train.samples_per_second, 1),
-            "accuracy_before": round(before, 4),
-            "accuracy_after": round(result.metrics["accuracy"], 4),
-        }
-        if recipe.baseline_from_scratch and index == len(recipe.stages) - 1 and index > 0:
-            set_seed(recipe.seed)
-            scratch = prepare_classifier(
-                VisionTransformerConfig(**recipe.model),
-                image_size=stage.image_size,
-                head=stage.head,
-                num_labels=len(id2label),
-                id2label=id2label,
-            )
-            scratch_args = stage.training_arguments(
-                str(stage_dir / "from_scratch"),
-                seed=recipe.seed,
-                report_to=list(report_to or []),
-                progress_bar=progress_bar,
-                mixed_precision=mixed_precision,
-            )
-            baseline = train_classifier(
-                scratch, train_data, stage, scratch_args, eval_dataset=eval_data, eval_batch_size=recipe.eval_batch_size
-            )
-            row["accuracy_from_scratch"] = round(baseline.metrics["accuracy"], 4)
-        if process.is_main_process:
-            summary = (
-                f"Stage `{stage.name}` of a vlm-vision classifier recipe: {stage.head} head, {stage.task} on "
-                f"{stage.data} at {stage.image_size}x{stage.image_size}; test accuracy {row['accuracy_after']:.4f}."
-            )
-            sections = {"Training": "```json\n" + json.dumps(row, indent=2) + "\n```"}
-            save_checkpoint(
-                model,
-                final_dir,
-                title=f"{stage.name} ({stage.task})",
-                summary=summary,
-                sections=sections,
-                overwrite=True,
-            )
-            metrics_file.write_text(json.dumps(row, indent=2))
-        process.wait_for_everyone()
-        rows.append(row)
-    return rows
+    run = _ClassifierRun(
+        recipe,
+        Path(output_dir),
+        resume=resume,
+        on_bad_image=on_bad_image,
+        options={
+            "seed": recipe.seed,
+            "report_to": list(report_to or []),
+            "progress_bar": progress_bar,
+            "mixed_precision": mixed_precision,
+        },
+        checkpointing={
+            "save_every_steps": save_every_steps,
+            "stop_after_steps": stop_after_steps,
+            "resume": "latest" if resume else None,
+        },
+    )
+    for number, stage in enumerate(recipe.stages):
+        baseline = recipe.baseline_from_scratch and number == len(recipe.stages) - 1 and number > 0
+        if not run_classifier_stage(run, stage, baseline):
+            break
+    return run.rows
+
+
+@dataclass
+class _ClassifierRun:
+    """What the stages of one classifier run share and hand on."""
+
+    recipe: ClassifierRecipe
+    out: Path
+    resume: bool
+    on_bad_image: str
+    options: dict  # the loop's run-level arguments of every training (seed, trackers, progress bar, precision)
+    checkpointing: dict  # and those of the recipe's own stages only, not the baseline's (saving, stopping, resuming)
+    rows: list[dict] = field(default_factory=list)
+    model: VisionTransformerForImageClassification | None = None  # the last stage's, handed to the next
+
+    @property
+    def process(self):
+        return process_state()
+
+
+def run_classifier_stage(run: _ClassifierRun, stage: ClassifierStage, baseline: bool) -> bool:
+    """One stage: the previous stage's classifier (or a fresh one) prepared for it, its accuracy before and after
+    training, with `baseline` the same stage trained from scratch, and the result saved; False if it stopped early."""
+    recipe, stage_dir = run.recipe, run.out / stage.name
+    train_data, eval_data = load_stage_data(stage, recipe.seed, run.on_bad_image)
+    id2label = dict(enumerate(train_data.class_names))
+    final_dir, metrics_file = stage_dir / "model", stage_dir / "metrics.json"
+    if run.resume and (final_dir / "config.json").is_file() and metrics_file.is_file():
+        run.model = VisionTransformerForImageClassification.from_pretrained(final_dir)
+        run.rows.append(json.loads(metrics_file.read_text()))
+        logger.info("Stage %s already finished: loaded %s", stage.name, final_dir)
+        return True
+    set_seed(recipe.seed)
+    source = run.model if run.model is not None else VisionTransformerConfig(**recipe.model)
+    model = prepare_classifier(
+        source, image_size=stage.image_size, head=stage.head, num_labels=len(id2label), id2label=id2label
+    )
+    eval_data = eval_data.with_options(image_size=stage.image_size)
+    before = evaluate_classifier(
+        model, eval_data, batch_size=recipe.eval_batch_size, mixed_precision=run.options["mixed_precision"]
+    )["accuracy"]
+    args = stage.training_arguments(str(stage_dir), **run.checkpointing, **run.options)
+    result = train_classifier(
+        model, train_data, stage, args, eval_dataset=eval_data, eval_batch_size=recipe.eval_batch_size
+    )
+    run.model = result.model
+    if not result.train.finished:
+        logger.info("Stage %s stopped at step %d (stop_after_steps).", stage.name, result.train.state.global_step)
+        return False
+    row = {
+        "stage": stage.name,
+        "task": stage.task,
+        "data": stage.data,
+        "image_size": stage.image_size,
+        "head": stage.head,
+        "train_images": stage.train_subset or len(train_data),
+        "eval_images": result.metrics["num_images"],
+        "steps": result.train.num_training_steps,
+        "train_seconds": round(result.train.train_seconds, 1),
+        "samples_per_second": round(result.train.samples_per_second, 1),
+        "accuracy_before": round(before, 4),
+        "accuracy_after": round(result.metrics["accuracy"], 4),
+    }
+    if baseline:
+        row["accuracy_from_scratch"] = round(train_from_scratch(run, stage, train_data, eval_data, id2label), 4)
+    if run.process.is_main_process:
+        save_stage(run.model, stage, row, final_dir, metrics_file)
+    run.process.wait_for_everyone()
+    run.rows.append(row)
+    return True
+
+
+def train_from_scratch(
+    run: _ClassifierRun, stage: ClassifierStage, train_data, eval_data, id2label: dict[int, str]
+) -> float:
+    """The baseline: `stage` trained from a fresh model with the same steps (under `<stage>/from_scratch`, never
+    resumed or stopped early); returns its accuracy, to measure what the earlier stages bring."""
+    set_seed(run.recipe.seed)
+    scratch = prepare_classifier(
+        VisionTransformerConfig(**run.recipe.model),
+        image_size=stage.image_size,
+        head=stage.head,
+        num_labels=len(id2label),
+        id2label=id2label,
+    )
+    args = stage.training_arguments(str(run.out / stage.name / "from_scratch"), **run.options)
+    baseline = train_classifier(
+        scratch, train_data, stage, args, eval_dataset=eval_data, eval_batch_size=run.recipe.eval_batch_size
+    )
+    return baseline.metrics["accuracy"]
+
+
+def save_stage(
+    model: VisionTransformerForImageClassification, stage: ClassifierStage, row: dict, final_dir: Path, metrics_file
+) -> None:
+    """The stage's classifier as a checkpoint folder with a model card holding its figures, and `metrics.json`."""
+    summary = (
+        f"Stage `{stage.name}` of a vlm-vision classifier recipe: {stage.head} head, {stage.task} on "
+        f"{stage.data} at {stage.image_size}x{stage.image_size}; test accuracy {row['accuracy_after']:.4f}."
+    )
+    sections = {"Training": "```json\n" + json.dumps(row, indent=2) + "\n```"}
+    save_checkpoint(
+        model,
+        final_dir,
+        title=f"{stage.name} ({stage.task})",
+        summary=summary,
+        sections=sections,
+        overwrite=True,
+    )
+    metrics_file.write_text(json.dumps(row, indent=2))

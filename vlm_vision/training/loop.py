@@ -363,6 +363,10 @@ def train(
 ) -> TrainResult:
     """Train `model` on `train_dataset` as `args` says; returns the unwrapped model (on `accelerator.device`).
 
+    The steps: the schedule (batch sizes, steps, epochs), the data order and loader, the model, optimizer and
+    scheduler prepared (or sharded), a fresh or resumed state, then epochs of optimizer steps (each followed by its
+    periodic log and save), and the trained weights gathered.
+
     Args:
         model: any `nn.Module`; with the default `compute_loss`, `model(**batch).loss` must be the loss.
         train_dataset: a map-style data set; items are collated by `collate_fn` (PyTorch's default if None). If it
@@ -387,6 +391,80 @@ def train(
     """
     args = args.for_processes(accelerator.num_processes if accelerator else process_state().num_processes)
     accelerator = accelerator or make_accelerator(args)
+    schedule = plan_schedule(args, accelerator, len(train_dataset))
+    sampler, loader = make_loader(train_dataset, args, schedule, collate_fn, lengths, modalities)
+    # what the run trains, by parameter (not by config serialisation, which differs between a model built in memory
+    # and the same model loaded from its folder)
+    parameters = {name: [list(p.shape), p.requires_grad] for name, p in model.named_parameters()}
+    run = prepare_run(model, loader, sampler, args, optimizer_config, accelerator, schedule, compute_loss, count_items)
+    config = run_config(
+        args, optimizer_config, schedule.num_samples, {"parameters": parameters, **(fingerprint_extra or {})}
+    )
+    state = start_or_resume(run, config)
+    if args.report_to:
+        accelerator.init_trackers(Path(args.output_dir).name, config=tracker_config or {})
+    log_plan(run)
+    progress = _Progress(bar=progress_bar(run, state))
+    run.model.train()
+    while state.global_step < schedule.stop_at and state.epoch < schedule.num_epochs:
+        train_epoch(run, train_dataset, state, progress)
+    return finish(run, state, progress)
+
+
+@dataclass
+class _Schedule:
+    """How a stage's data is cut: per-device micro-batches, optimizer steps and epochs (see :func:`plan_schedule`)."""
+
+    num_samples: int
+    per_device_batch: int
+    batches_per_epoch: int  # per process, full batches only
+    num_training_steps: int  # the schedule's length
+    num_epochs: int
+    stop_at: int  # the step this run stops at (`stop_after_steps`, or the end)
+
+
+@dataclass
+class _Run:
+    """What the steps of one stage share: its arguments, schedule and the prepared model, optimizer and data."""
+
+    args: TrainingArguments
+    accelerator: Accelerator
+    schedule: _Schedule
+    model: nn.Module  # prepared by accelerate, or sharded by the loop (FSDP2)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: object
+    sampler: EpochSampler
+    compute_loss: Callable[[nn.Module, dict], torch.Tensor]
+    count_items: Callable[[dict], int] | None
+    skeleton: nn.Module | None = None  # FSDP2: the unsharded model on the meta device, to gather the weights into
+    forward_context: Callable = contextlib.nullcontext
+
+    @property
+    def sharded(self) -> tuple | None:
+        """(model, optimizer) when the loop sharded them (FSDP2): checkpoints save and load them itself."""
+        return (self.model, self.optimizer) if self.skeleton is not None else None
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.args.output_dir) / "checkpoints"
+
+
+@dataclass
+class _Progress:
+    """The running figures of a stage: the loss since the last log, the samples trained, the bar."""
+
+    bar: tqdm
+    started: float = field(default_factory=time.perf_counter)
+    running_loss: float = 0.0
+    running_count: int = 0
+    last_loss: float = float("nan")
+    samples_done: int = 0
+
+
+def plan_schedule(args: TrainingArguments, accelerator: Accelerator, num_samples: int) -> _Schedule:
+    """The batch sizes, optimizer steps and epochs of a stage on `accelerator`'s processes; refuses an accelerator
+    that accumulates itself, a global batch the processes can't share and a data set smaller than one batch."""
     if accelerator.gradient_accumulation_steps != 1:
         raise ValueError(
             f"The accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches itself: make it "
@@ -401,8 +479,7 @@ def train(
             f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) = {micro_batches}: choose a multiple."
         )
     per_device_batch = args.batch_size // micro_batches
-    num_samples = len(train_dataset)
-    batches_per_epoch = num_samples // (per_device_batch * num_processes)  # per process, full batches only
+    batches_per_epoch = num_samples // (per_device_batch * num_processes)
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
             f"The data set has {num_samples} samples, fewer than one global batch of {args.batch_size}: lower "
@@ -410,17 +487,35 @@ def train(
         )
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_training_steps = args.max_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(num_training_steps / steps_per_epoch)
+    return _Schedule(
+        num_samples=num_samples,
+        per_device_batch=per_device_batch,
+        batches_per_epoch=batches_per_epoch,
+        num_training_steps=num_training_steps,
+        num_epochs=math.ceil(num_training_steps / steps_per_epoch),
+        stop_at=min(num_training_steps, args.stop_after_steps or num_training_steps),
+    )
 
+
+def make_loader(
+    train_dataset: torch.utils.data.Dataset,
+    args: TrainingArguments,
+    schedule: _Schedule,
+    collate_fn: Callable | None,
+    lengths: Sequence[int] | None,
+    modalities: Sequence[bool] | None,
+) -> tuple[EpochSampler, torch.utils.data.DataLoader]:
+    """The data order (:class:`EpochSampler`, grouped by length when `args.group_by_length`) and its loader of
+    per-device micro-batches (not yet prepared)."""
     if args.group_by_length and lengths is None:
         raise ValueError("group_by_length=True needs the samples' lengths: pass lengths= (and modalities=) to train.")
     grouping = (
         {"lengths": lengths, "modalities": modalities, "group_size": args.batch_size} if args.group_by_length else {}
     )
-    sampler = EpochSampler(num_samples, seed=args.seed, **grouping)
+    sampler = EpochSampler(schedule.num_samples, seed=args.seed, **grouping)
     loader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=per_device_batch,
+        batch_size=schedule.per_device_batch,
         sampler=sampler,
         drop_last=True,
         num_workers=args.num_workers,
@@ -429,12 +524,27 @@ def train(
         # RNG (dropout) at every epoch start, and a run resumed mid-epoch would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    # what the run trains, by parameter (not by config serialisation, which differs between a model built in memory
-    # and the same model loaded from its folder)
-    parameters = {name: [list(p.shape), p.requires_grad] for name, p in model.named_parameters()}
+    return sampler, loader
+
+
+def prepare_run(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    sampler: EpochSampler,
+    args: TrainingArguments,
+    optimizer_config: OptimizerConfig,
+    accelerator: Accelerator,
+    schedule: _Schedule,
+    compute_loss: Callable[[nn.Module, dict], torch.Tensor],
+    count_items: Callable[[dict], int] | None,
+) -> _Run:
+    """The model, its optimizer and the loader prepared by accelerate (or, under FSDP2, the model sharded by the loop
+    itself, the same on CPU and GPU, never handed to `accelerate.prepare`: see :mod:`.distributed`), and the
+    scheduler, registered for checkpointing but not prepared (accelerate would step it once per process; here it
+    steps once per update)."""
     fsdp = FSDPSettings.from_env()
+    skeleton = None
     if fsdp is not None:
-        # sharded by the loop itself (the same on CPU and GPU), never handed to accelerate.prepare (see .distributed)
         if accelerator.mixed_precision == "fp16":
             raise ValueError("FSDP2 here trains in fp32 or bf16 (no fp16 loss scaling): use --mixed-precision bf16.")
         skeleton = meta_skeleton(model)
@@ -445,141 +555,184 @@ def train(
     else:
         optimizer = build_optimizer(model, optimizer_config)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = build_scheduler(optimizer, optimizer_config, num_training_steps)
-    # The scheduler is not prepared: accelerate would step it once per process; here it steps once per update.
+    scheduler = build_scheduler(optimizer, optimizer_config, schedule.num_training_steps)
     accelerator.register_for_checkpointing(scheduler)
-    sharded = (model, optimizer) if fsdp is not None else None
-    # a prepared model runs under autocast itself; the sharded one, not prepared, in accelerate's autocast context
-    forward_context = accelerator.autocast if fsdp is not None else contextlib.nullcontext
+    return _Run(
+        args=args,
+        accelerator=accelerator,
+        schedule=schedule,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        sampler=sampler,
+        compute_loss=compute_loss,
+        count_items=count_items,
+        skeleton=skeleton,
+        # a prepared model runs under autocast itself; the sharded one, not prepared, in accelerate's autocast context
+        forward_context=accelerator.autocast if fsdp is not None else contextlib.nullcontext,
+    )
 
-    config = run_config(args, optimizer_config, num_samples, {"parameters": parameters, **(fingerprint_extra or {})})
-    checkpoints_dir = Path(args.output_dir) / "checkpoints"
+
+def start_or_resume(run: _Run, config: dict) -> TrainerState:
+    """A fresh state, or the one of the checkpoint `args.resume` names (model, optimizer, scheduler and RNGs
+    restored, `config` checked against the checkpoint's), its position converted to this number of processes."""
+    accelerator, num_processes = run.accelerator, run.accelerator.num_processes
     state = TrainerState(fingerprint=run_fingerprint(config), config=config, num_processes=num_processes)
-    checkpoint = resolve_resume(args.resume, checkpoints_dir)
-    if checkpoint is not None:
-        state = load_state(accelerator, checkpoint, config, sharded=sharded)
-        if state.num_processes != num_processes:
-            logger.warning(
-                "Resuming a run saved on %d processes on %d: the data order, the samples of each step, the model, "
-                "optimizer and schedule continue exactly; random draws made by each process (dropout) do not.",
-                state.num_processes,
-                num_processes,
-            )
-            state.num_processes = num_processes
-        if state.batches_in_epoch and not state.samples_in_epoch:  # saved before samples were counted
-            state.samples_in_epoch = state.batches_in_epoch * per_device_batch * num_processes
-        state.batches_in_epoch = state.samples_in_epoch // (per_device_batch * num_processes)
-    if args.report_to:
-        accelerator.init_trackers(Path(args.output_dir).name, config=tracker_config or {})
-
-    main = accelerator.is_main_process
-    if main:
-        logger.info(
-            "Training: %d samples, %d epochs, %d optimizer steps of %d samples (%d processes x %d per device x %d "
-            "accumulation), %s precision",
-            num_samples,
-            num_epochs,
-            num_training_steps,
-            args.batch_size,
+    checkpoint = resolve_resume(run.args.resume, run.checkpoints_dir)
+    if checkpoint is None:
+        return state
+    state = load_state(accelerator, checkpoint, config, sharded=run.sharded)
+    if state.num_processes != num_processes:
+        logger.warning(
+            "Resuming a run saved on %d processes on %d: the data order, the samples of each step, the model, "
+            "optimizer and schedule continue exactly; random draws made by each process (dropout) do not.",
+            state.num_processes,
             num_processes,
-            per_device_batch,
-            args.gradient_accumulation_steps,
-            "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
         )
-    bar = tqdm(
-        total=num_training_steps,
+        state.num_processes = num_processes
+    per_step_batch = run.schedule.per_device_batch * num_processes
+    if state.batches_in_epoch and not state.samples_in_epoch:  # saved before samples were counted
+        state.samples_in_epoch = state.batches_in_epoch * per_step_batch
+    state.batches_in_epoch = state.samples_in_epoch // per_step_batch
+    return state
+
+
+def log_plan(run: _Run) -> None:
+    """One line (main process): the samples, epochs, steps, how a step's batch is cut, and the precision."""
+    if not run.accelerator.is_main_process:
+        return
+    logger.info(
+        "Training: %d samples, %d epochs, %d optimizer steps of %d samples (%d processes x %d per device x %d "
+        "accumulation), %s precision",
+        run.schedule.num_samples,
+        run.schedule.num_epochs,
+        run.schedule.num_training_steps,
+        run.args.batch_size,
+        run.accelerator.num_processes,
+        run.schedule.per_device_batch,
+        run.args.gradient_accumulation_steps,
+        "fp32" if run.accelerator.mixed_precision == "no" else run.accelerator.mixed_precision,
+    )
+
+
+def progress_bar(run: _Run, state: TrainerState) -> tqdm:
+    """The stage's bar of optimizer steps (local main process, when `args.progress_bar`), from the resumed step."""
+    return tqdm(
+        total=run.schedule.num_training_steps,
         initial=state.global_step,
-        desc=Path(args.output_dir).name,
+        desc=Path(run.args.output_dir).name,
         unit="step",
-        disable=not (args.progress_bar and accelerator.is_local_main_process),
+        disable=not (run.args.progress_bar and run.accelerator.is_local_main_process),
         dynamic_ncols=True,
     )
-    stop_at = min(num_training_steps, args.stop_after_steps or num_training_steps)
-    running_loss, running_count, last_loss = 0.0, 0, float("nan")
-    samples_done, started = 0, time.perf_counter()
-    model.train()
-    while state.global_step < stop_at and state.epoch < num_epochs:
-        loader.set_epoch(state.epoch)
-        if hasattr(train_dataset, "set_epoch"):
-            train_dataset.set_epoch(state.epoch)
-        sampler.skip(state.samples_in_epoch)
-        batches = iter(loader)
-        while state.global_step < stop_at:
-            window = list(itertools.islice(batches, args.gradient_accumulation_steps))  # one optimizer step
-            if not window:
-                break
-            if count_items is not None:  # normalise by the step's item count over all micro-batches and processes
-                count = torch.tensor(float(sum(count_items(b) for b in window)), device=accelerator.device)
-                items = (accelerator.reduce(count, "sum") / (num_processes * len(window))).clamp(min=1.0)
-            step_loss = 0.0
-            for position, batch in enumerate(window):
-                last = position == len(window) - 1
-                with syncing(model, accelerator, last), forward_context():  # gradients reduced once a step
-                    if count_items is not None:
-                        batch["num_items_in_batch"] = items
-                        loss = compute_loss(model, batch)
-                    else:
-                        loss = compute_loss(model, batch) / len(window)
-                    accelerator.backward(loss)
-                step_loss += loss.detach().float().item()
-                state.batches_in_epoch += 1
-                state.samples_in_epoch += per_device_batch * num_processes
-            if args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            running_loss += step_loss / (len(window) if count_items is not None else 1)
-            running_count += 1
-            scheduler.step()
-            state.global_step += 1
-            samples_done += args.batch_size
-            if state.batches_in_epoch >= batches_per_epoch:
-                state.epoch, state.batches_in_epoch, state.samples_in_epoch = state.epoch + 1, 0, 0
-            bar.update(1)
-            if state.global_step % args.log_every_steps == 0 or state.global_step == stop_at:
-                mean_loss = accelerator.reduce(
-                    torch.tensor(running_loss / running_count, device=accelerator.device), "mean"
-                ).item()
-                last_loss, running_loss, running_count = mean_loss, 0.0, 0
-                speed = samples_done / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(
-                    loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{speed:.0f}"
-                )
-                if args.report_to:
-                    accelerator.log(
-                        {
-                            "train/loss": mean_loss,
-                            "train/lr": scheduler.get_last_lr()[0],
-                            "train/samples_per_second": speed,
-                        },
-                        step=state.global_step,
-                    )
-            if args.save_every_steps and (
-                state.global_step % args.save_every_steps == 0 or state.global_step == stop_at
-            ):
-                save_state_atomically(accelerator, checkpoints_dir, state, args.keep_last_checkpoints, sharded=sharded)
-            if state.global_step >= stop_at:
-                break
-    bar.close()
-    elapsed = time.perf_counter() - started
+
+
+def train_epoch(run: _Run, train_dataset, state: TrainerState, progress: _Progress) -> None:
+    """The rest of the current epoch (a resumed one without its consumed samples, never read), or up to the stop:
+    optimizer steps, each followed by its log and save when they are due."""
+    run.loader.set_epoch(state.epoch)
+    if hasattr(train_dataset, "set_epoch"):
+        train_dataset.set_epoch(state.epoch)
+    run.sampler.skip(state.samples_in_epoch)
+    batches = iter(run.loader)
+    while state.global_step < run.schedule.stop_at:
+        window = list(itertools.islice(batches, run.args.gradient_accumulation_steps))  # one optimizer step
+        if not window:
+            break
+        step_loss = optimizer_step(run, window, state)
+        progress.running_loss += step_loss
+        progress.running_count += 1
+        progress.samples_done += run.args.batch_size
+        progress.bar.update(1)
+        if state.global_step % run.args.log_every_steps == 0 or state.global_step == run.schedule.stop_at:
+            log_progress(run, state, progress)
+        if run.args.save_every_steps and (
+            state.global_step % run.args.save_every_steps == 0 or state.global_step == run.schedule.stop_at
+        ):
+            save_state_atomically(
+                run.accelerator, run.checkpoints_dir, state, run.args.keep_last_checkpoints, sharded=run.sharded
+            )
+
+
+def optimizer_step(run: _Run, window: list[dict], state: TrainerState) -> float:
+    """One optimizer step over the micro-batches of `window` (gradients reduced over processes once, on the last),
+    clipped, then the scheduler's step; `state` moves on by a step (and to the next epoch after its last batch).
+
+    Returns:
+        the step's loss on this process: the sum of its micro-batch losses with `count_items` (each normalised by
+        the step's item count), else their mean.
+    """
+    accelerator, num_processes = run.accelerator, run.accelerator.num_processes
+    if run.count_items is not None:  # normalise by the step's item count over all micro-batches and processes
+        count = torch.tensor(float(sum(run.count_items(b) for b in window)), device=accelerator.device)
+        items = (accelerator.reduce(count, "sum") / (num_processes * len(window))).clamp(min=1.0)
+    step_loss = 0.0
+    for position, batch in enumerate(window):
+        last = position == len(window) - 1
+        with syncing(run.model, accelerator, last), run.forward_context():  # gradients reduced once a step
+            if run.count_items is not None:
+                batch["num_items_in_batch"] = items
+                loss = run.compute_loss(run.model, batch)
+            else:
+                loss = run.compute_loss(run.model, batch) / len(window)
+            accelerator.backward(loss)
+        step_loss += loss.detach().float().item()
+        state.batches_in_epoch += 1
+        state.samples_in_epoch += run.schedule.per_device_batch * num_processes
+    if run.args.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state.global_step += 1
+    if state.batches_in_epoch >= run.schedule.batches_per_epoch:
+        state.epoch, state.batches_in_epoch, state.samples_in_epoch = state.epoch + 1, 0, 0
+    return step_loss / (len(window) if run.count_items is not None else 1)
+
+
+def log_progress(run: _Run, state: TrainerState, progress: _Progress) -> None:
+    """The mean loss since the last log over all processes, the learning rate and the speed: on the bar and to the
+    trackers; the running loss starts again."""
+    accelerator = run.accelerator
+    mean_loss = accelerator.reduce(
+        torch.tensor(progress.running_loss / progress.running_count, device=accelerator.device), "mean"
+    ).item()
+    progress.last_loss, progress.running_loss, progress.running_count = mean_loss, 0.0, 0
+    speed = progress.samples_done / max(time.perf_counter() - progress.started, 1e-9)
+    learning_rate = run.scheduler.get_last_lr()[0]
+    progress.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}", samples_s=f"{speed:.0f}")
+    if run.args.report_to:
+        accelerator.log(
+            {"train/loss": mean_loss, "train/lr": learning_rate, "train/samples_per_second": speed},
+            step=state.global_step,
+        )
+
+
+def finish(run: _Run, state: TrainerState, progress: _Progress) -> TrainResult:
+    """The trained model as an ordinary module and its full state dict (gathered from every process), the run's
+    figures, and the accelerator released for the next stage."""
+    progress.bar.close()
+    elapsed = time.perf_counter() - progress.started
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    finished = state.global_step >= num_training_steps
-    if main:
+    num_training_steps = run.schedule.num_training_steps
+    if accelerator.is_main_process:
         logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
-    if fsdp is not None:  # an ordinary module on every process: the full weights gathered into the skeleton
-        trained = unsharded_copy(full_state_dict(model), skeleton)
+    if run.skeleton is not None:  # an ordinary module on every process: the full weights gathered into the skeleton
+        trained = unsharded_copy(full_state_dict(run.model), run.skeleton)
         state_dict = trained.state_dict()  # tied parameters share a tensor again: saved once, as by one process
     else:  # accelerate gathers what it sharded (DeepSpeed ZeRO-3: the full 16-bit weights, on the main process)
-        state_dict = accelerator.get_state_dict(model)
-        trained = accelerator.unwrap_model(model)
+        state_dict = accelerator.get_state_dict(run.model)
+        trained = accelerator.unwrap_model(run.model)
     release(accelerator)
     return TrainResult(
         model=trained,
         state_dict=state_dict,
         state=state,
         num_training_steps=num_training_steps,
-        last_loss=last_loss,
+        last_loss=progress.last_loss,
         train_seconds=elapsed,
-        samples_per_second=samples_done / elapsed if elapsed > 0 else 0.0,
-        finished=finished,
+        samples_per_second=progress.samples_done / elapsed if elapsed > 0 else 0.0,
+        finished=state.global_step >= num_training_steps,
     )

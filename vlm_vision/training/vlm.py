@@ -7,7 +7,9 @@ run on 1 CPU or N processes, exact resume, atomic checkpoints) with the loss her
 - :class:`VLMLoss`: the LM loss normalised by the supervised-token count over all processes (so N processes compute
   the gradients of one), with the samples the data set had to skip collected from each batch for the stage's report;
 - :class:`WithAuxiliaryClassifier`: with `aux_classification_weight > 0` (and a classifier from `vision_pretrain`),
-  the classification loss on the images of each batch is added, so the tower keeps what it learned.
+  the classification loss on the images of each batch is added, so the tower keeps what it learned. The label of
+  each image travels in the batch (sample -> `VLMDataset` -> `VLMCollator` -> `batch["image_labels"]`) and the
+  wrapper reads it with the [CLS] of the tower features it computes once for the VLM.
 """
 
 from __future__ import annotations
@@ -37,30 +39,37 @@ logger = logging.getLogger(__name__)
 class WithAuxiliaryClassifier(nn.Module):
     """The VLM plus the tower's classification head from `vision_pretrain`: loss = LM loss + w * CE(head(y), label).
 
-    y = LN(z^0) of the deepest tower layer the VLM runs (captured with a hook, so the tower runs once).
+    y = LN(z^0) of the deepest tower layer the VLM uses. The tower runs once, here: its features (`vision_features`,
+    the selected layers concatenated on channels) go to the VLM in place of the pixels, and y is read off their
+    deepest layer's [CLS]. The labels come in the batch (`image_labels`, one per image, -100: none, from
+    :class:`~vlm_vision.data.dataset.VLMDataset`'s `image_label`); a batch without pixels or labels is the VLM's alone.
     """
 
     def __init__(self, vlm: nn.Module, head: nn.Module, weight: float):
         super().__init__()
         self.vlm, self.aux_head, self.weight = vlm, head, weight
-        base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
-        tower = base.vision_tower
-        deepest = max(i % (tower.config.num_hidden_layers + 1) for i in base.config.feature_layers)
+        config, tower = self._base.config, self._base.vision_tower
+        depths = [i % (tower.config.num_hidden_layers + 1) for i in config.feature_layers]
+        width = tower.config.hidden_size
+        start = depths.index(max(depths)) * width  # the deepest layer's channels in the concatenated features
+        self._deepest = slice(start, start + width)
         self._norm = tower.layernorm
-        self._captured = None
-        target = tower.layers[deepest - 1] if deepest > 0 else tower.embeddings
-        target.register_forward_hook(self._capture)
 
-    def _capture(self, module, inputs, output):
-        self._captured = output
+    @property
+    def _base(self) -> nn.Module:
+        """The VLM under its LoRA wrapper (peft), if any."""
+        return self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
 
-    def forward(self, image_labels=None, **batch):
-        outputs = self.vlm(**batch)  # batch may carry num_items_in_batch (see `vlm_loss`)
-        if self._captured is not None and image_labels is not None and (image_labels >= 0).any():
-            pooled = self._norm(self._captured[:, 0])
-            logits = self.aux_head(pooled)
-            outputs.loss = outputs.loss + self.weight * F.cross_entropy(logits, image_labels, ignore_index=-100)
-        self._captured = None
+    def forward(self, image_labels=None, pixel_values=None, **batch):
+        # batch may carry num_items_in_batch (see `vlm_loss`)
+        if pixel_values is None or image_labels is None or not (image_labels >= 0).any():
+            return self.vlm(pixel_values=pixel_values, **batch)
+        dtype = next(self._base.vision_tower.parameters()).dtype
+        features = self._base.vision_features(pixel_values.to(dtype))  # (I, T, D_v * len(feature_layers))
+        outputs = self.vlm(vision_features=features, **batch)
+        pooled = self._norm(features[:, 0, self._deepest])  # (I, D_v)
+        logits = self.aux_head(pooled)
+        outputs.loss = outputs.loss + self.weight * F.cross_entropy(logits, image_labels, ignore_index=-100)
         return outputs
 
 

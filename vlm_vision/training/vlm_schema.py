@@ -161,6 +161,12 @@ class VLMRecipe:
             if stage.kind != "vision_pretrain" and data["name"] == "llava":
                 for key in ("train", "image_folder"):
                     required_data_path(data, key, stage.name)
+            if stage.aux_classification_weight and mode != "fixed":
+                raise ValueError(
+                    f"Stage {stage.name!r}: aux_classification_weight classifies each image by the tower's [CLS], "
+                    f"which the VLM is handed with the image's features in image_mode 'fixed' only, not {mode!r}: set "
+                    "aux_classification_weight to 0, or vision.image_mode to 'fixed'."
+                )
             if stage.init_from in names and names.index(stage.init_from) >= position:
                 raise ValueError(
                     f"Stage {stage.name!r}: init_from={stage.init_from!r} names a stage that runs at or after it; name "
