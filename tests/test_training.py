@@ -307,6 +307,34 @@ def test_stop_and_resume_gives_the_uninterrupted_weights(tmp_path):
         run(tmp_path, "resumed", save_every_steps=4, resume="latest", batch_size=8)
 
 
+def test_a_checkpoint_from_before_a_field_existed_resumes_at_its_default(tmp_path):
+    """A field added to the package since a checkpoint was written (its default keeps the old behaviour) does not
+    block the resume while it is at its default; set to something else, it is named like any change."""
+    uninterrupted = run(tmp_path, "full")
+    run(tmp_path, "old", save_every_steps=4, stop_after_steps=7)
+    state_file = find_latest_checkpoint(tmp_path / "old" / "checkpoints") / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    for key in ("lr_scheduler_type", "lr_scheduler_kwargs"):  # as written before the schedule became a setting
+        del saved["config"]["optimizer"][key]
+    state_file.write_text(json.dumps(saved))
+    resumed = run(tmp_path, "old", save_every_steps=4, resume="latest")
+    assert resumed.finished
+    for key, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+
+    run(tmp_path, "old2", save_every_steps=4, stop_after_steps=7)
+    state_file = find_latest_checkpoint(tmp_path / "old2" / "checkpoints") / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    del saved["config"]["optimizer"]["lr_scheduler_type"]
+    state_file.write_text(json.dumps(saved))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "old2"), num_epochs=2, batch_size=4, progress_bar=False, seed=3, resume="latest"
+    )
+    optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=2, lr_scheduler_type="linear")
+    with pytest.raises(ValueError, match=r"optimizer\.lr_scheduler_type: saved \(absent\), now 'linear'"):
+        train(tiny_classifier(hidden_dropout_prob=0.1), RandomImages(), args, optimizer)
+
+
 def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
     accelerator = make_accelerator(TrainingArguments(output_dir=str(tmp_path)))
     model = accelerator.prepare(nn.Linear(2, 2))

@@ -208,13 +208,21 @@ def resolve_resume(resume: str | os.PathLike | None, checkpoints_dir: str | os.P
     return path
 
 
-def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None = None, sharded=None) -> TrainerState:
+def load_state(
+    accelerator,
+    checkpoint: str | os.PathLike,
+    config: dict | None = None,
+    sharded=None,
+    added_defaults: dict | None = None,
+) -> TrainerState:
     """Restore everything `save_state_atomically` saved; return the loop's position.
 
     Raises:
         DamagedCheckpointError: a file of the checkpoint can't be read (named), or accelerate can't restore it.
         ValueError: the checkpoint is incomplete, or was written by a run with another configuration (the fields
-            that differ are named: a different recipe or data set would not continue the same run).
+            that differ are named: a different recipe or data set would not continue the same run). A field the
+            checkpoint does not have at all (added to the package since it was written) is no difference when its
+            value now is its default, `added_defaults[field name]`: a new field's default keeps the old behaviour.
     """
     checkpoint = Path(checkpoint)
     state_file = checkpoint / STATE_FILE
@@ -227,8 +235,14 @@ def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None =
     if config is not None and state.config is not None and "recipe" in config and "recipe" not in state.config:
         logger.warning("%s was saved before runs recorded their recipe: its recipe fields are not checked", checkpoint)
         config = {k: v for k, v in config.items() if k != "recipe"}
-    if config is not None and state.config is not None and state.config != config:
-        changes = "\n".join(f"  {key}: saved {a!r}, now {b!r}" for key, a, b in _differences(state.config, config))
+    differences = [] if config is None or state.config is None else list(_differences(state.config, config))
+    added = [key for key, a, b in differences if a is _ABSENT and key.rsplit(".", 1)[-1] in (added_defaults or {})]
+    added = [key for key in added if _value(config, key) == added_defaults[key.rsplit(".", 1)[-1]]]
+    if added:
+        logger.info("%s predates the fields %s: resumed with their defaults", checkpoint, ", ".join(added))
+    differences = [d for d in differences if d[0] not in added]
+    if differences:
+        changes = "\n".join(f"  {key}: saved {_shown(a)}, now {_shown(b)}" for key, a, b in differences)
         raise ValueError(
             f"{checkpoint} was saved by a run with another configuration:\n{changes}\nResume with the same recipe "
             "and data (the number of processes may change), or start a new run in another output folder."
@@ -249,10 +263,26 @@ def load_state(accelerator, checkpoint: str | os.PathLike, config: dict | None =
     return state
 
 
+_ABSENT = object()  # a key one side of `_differences` does not have
+
+
 def _differences(saved, now, prefix: str = ""):
-    """(dotted key, saved value, current value) for every leaf that differs between two JSON-like dicts."""
+    """(dotted key, saved value, current value) for every leaf that differs between two JSON-like dicts; `_ABSENT`
+    where one side lacks the key."""
     if isinstance(saved, dict) and isinstance(now, dict):
         for key in sorted(set(saved) | set(now)):
-            yield from _differences(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+            yield from _differences(
+                saved.get(key, _ABSENT), now.get(key, _ABSENT), f"{prefix}.{key}" if prefix else key
+            )
     elif saved != now:
         yield prefix, saved, now
+
+
+def _value(config: dict, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def _shown(value) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)

@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -290,6 +290,19 @@ RESUMABLE_CHANGES = (
     # the number of processes may change: the global batch and the data order do not depend on it
     "gradient_accumulation_steps_derived",
 )
+
+
+def field_defaults() -> dict:
+    """Field name -> default (as `run_config` writes it) of the settings a run's fingerprint holds, for resuming
+    checkpoints written before a field existed (see `load_state`)."""
+    defaults = {}
+    for cls in (TrainingArguments, OptimizerConfig):
+        for f in fields(cls):
+            if f.default is not MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                defaults[f.name] = f.default_factory()
+    return json.loads(json.dumps(defaults, default=str))
 
 
 def run_config(
@@ -582,7 +595,7 @@ def start_or_resume(run: _Run, config: dict) -> TrainerState:
     checkpoint = resolve_resume(run.args.resume, run.checkpoints_dir)
     if checkpoint is None:
         return state
-    state = load_state(accelerator, checkpoint, config, sharded=run.sharded)
+    state = load_state(accelerator, checkpoint, config, sharded=run.sharded, added_defaults=field_defaults())
     if state.num_processes != num_processes:
         logger.warning(
             "Resuming a run saved on %d processes on %d: the data order, the samples of each step, the model, "
