@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlm_vision  # noqa: F401  registers the Auto classes
+from vlm_vision.cli import require_vlm_folder
 from vlm_vision.data.conversations import read_coco_captions, read_easy_vqa, read_llava, read_vqav2
 from vlm_vision.data.easy_vqa import yes_no_breakdown
 from vlm_vision.evaluation.generation import evaluate_samples
@@ -45,8 +45,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"{args.model} is not a saved model folder (no config.json): give the `vlm/` folder of a run.")
+    require_vlm_folder(parser, args.model)
     if (args.llava or args.vqav2 or args.coco_captions) and not args.images:
         parser.error("--images is required with --llava, --vqav2 and --coco-captions")
     if args.breakdown and (args.llava or args.vqav2 or args.coco_captions):

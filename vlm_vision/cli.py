@@ -61,6 +61,15 @@ def _run(module_name: str, prog: str, argv: list[str]):
         sys.argv = saved
 
 
+def require_vlm_folder(parser: argparse.ArgumentParser, path: str) -> Path:
+    """`path` as a folder with a config.json, or the parser's error naming it (transformers would take a missing
+    local path for a Hub repository id)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        parser.error(f"{folder} is not a saved model folder (no config.json): give the `vlm/` folder of a run.")
+    return folder
+
+
 def ask(argv: list[str] | None = None) -> str:
     """`vlm-vision ask MODEL IMAGE QUESTION`: the greedy answer of a saved VLM, printed and returned."""
     parser = argparse.ArgumentParser(prog="vlm-vision ask", description=ask.__doc__.split(":", 1)[1].strip())
@@ -69,9 +78,7 @@ def ask(argv: list[str] | None = None) -> str:
     parser.add_argument("question", help="the question, in quotes")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    folder, image = Path(args.model), Path(args.image)
-    if not (folder / "config.json").is_file():
-        parser.error(f"{folder} is not a saved model folder (no config.json): give the `vlm/` folder of a run.")
+    folder, image = require_vlm_folder(parser, args.model), Path(args.image)
     if not image.is_file():
         parser.error(f"{image} is not a file: give the path of an image.")
     if args.max_new_tokens <= 0:

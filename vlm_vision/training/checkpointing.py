@@ -236,8 +236,13 @@ def load_state(
         logger.warning("%s was saved before runs recorded their recipe: its recipe fields are not checked", checkpoint)
         config = {k: v for k, v in config.items() if k != "recipe"}
     differences = [] if config is None or state.config is None else list(_differences(state.config, config))
-    added = [key for key, a, b in differences if a is _ABSENT and key.rsplit(".", 1)[-1] in (added_defaults or {})]
-    added = [key for key in added if _value(config, key) == added_defaults[key.rsplit(".", 1)[-1]]]
+    defaults = added_defaults or {}
+
+    def at_its_default(key: str) -> bool:  # a field the checkpoint predates, set as its default
+        leaf = key.rsplit(".", 1)[-1]
+        return leaf in defaults and _value(config, key) == defaults[leaf]
+
+    added = [key for key, saved, _ in differences if saved is _ABSENT and at_its_default(key)]
     if added:
         logger.info("%s predates the fields %s: resumed with their defaults", checkpoint, ", ".join(added))
     differences = [d for d in differences if d[0] not in added]
