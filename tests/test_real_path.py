@@ -4,6 +4,7 @@ through the shipped LLaVA-1.5 recipe and the documented command (both stages), o
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_the_llava_recipe_trains_both_stages_on_a_hub_clip_folder(world, tmp_pat
     assert rows[0]["skipped_samples"] == len(data.missing) + len(data.truncated)
     log = (out / "train.log").read_text()
     assert f"stage pretrain skipped {rows[0]['skipped_samples']} samples" in log and data.missing[0].name in log
+    assert re.search(r"vlm_vision.training.loop.progress: step 15/15 epoch 1 loss \d+\.\d{4} lr ", log)  # the curve
     finetune_report = json.loads((out / "finetune" / "data_report.json").read_text())
     in_mix = [e.get("image", []) for e in json.loads(data.finetune.read_text())]
     in_mix = {str(data.root / i) for images in in_mix for i in ([images] if isinstance(images, str) else images)}

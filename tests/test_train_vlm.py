@@ -408,6 +408,7 @@ def test_the_console_gets_stage_lines_and_warnings_and_the_log_file_the_rest():
     assert _on_console(record("vlm_vision.training.vlm_recipe", logging.INFO, "stage full: every sample usable"))
     assert _on_console(record("vlm_vision.data.dataset", logging.WARNING, "skipped 3 samples"))
     assert not _on_console(record("accelerate.checkpointing", logging.INFO, "Model weights saved in /x"))
+    assert not _on_console(record("vlm_vision.training.loop.progress", logging.INFO, "step 10/15 epoch 0 loss 2.1"))
     notice = "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but check"  # as seen
     assert not _on_console(record("accelerate.utils.other", logging.WARNING, notice))
     assert _on_console(record("accelerate.utils.other", logging.WARNING, "another accelerate warning"))

@@ -43,6 +43,8 @@ from .distributed import FSDPSettings, full_state_dict, is_sharded, meta_skeleto
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
+# a line per log step (loss, learning rate, speed): the log file's record of the curve, kept off the console
+progress_logger = logging.getLogger(__name__ + ".progress")
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 
@@ -715,6 +717,16 @@ def log_progress(run: _Run, state: TrainerState, progress: _Progress) -> None:
     speed = progress.samples_done / max(time.perf_counter() - progress.started, 1e-9)
     learning_rate = run.scheduler.get_last_lr()[0]
     progress.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}", samples_s=f"{speed:.0f}")
+    if accelerator.is_main_process:
+        progress_logger.info(
+            "step %d/%d epoch %d loss %.4f lr %.3e samples/s %.0f",
+            state.global_step,
+            run.schedule.stop_at,
+            state.epoch,
+            mean_loss,
+            learning_rate,
+            speed,
+        )
     if run.args.report_to:
         accelerator.log(
             {"train/loss": mean_loss, "train/lr": learning_rate, "train/samples_per_second": speed},
