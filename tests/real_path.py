@@ -1,7 +1,8 @@
 """What a real user brings, built offline with transformers' own classes and random weights: Hub-style tower folders
-(a whole `CLIPModel` with its `CLIPImageProcessor`, a `SiglipModel`, a `Dinov2Model`), a causal LM folder with a real
-sentencepiece tokenizer and a chat template, and LLaVA-format data for both stages over real image files on disk,
-some of them missing, truncated, grayscale, CMYK, RGBA or palette images, as in every real crawl."""
+(a whole `CLIPModel` with its `CLIPImageProcessor`, a `SiglipModel`, a SigLIP2 NaFlex `Siglip2Model`, a
+`Dinov2Model`), a causal LM folder with a real sentencepiece tokenizer and a chat template, and LLaVA-format data for
+both stages over real image files on disk, some of them missing, truncated, grayscale, CMYK, RGBA or palette images,
+as in every real crawl."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from transformers import (
     Dinov2Model,
     LlamaConfig,
     LlamaForCausalLM,
+    Siglip2Config,
+    Siglip2ImageProcessorPil,
+    Siglip2Model,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipConfig,
     SiglipImageProcessorPil,
     SiglipModel,
@@ -69,6 +75,19 @@ def write_siglip_folder(folder: Path) -> Path:
     config = SiglipConfig(vision_config={**TOWER, "image_size": 32, "patch_size": 8}, text_config=TEXT_TOWER)
     SiglipModel(config).save_pretrained(folder)
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def write_siglip2_folder(folder: Path, composite: bool = True, max_num_patches: int = 32) -> Path:
+    """A raw SigLIP2 NaFlex folder (a whole `Siglip2Model`, or a `Siglip2VisionModel`) with `Siglip2ImageProcessor`
+    (patches of 8, at most `max_num_patches` of them, mean = std = 0.5): a 4x4 position table, no [CLS]."""
+    torch.manual_seed(4)
+    vision = {**TOWER, "num_patches": 16, "patch_size": 8}
+    if composite:
+        Siglip2Model(Siglip2Config(vision_config=vision, text_config=TEXT_TOWER)).save_pretrained(folder)
+    else:
+        Siglip2VisionModel(Siglip2VisionConfig(**vision)).save_pretrained(folder)
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=max_num_patches).save_pretrained(folder)
     return folder
 
 

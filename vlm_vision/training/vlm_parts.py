@@ -4,6 +4,7 @@ processor."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from ..encoder.configuration_vit import VisionTransformerConfig
 from ..encoder.image_processing_vit import VisionTransformerImageProcessor
 from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
+from ..encoder.position_embeddings import MAX_RESAMPLE_FACTOR
 from ..export.encoder_folder import image_processor_for
 from ..vlm.modeling_vlm import VisionLanguageForConditionalGeneration
 from ..vlm.processing_vlm import (
@@ -108,8 +110,7 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
     """The VLM (tower + fresh adapter + LM) and its processor (the tower's image processor, the LM's tokenizer)."""
     tower, image_processor = build_tower(recipe, classifier)
     mode = recipe.vision.get("image_mode", "fixed")
-    if mode == "native":
-        image_processor = native_image_processor(tower, image_processor, recipe.vision["max_num_patches"])
+    image_processor = mode_image_processor(tower, image_processor, mode, recipe.vision.get("max_num_patches"))
     tokenizer, chat_template = build_tokenizer(recipe, tokenizer_folder)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     separators = {}
@@ -156,26 +157,103 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
     return model, processor
 
 
+def mode_image_processor(tower, image_processor, mode: str, max_num_patches: int | None = None):
+    """The image processor of `vision.image_mode` for the tower's own `image_processor`.
+
+    - "native": ours in native-resolution mode with the tower processor's resize rule, rescale and normalisation
+      and the recipe's patch budget (`native_image_processor`).
+    - "fixed" / "tiles" with a NaFlex processor (SigLIP2's `Siglip2ImageProcessor`, which patchifies every image):
+      ours in classic mode at the square of the tower's position table (`square_image_processor`).
+    - otherwise the tower's own, unchanged.
+    """
+    if mode == "native":
+        return native_image_processor(tower, image_processor, max_num_patches)
+    if getattr(image_processor, "max_num_patches", None) is not None:
+        return square_image_processor(tower, image_processor, mode)
+    return image_processor
+
+
+def _takes_native_inputs(tower) -> bool:
+    """Our tower, or a transformers tower whose forward takes the patch mask and grids (Siglip2VisionModel)."""
+    if isinstance(tower, VisionTransformerModel):
+        return True
+    return {"pixel_attention_mask", "spatial_shapes"} <= set(inspect.signature(tower.forward).parameters)
+
+
+def _processing_settings(tower, image_processor) -> dict:
+    """What an image processor of the tower does to pixels: resampling, rescale, normalisation, RGB conversion."""
+    settings = {
+        "image_mean": list(image_processor.image_mean),
+        "image_std": list(image_processor.image_std),
+        "resample": image_processor.resample,
+        "do_convert_rgb": getattr(image_processor, "do_convert_rgb", None),
+    }
+    for key in ("do_rescale", "rescale_factor", "do_normalize"):
+        if getattr(image_processor, key, None) is not None:
+            settings[key] = getattr(image_processor, key)
+    if settings["do_convert_rgb"] is None and tower.config.num_channels == 3:
+        settings["do_convert_rgb"] = True  # grayscale, CMYK, RGBA files: an RGB image is left as it is
+    return settings
+
+
 def native_image_processor(tower, image_processor, max_num_patches: int) -> VisionTransformerImageProcessor:
-    """The tower's image processor (its mean, std, resampling) in native-resolution mode: aspect ratio kept, at most
-    `max_num_patches` patches of the tower's patch size."""
-    if not isinstance(tower, VisionTransformerModel):
+    """The tower's image processor (its resampling, rescale, mean and std) in native-resolution mode: aspect ratio
+    kept, at most `max_num_patches` patches of the tower's patch size. For a SigLIP2 NaFlex folder this is its
+    `Siglip2ImageProcessor` with the recipe's budget (the same resize rule, `get_image_size_for_max_num_patches`)."""
+    if not _takes_native_inputs(tower):
         raise ValueError(
             f"vision.image_mode='native' needs a tower that takes masked patch sequences; {type(tower).__name__} "
             "doesn't: load it with vision.convert=true (converted into VisionTransformerModel), or use 'fixed' / "
             "'tiles'."
         )
-    patch_h, patch_w = tower.config.patch_size_hw
+    patch = tower.config.patch_size
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
     if patch_h != patch_w:
         raise ValueError(f"vision.image_mode='native' needs square patches, got {patch_h}x{patch_w}.")
+    saved_patch = getattr(image_processor, "patch_size", None)
+    if isinstance(saved_patch, int) and getattr(image_processor, "max_num_patches", None) and saved_patch != patch_h:
+        raise ValueError(
+            f"The tower's image processor cuts patches of {saved_patch} pixels but the tower's patch_size is "
+            f"{patch_h}: fix patch_size in its preprocessor_config.json (or pass vision.image_processor FOLDER)."
+        )
+    if isinstance(tower, VisionTransformerModel):
+        # every grid side is at most max_num_patches (a 1 x N image), and our tower stretches its position table at
+        # most MAX_RESAMPLE_FACTOR times along a side: within this budget every image fits, whatever its shape
+        table_h, table_w = tower.config.grid_size
+        limit = MAX_RESAMPLE_FACTOR * min(table_h, table_w)
+        if max_num_patches > limit:
+            raise ValueError(
+                f"vision.max_num_patches={max_num_patches} is beyond what the tower's {table_h}x{table_w} position "
+                f"table allows: an image of aspect ratio 1:{max_num_patches} would get a 1 x {max_num_patches} grid, "
+                f"stretching the table more than {MAX_RESAMPLE_FACTOR}x along a side. Set vision.max_num_patches to "
+                f"at most {limit} (SigLIP2 NaFlex's 16x16 table: 1024)."
+            )
     return VisionTransformerImageProcessor(
         patch_size=patch_h,
         max_num_patches=max_num_patches,
-        image_mean=list(image_processor.image_mean),
-        image_std=list(image_processor.image_std),
-        resample=image_processor.resample,
-        do_convert_rgb=getattr(image_processor, "do_convert_rgb", None),
         do_center_crop=False,
+        **_processing_settings(tower, image_processor),
+    )
+
+
+def square_image_processor(tower, image_processor, mode: str) -> VisionTransformerImageProcessor:
+    """A NaFlex tower in `fixed` / `tiles` mode: every image (tile) resized to the square of the tower's position
+    table, with the NaFlex processor's resampling, rescale and normalisation. The tower then adds its table as it is:
+    exactly `Siglip2VisionModel` with `spatial_shapes` (side, side) on that image (for a square image of any size,
+    `Siglip2ImageProcessor(max_num_patches=side * side)` gives the same pixels)."""
+    if not isinstance(tower, VisionTransformerModel):
+        raise ValueError(
+            f"vision.image_mode={mode!r} feeds (images, channels, height, width) pixels, which "
+            f"{type(tower).__name__} (a NaFlex tower: patchified pixel_values with pixel_attention_mask and "
+            "spatial_shapes) does not take: use vision.image_mode='native' with vision.max_num_patches, or "
+            "vision.convert=true (converted into VisionTransformerModel, which takes square images at its position "
+            "table's size)."
+        )
+    height, width = tower.config.image_size_hw
+    return VisionTransformerImageProcessor(
+        size={"height": height, "width": width},
+        do_center_crop=False,
+        **_processing_settings(tower, image_processor),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -23,6 +25,11 @@ PREFIX_TOKENS_BY_MODEL_TYPE = {
     "vit": 1,
     "dinov2": 1,
 }
+
+
+# transformers towers that take only patchified NaFlex inputs (pixel_values (I, N, C*P*P), pixel_attention_mask,
+# spatial_shapes) and have a square position table of `num_patches` instead of an image size
+NAFLEX_VISION_MODEL_TYPES = ("siglip2_vision_model",)
 
 
 def vision_prefix_tokens(vision_config: PretrainedConfig) -> int:
@@ -245,6 +252,9 @@ class VisionLanguageConfig(PretrainedConfig):
         """The tower's patch grid at its configured image size."""
         if hasattr(self.vision_config, "grid_size"):
             return tuple(self.vision_config.grid_size)
+        if self.vision_config.model_type in NAFLEX_VISION_MODEL_TYPES:  # a square table, resized to each image
+            side = math.isqrt(self.vision_config.num_patches)
+            return side, side
         size = self.vision_config.image_size
         height, width = (size, size) if isinstance(size, int) else size
         patch_h, patch_w = vision_patch_size(self.vision_config)

@@ -36,7 +36,7 @@ from ..encoder.modeling_vit import (
     raise_on_mismatched_shapes,
     raise_on_missing_keys,
 )
-from .configuration_vlm import LLAVA_NAMES, VisionLanguageConfig, vision_patch_size
+from .configuration_vlm import LLAVA_NAMES, NAFLEX_VISION_MODEL_TYPES, VisionLanguageConfig, vision_patch_size
 from .processing_vlm import IGNORE_INDEX  # the label convention is the processor's (and transformers' loss default)
 
 logger = logging.getLogger(__name__)
@@ -236,14 +236,13 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             unused = [tower.layers[deepest:], tower.layernorm, tower.head, tower.pooler]
             names = {id(p) for module in unused if module is not None for p in module.parameters()}
         else:
-            config = self.config.vision_config
-            probe = torch.zeros(1, config.num_channels, *_image_size(config), device=self.device, dtype=self.dtype)
+            probe = self.blank_tower_inputs(self.dtype)
             saved = {n: (p.requires_grad, p.grad) for n, p in tower.named_parameters()}
             with torch.enable_grad():
                 for parameter in tower.parameters():
                     parameter.requires_grad_(True)
                     parameter.grad = None
-                self.vision_features(probe).sum().backward()
+                self.vision_features(**probe).sum().backward()
             names = {id(p) for p in tower.parameters() if p.grad is None}
             for name, parameter in tower.named_parameters():  # leave trainability and gradients as they were
                 parameter.requires_grad_(saved[name][0])
@@ -285,6 +284,25 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **native)
                 states = [outputs.hidden_states[i] for i in layers]
             return torch.cat(states, dim=-1)
+
+    def blank_tower_inputs(self, dtype: torch.dtype) -> dict:
+        """One blank image at the tower's own grid, in the form the tower takes: `pixel_values (1, C, H, W)`, or for
+        a transformers NaFlex tower (Siglip2VisionModel, which takes patches only) `(1, N, C*P*P)` patches with
+        their mask and `spatial_shapes` (the table's square grid)."""
+        config = self.config.vision_config
+        if config.model_type in NAFLEX_VISION_MODEL_TYPES:
+            rows, columns = self.config.grid_size
+            patch_h, patch_w = vision_patch_size(config)
+            length = rows * columns
+            return {
+                "pixel_values": torch.zeros(
+                    1, length, config.num_channels * patch_h * patch_w, device=self.device, dtype=dtype
+                ),
+                "pixel_attention_mask": torch.ones(1, length, dtype=torch.long, device=self.device),
+                "spatial_shapes": torch.tensor([[rows, columns]], device=self.device),
+            }
+        height, width = _image_size(config)
+        return {"pixel_values": torch.zeros(1, config.num_channels, height, width, device=self.device, dtype=dtype)}
 
     def check_tower_takes_native_inputs(self) -> None:
         """Refuse native-resolution inputs for a transformers tower whose forward has no patch mask and grids."""
@@ -563,10 +581,12 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         elif self.training and torch.is_grad_enabled():
             # A batch without images still runs the tower (on one blank image, contributing zero): under DDP every
             # rank must produce gradients for the same parameters, or the all-reduce waits forever.
-            config = self.config.vision_config
-            height, width = _image_size(config)
-            blank = inputs_embeds.new_zeros(1, config.num_channels, height, width)
-            inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum()
+            blank = self.blank_tower_inputs(inputs_embeds.dtype)
+            if "spatial_shapes" in blank:
+                features = torch.cat(self.native_image_features(**blank))
+            else:
+                features = self.get_image_features(blank["pixel_values"])
+            inputs_embeds = inputs_embeds + 0.0 * features.sum()
         return inputs_embeds
 
     def forward(

@@ -1,17 +1,22 @@
-"""Vision towers from local folders saved by transformers (CLIP, SigLIP, DINOv2, ViT) or by us, with their own
-image processors: what a VLM recipe's `vision: {"path": ...}` and `--vision PATH` load.
+"""Vision towers from local folders saved by transformers (CLIP, SigLIP, SigLIP2, DINOv2, ViT) or by us, with their
+own image processors: what a VLM recipe's `vision: {"path": ...}` and `--vision PATH` load.
 
     tower, image_processor = load_vision_tower("./clip-vit-large-patch14-336")
 
 - The family is read from the folder's `config.json` (`model_type`). A whole dual-encoder folder (`CLIPModel`,
-  `SiglipModel`) gives its vision tower; the text tower is left out.
+  `SiglipModel`, `Siglip2Model`) gives its vision tower; the text tower is left out.
 - Where a converter exists (:mod:`vlm_vision.conversion`), the weights are converted in memory into our
   `VisionTransformerModel`, exactly as `vlm-vision-convert` does (strict: every key used, numerical parity tested),
   so the VLM runs only the blocks its feature layer needs; `convert=False` keeps transformers' own class. Either way
   the hidden size, patch grid and prefix tokens come from the tower's config.
 - The image processor is the one saved with the tower (`preprocessor_config.json` through `AutoImageProcessor`:
   CLIP's shortest-edge resize + centre crop and its mean/std, SigLIP's resize and 0.5/0.5, DINOv2's ImageNet
-  statistics). A folder without one is refused unless `image_processor` names a folder that has one.
+  statistics, SigLIP2 NaFlex's `Siglip2ImageProcessor`: patch budget, aspect-preserving resize). A folder without
+  one is refused unless `image_processor` names a folder that has one.
+- SigLIP2 NaFlex (`siglip2`, `siglip2_vision_model`) takes patchified images with a patch mask and per-image grids:
+  the VLM's `image_mode="native"` (`vlm_vision.training.vlm_parts.mode_image_processor` turns the folder's
+  `Siglip2ImageProcessor` into ours with the same settings). Fixed-resolution SigLIP2 checkpoints are `siglip`
+  folders and load as SigLIP.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ TOWER_FAMILIES = {
     "clip_vision_model": ("clip", "CLIPVisionModel"),
     "siglip": ("siglip", "SiglipVisionModel"),
     "siglip_vision_model": ("siglip", "SiglipVisionModel"),
+    "siglip2": ("siglip2", "Siglip2VisionModel"),
+    "siglip2_vision_model": ("siglip2", "Siglip2VisionModel"),
     "dinov2": ("dinov2", "Dinov2Model"),
     "dinov2_with_registers": ("dinov2", "Dinov2WithRegistersModel"),
 }
@@ -63,14 +70,9 @@ def tower_family(path: str | os.PathLike) -> str:
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON ({error}): check the file is complete.") from error
     if model_type not in TOWER_FAMILIES:
-        hint = (
-            " SigLIP2 towers take patchified NaFlex inputs, which the VLM does not pass yet."
-            if model_type and model_type.startswith("siglip2")
-            else ""
-        )
         raise ValueError(
-            f"{path}: vision towers of type {model_type!r} are not supported.{hint} Supported: "
-            f"{sorted(TOWER_FAMILIES)} (CLIP, SigLIP, DINOv2, transformers ViT and vlm-vision folders)."
+            f"{path}: vision towers of type {model_type!r} are not supported. Supported: "
+            f"{sorted(TOWER_FAMILIES)} (CLIP, SigLIP, SigLIP2, DINOv2, transformers ViT and vlm-vision folders)."
         )
     return model_type
 
@@ -87,7 +89,7 @@ def load_vision_tower(
 
     Args:
         path: a folder saved by transformers (a `CLIPModel`/`CLIPVisionModel`, `SiglipModel`/`SiglipVisionModel`,
-            `Dinov2Model`, `ViTModel`) or a vlm-vision encoder folder.
+            `Siglip2Model`/`Siglip2VisionModel` (NaFlex), `Dinov2Model`, `ViTModel`) or a vlm-vision encoder folder.
         image_processor: a folder whose `preprocessor_config.json` to use instead of the tower's own (needed when
             the tower folder has none).
         convert: load into our `VisionTransformerModel` where a converter exists (exact; the VLM then runs only
