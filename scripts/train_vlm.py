@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--recipe", default=DEFAULT_RECIPE, help="a recipe file, or a shipped recipe's name (default: easy_vqa)"
     )
     parser.add_argument("--output-dir", default=None, help="default: outputs/<recipe file name>")
-    parser.add_argument("--vision", default=None, help="a vision tower folder (CLIP, SigLIP, DINOv2, ViT or ours)")
+    parser.add_argument(
+        "--vision", default=None, help="a vision tower folder (CLIP, SigLIP, SigLIP2, DINOv2, ViT or ours)"
+    )
     parser.add_argument("--image-processor", default=None, help="a folder with the tower's preprocessor_config.json")
     parser.add_argument("--lm", default=None, help="a causal LM folder (with its tokenizer) instead of the recipe's")
     parser.add_argument(
