@@ -79,7 +79,7 @@ def test_the_converted_tower_gives_transformers_tokens_for_the_same_image(world,
         torch.testing.assert_close(kept(**inputs).last_hidden_state, reference(**inputs).last_hidden_state)
 
 
-def test_fixed_mode_runs_the_naflex_tower_on_its_square_table(world):
+def test_fixed_mode_runs_the_naflex_tower_on_its_square_table(world, tmp_path):
     """image_mode fixed (and tiles): images squashed to the table's square (32x32 here), exactly Siglip2VisionModel
     with spatial_shapes (4, 4) on that image; for a square image, Siglip2ImageProcessor(max_num_patches=16)'s."""
     reference = Siglip2VisionModel.from_pretrained(world["siglip2"]).eval()
@@ -98,6 +98,13 @@ def test_fixed_mode_runs_the_naflex_tower_on_its_square_table(world):
         torch.testing.assert_close(
             tokens[1], reference(**sixteen(images=[even], return_tensors="pt"))[0][0], atol=1e-5, rtol=0
         )
+
+    # the LLaVA recipe as shipped (fixed, pad to square) on the folder: 16 tokens per image, 32x32 pixels
+    model, vlm_processor = vlm_parts.build_vlm(_recipe(world, native=()), None, tmp_path / "tokenizer")
+    assert vlm_processor.image_mode == "fixed" and vlm_processor.num_image_tokens == 16
+    inputs, layouts = vlm_processor.preprocess_images([tall])
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32) and len(layouts[0]) == 16
+    assert model.get_image_features(inputs["pixel_values"]).shape[:2] == (1, 16)
 
     kept, _ = load_vision_tower(world["siglip2"], convert=False)
     for mode in ("fixed", "tiles"):
