@@ -66,6 +66,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# environment variables that pick other kernels than the machine's best (another machine's, in effect)
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def code_version() -> str:
+    """The git commit of the package's checkout (with "+changes" when its files differ), else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+    except OSError:
+        commit = None
+    if commit is None or commit.returncode != 0:
+        from importlib.metadata import version
+
+        return f"vlm-vision {version('vlm-vision')}"
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
     """One seed's run in a fresh process; its results.json (the run's log and console output are in its folder)."""
     out = Path(args.output_dir) / f"seed_{seed}"
@@ -131,6 +154,8 @@ def print_table(rows: list[dict], summary: dict, settings: dict) -> None:
         f"machine: {settings['cpu']}, {settings['cores']} cores, torch {settings['torch']}; threads per run: "
         f"{settings['threads']}, runs at a time: {settings['parallel']}; recipe {settings['recipe']}"
         + (f" with {' '.join(settings['overrides'])}" if settings["overrides"] else "")
+        + f"; code {settings['code']}"
+        + "".join(f"; {name}={value}" for name, value in settings["kernels"].items())
     )
 
 
@@ -150,6 +175,8 @@ def main(argv=None) -> dict:
         "recipe": args.recipe,
         "overrides": args.overrides,
         "stop_after_steps": args.stop_after_steps,
+        "kernels": {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ},
+        "code": code_version(),
     }
     summary = summarize(rows)
     print_table(rows, summary, settings)

@@ -2,7 +2,9 @@
 
 import json
 import logging
+import os
 import runpy
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -391,6 +393,12 @@ def test_the_seeds_benchmark_runs_each_seed_and_summarizes_them(tmp_path, capsys
     assert report["summary"]["overall"] == {"min": min(overall), "mean": sum(overall) / 2}
     assert json.loads((out / "seeds.json").read_text())["summary"] == report["summary"]
     assert "| min |" in table and "| mean |" in table and "machine:" in table
+    # the code it ran (this checkout's commit) and the kernels asked for through the environment are recorded
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    if head.returncode == 0:
+        assert report["settings"]["code"].startswith(head.stdout.strip()) and f"code {head.stdout.strip()}" in table
+    asked = {k: os.environ[k] for k in benchmark_seeds.KERNEL_VARIABLES if k in os.environ}
+    assert report["settings"]["kernels"] == asked
     # --resume reads finished seeds instead of running them again
     marked = {**results, "evaluation": {**results["evaluation"], "accuracy": {"overall": 0.125}}}
     (out / "seed_1" / "results.json").write_text(json.dumps(marked))
