@@ -94,8 +94,10 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
 
 
 # the tiny tower takes 32x32 images: ViT's fixed resize (bilinear, 0.5 mean: a 127 background), CLIP's shortest-edge
-# resize + centre crop (bicubic, CLIP mean: 122/116/104), SigLIP's fixed resize without a crop (bicubic)
+# resize + centre crop (bicubic, CLIP mean: 122/116/104), SigLIP's fixed resize without a crop (bicubic), and ours
+# in its classic mode (what the llava_1_5 recipe builds from a SigLIP2 folder in fixed mode)
 PAD_TOWER_PROCESSORS = {
+    "ours": lambda: VisionTransformerImageProcessor(size={"height": 32, "width": 32}, resample=3, do_convert_rgb=True),
     "vit": lambda: ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
     "clip": lambda: CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
     "siglip": lambda: SiglipImageProcessorPil(size={"height": 32, "width": 32}),
