@@ -1059,36 +1059,42 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                     "pixel_attention_mask does not match patch_image_ids (-1 = padding): in the packed form the ids "
                     "already mark the padding; leave pixel_attention_mask out."
                 )
-        image_rows, patch_starts = [None] * len(grids), [None] * len(grids)
+        runs = []  # (row, image, first slot, patches) of every run of one id
         for row in range(rows):
             values, counts = torch.unique_consecutive(ids[row], return_counts=True)
-            start = 0
-            for position, (image, count) in enumerate(zip(values.tolist(), counts.tolist(), strict=True)):
-                if image < -1 or image >= len(grids):
-                    raise ValueError(
-                        f"patch_image_ids[{row}] holds {image}, but spatial_shapes has {len(grids)} images: ids are "
-                        f"0..{len(grids) - 1} (an index into spatial_shapes) and -1 for padding."
-                    )
-                if image == -1 and position != len(values) - 1:
-                    raise ValueError(
-                        f"patch_image_ids[{row}] has padding (-1) before image {values[position + 1]}: a row holds its "
-                        "images first, then its padding. Pack with the image processor (pack_images=True)."
-                    )
-                if image >= 0:
-                    if image_rows[image] is not None:
-                        raise ValueError(
-                            f"Image {image}'s patches are split (patch_image_ids rows {image_rows[image]} and {row}): "
-                            "each image's patches must be one contiguous run in one row."
-                        )
-                    grid_h, grid_w = grids[image]
-                    if count != grid_h * grid_w:
-                        raise ValueError(
-                            f"patch_image_ids marks {count} patches of image {image}, but spatial_shapes[{image}] = "
-                            f"({grid_h}, {grid_w}) holds {grid_h * grid_w}: pass pixel_values, patch_image_ids and "
-                            "spatial_shapes from the same image-processor call."
-                        )
-                    image_rows[image], patch_starts[image] = row, start
-                start += count
+            if bool((values[:-1] == -1).any()):
+                after = int(values[1:][values[:-1] == -1][0])
+                raise ValueError(
+                    f"patch_image_ids[{row}] has padding (-1) before image {after}: a row holds its images first, then "
+                    "its padding. Pack with the image processor (pack_images=True)."
+                )
+            starts = [0, *torch.cumsum(counts, 0).tolist()]
+            runs += [
+                (row, v, start, n)
+                for v, start, n in zip(values.tolist(), starts[:-1], counts.tolist(), strict=True)
+                if v != -1
+            ]
+        image_rows, patch_starts = [None] * len(grids), [None] * len(grids)
+        for row, image, start, _ in runs:
+            if not 0 <= image < len(grids):
+                raise ValueError(
+                    f"patch_image_ids[{row}] holds {image}, but spatial_shapes has {len(grids)} images: ids are "
+                    f"0..{len(grids) - 1} (an index into spatial_shapes) and -1 for padding."
+                )
+            if image_rows[image] is not None:
+                raise ValueError(
+                    f"Image {image}'s patches are split (patch_image_ids rows {image_rows[image]} and {row}): each "
+                    "image's patches must be one contiguous run in one row."
+                )
+            image_rows[image], patch_starts[image] = row, start
+        for _, image, _, count in runs:
+            grid_h, grid_w = grids[image]
+            if count != grid_h * grid_w:
+                raise ValueError(
+                    f"patch_image_ids marks {count} patches of image {image}, but spatial_shapes[{image}] = "
+                    f"({grid_h}, {grid_w}) holds {grid_h * grid_w}: pass pixel_values, patch_image_ids and "
+                    "spatial_shapes from the same image-processor call."
+                )
         missing = [i for i, row in enumerate(image_rows) if row is None]
         if missing:
             raise ValueError(
