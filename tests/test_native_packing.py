@@ -146,7 +146,8 @@ def test_the_image_processor_packs_first_fit_and_the_model_matches_the_padded_fo
     assert torch.equal(packed["spatial_shapes"], padded["spatial_shapes"])
     counts = [h * w for h, w in packed["spatial_shapes"].tolist()]
     rows = pack_first_fit(counts, 192)
-    assert packed["pixel_values"].shape == (len(rows), 192, 48) and len(rows) < len(images)
+    longest = max(sum(counts[i] for i in members) for members in rows)
+    assert packed["pixel_values"].shape == (len(rows), longest, 48) and len(rows) < len(images) and longest <= 192
     for r, members in enumerate(rows):
         expected = torch.cat([torch.full((counts[i],), i) for i in members])
         assert torch.equal(packed["patch_image_ids"][r, : len(expected)], expected)
@@ -162,7 +163,9 @@ def test_the_image_processor_packs_first_fit_and_the_model_matches_the_padded_fo
     ):
         torch.testing.assert_close(tokens, b.last_hidden_state[i, : 2 + counts[i]], atol=ATOL, rtol=0)
     default = VisionTransformerImageProcessor(patch_size=PATCH, max_num_patches=96, pack_images=True)
-    assert default(images, return_tensors="pt")["pixel_values"].shape[1] == 96  # rows of max_num_patches
+    assert default(images, return_tensors="pt")["pixel_values"].shape[1] <= 96  # rows of max_num_patches at most
+    one_row = processor(images, max_packed_length=sum(counts), return_tensors="pt")
+    assert one_row["pixel_values"].shape == (1, sum(counts), 48) and bool((one_row["patch_image_ids"] >= 0).all())
 
 
 def test_first_fit():

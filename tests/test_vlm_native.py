@@ -127,6 +127,12 @@ def test_a_packed_tower_batch_gives_the_loss_and_gradients_of_the_padded_one():
     assert packed_images["pixel_values"].shape[0] < batch["pixel_values"].shape[0]  # fewer tower rows
     packed = {k: v for k, v in batch.items() if k != "pixel_attention_mask"}
     packed.update(pixel_values=packed_images["pixel_values"], patch_image_ids=packed_images["patch_image_ids"])
+    # the VLM processor passes the packing image processor's output through as it is
+    packing_processor = VisionLanguageProcessor.from_model_config(
+        model.config, packer, processor.tokenizer, image_mode="native"
+    )
+    encoded = packing_processor.encode_conversations(conversations, [[image] for image in images])
+    assert encoded.keys() == packed.keys() and all(torch.equal(encoded[k], packed[k]) for k in packed)
     results = []
     for inputs in (batch, packed):
         model.zero_grad()

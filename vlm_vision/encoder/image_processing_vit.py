@@ -14,10 +14,11 @@ normalised, cut into patches and zero-padded to N. It returns what `VisionTransf
     spatial_shapes        (B, 2)             each image's (rows, columns) in patches
 
 Packed (`pack_images=True`, with `max_num_patches`; NaViT's "patch n' pack"): the same resized images, but their
-patches are put one after another into rows of `max_packed_length` patches (default: `max_num_patches`), each image
-into the first row with room for it (greedy first-fit, in the given order), so that little is padding:
+patches are put one after another into rows of at most `max_packed_length` patches (default: `max_num_patches`),
+each image into the first row with room for it (greedy first-fit, in the given order), so that little is padding;
+the rows are as long as the fullest one (L <= max_packed_length: a batch that fits one row has no padding at all):
 
-    pixel_values     (R, L, C * P * P)  R rows of L = max_packed_length patch slots: images, then zero padding
+    pixel_values     (R, L, C * P * P)  R rows of L patch slots: images one after another, then zero padding
     patch_image_ids  (R, L)             the image of each slot (its index in spatial_shapes), -1 for padding
     spatial_shapes   (I, 2)             each image's (rows, columns) in patches, in the order of the images given
 
@@ -216,9 +217,11 @@ class VisionTransformerImageProcessor(ViTImageProcessorPil):
 
 
 def pack_patches(patches: list[np.ndarray], spatial_shapes: list[tuple[int, int]], row_length: int) -> dict:
-    """Each image's patches `(h_i * w_i, C * P * P)` into rows of `row_length` slots (`pack_first_fit`): the packed
-    form's `pixel_values`, `patch_image_ids` and `spatial_shapes` (see the module docstring)."""
+    """Each image's patches `(h_i * w_i, C * P * P)` into rows of at most `row_length` slots (`pack_first_fit`), all
+    as long as the fullest row: the packed form's `pixel_values`, `patch_image_ids` and `spatial_shapes` (see the
+    module docstring)."""
     rows = pack_first_fit([len(p) for p in patches], row_length)
+    row_length = max(sum(len(patches[i]) for i in images) for images in rows)  # no row is all padding at its end
     width = patches[0].shape[-1]
     pixel_values = [np.zeros((row_length, width), dtype=patches[0].dtype) for _ in rows]
     patch_image_ids = [np.full(row_length, -1, dtype=np.int64) for _ in rows]
