@@ -883,20 +883,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 "width) images: patchified pixel values with spatial_shapes cannot go through the backbone. Use the "
                 "image processor's classic mode (max_num_patches=None)."
             )
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float patches from the image "
-                "processor."
-            )
-        batch, length, width = pixel_values.shape
-        patch_h, patch_w = self.config.patch_size_hw
-        expected = self.config.num_channels * patch_h * patch_w
-        if width != expected:
-            raise ValueError(
-                f"Patchified pixel_values have {width} values per patch, but this model's patches hold num_channels * "
-                f"patch_h * patch_w = {self.config.num_channels} * {patch_h} * {patch_w} = {expected}: preprocess "
-                f"with patch_size={self.config.patch_size} (the image processor's patch_size must be the model's)."
-            )
+        self._check_patch_values(pixel_values)
+        batch, length, _ = pixel_values.shape
         if batch == 0:
             raise ValueError("pixel_values holds no image (batch 0): pass at least one.")
         shapes = torch.as_tensor(spatial_shapes)
@@ -937,6 +925,23 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 "'eager'), or batch images of one grid (no padding)."
             )
         return grids, expected_mask
+
+    def _check_patch_values(self, pixel_values: torch.Tensor) -> None:
+        """Patchified pixel values: float, with the model's C * P_h * P_w values per patch."""
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float patches from the image "
+                "processor."
+            )
+        width = pixel_values.shape[-1]
+        patch_h, patch_w = self.config.patch_size_hw
+        expected = self.config.num_channels * patch_h * patch_w
+        if width != expected:
+            raise ValueError(
+                f"Patchified pixel_values have {width} values per patch, but this model's patches hold num_channels * "
+                f"patch_h * patch_w = {self.config.num_channels} * {patch_h} * {patch_w} = {expected}: preprocess "
+                f"with patch_size={self.config.patch_size} (the image processor's patch_size must be the model's)."
+            )
 
     def _checked_grids(self, shapes: torch.Tensor, length: int) -> list[tuple[int, int]]:
         """`spatial_shapes` as (rows, columns) pairs, each within one row of `length` patches and within the position
@@ -1000,20 +1005,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 "output_attentions=True computes the weights eagerly, which the flash-attention varlen path of packed "
                 "images cannot give: set attn_implementation='eager' (or 'sdpa') for attention weights."
             )
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float patches from the image "
-                "processor."
-            )
-        rows, length, width = pixel_values.shape
-        patch_h, patch_w = self.config.patch_size_hw
-        expected = self.config.num_channels * patch_h * patch_w
-        if width != expected:
-            raise ValueError(
-                f"Patchified pixel_values have {width} values per patch, but this model's patches hold num_channels * "
-                f"patch_h * patch_w = {self.config.num_channels} * {patch_h} * {patch_w} = {expected}: preprocess "
-                f"with patch_size={self.config.patch_size} (the image processor's patch_size must be the model's)."
-            )
+        self._check_patch_values(pixel_values)
+        rows, length, _ = pixel_values.shape
         if isinstance(patch_image_ids, torch.Tensor) and patch_image_ids.shape != (rows, length):
             raise ValueError(
                 f"patch_image_ids must have the shape (rows, patches) = ({rows}, {length}) of pixel_values, one image "
