@@ -168,6 +168,16 @@ def test_the_image_processor_packs_first_fit_and_the_model_matches_the_padded_fo
     assert one_row["pixel_values"].shape == (1, sum(counts), 48) and bool((one_row["patch_image_ids"] >= 0).all())
 
 
+def test_the_packing_options_round_trip_through_auto_image_processor(tmp_path):
+    from transformers import AutoImageProcessor
+
+    options = {"patch_size": 4, "max_num_patches": 40, "pack_images": True, "max_packed_length": 80}
+    VisionTransformerImageProcessor(**options).save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is VisionTransformerImageProcessor
+    assert {name: getattr(loaded, name) for name in options} == options
+
+
 def test_first_fit():
     assert pack_first_fit([5, 3, 4, 2, 6], 8) == [[0, 1], [2, 3], [4]]
     assert pack_first_fit([8, 1], 8) == [[0], [1]]
