@@ -7,7 +7,10 @@ through one tiny VLM (our tower, a pixel-shuffle adapter, a Llama) in four layou
     native-padded  image_mode "native" with max_num_patches = the square's patch count (the same patch budget:
                    an image never gets more patches than the square), LM rows padded
     native-packed  the same native images, the LM conversations packed into rows (`vlm_vision.data.packing`); the
-                   tower still pads each image to the budget (packing images into one tower sequence is not done)
+                   tower still pads each image to the budget
+    native-packed-tower  the same native images packed into tower rows of `--tower-row-length` patch slots (the
+                   image processor's `pack_images=True`, first-fit; each image attends within itself), LM rows
+                   padded as in native-padded: what packing saves in the tower alone
     tiles          image_mode "tiles" with `--max-tiles`: tiles of the tower's size plus a thumbnail. Tiles cost
                    more tokens than the budget by design (each tile is a whole square); the table says how many
 
@@ -37,7 +40,7 @@ from vlm_vision.export.encoder_folder import image_processor_for
 from vlm_vision.vlm.modeling_vlm import IGNORE_INDEX, tile_layout
 from vlm_vision.vlm.processing_vlm import split_image
 
-MODES = ("squash", "native-padded", "native-packed", "tiles")
+MODES = ("squash", "native-padded", "native-packed", "native-packed-tower", "tiles")
 
 
 def build_model(args, adapter: dict | None = None) -> VisionLanguageForConditionalGeneration:
@@ -92,8 +95,11 @@ def image_inputs(model, mode: str, images: list[Image.Image], args) -> tuple[dic
         return {"pixel_values": square(images=images, return_tensors="pt")["pixel_values"]}, [tile] * len(images)
     if mode.startswith("native"):
         budget = config.grid_size[0] * config.grid_size[1]
+        packing = {}
+        if mode == "native-packed-tower":
+            packing = {"pack_images": True, "max_packed_length": args.tower_row_length or 2 * budget}
         native = VisionTransformerImageProcessor(
-            patch_size=args.patch_size, max_num_patches=budget, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            patch_size=args.patch_size, max_num_patches=budget, image_mean=[0.5] * 3, image_std=[0.5] * 3, **packing
         )
         inputs = dict(native(images=images, return_tensors="pt"))
         counts = model.image_token_counts(inputs["spatial_shapes"])
@@ -168,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--text-length", type=int, default=16)
     parser.add_argument("--max-tiles", type=int, default=2)
+    parser.add_argument(
+        "--tower-row-length",
+        type=int,
+        default=None,
+        help="patch slots per packed tower row in native-packed-tower (default: twice the square's patch count)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-batches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode, after one warm-up step")
@@ -202,11 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(images)} images, aspect ratios 1:4..4:1 (seed {args.seed}), {args.image_size}px tower (patch "
         f"{args.patch_size}), pixel_shuffle r=2: {budget} image tokens per square; {args.batch_size} per batch"
     )
-    print("| mode          | image tokens mean | min | max | LM positions/batch | tower patches/batch | step s |")
-    print("|---------------|-------------------|-----|-----|--------------------|---------------------|--------|")
+    print("| mode                | image tokens mean | min | max | LM positions/batch | tower patches/batch | step s |")
+    print("|---------------------|-------------------|-----|-----|--------------------|---------------------|--------|")
     for mode, row in results.items():
         print(
-            f"| {mode:<13} | {row['tokens_mean']:>17.1f} | {row['tokens_min']:>3} | {row['tokens_max']:>3} | "
+            f"| {mode:<19} | {row['tokens_mean']:>17.1f} | {row['tokens_min']:>3} | {row['tokens_max']:>3} | "
             f"{row['lm_positions']:>18,.0f} | {row['tower_positions']:>19,.0f} | {row['step_seconds']:>6.3f} |"
         )
     return results

@@ -102,9 +102,10 @@ def test_the_resolution_benchmark_prints_tokens_per_image_for_each_mode(capsys):
     results = cli.main(args)
     out = capsys.readouterr().out
     assert (
-        "| mode          | image tokens mean | min | max | LM positions/batch | tower patches/batch | step s |" in out
+        "| mode                | image tokens mean | min | max | LM positions/batch | tower patches/batch | step s |"
+        in out
     )
-    for mode in ("squash", "native-padded", "native-packed", "tiles"):
+    for mode in ("squash", "native-padded", "native-packed", "native-packed-tower", "tiles"):
         assert re.search(rf"\| {mode} +\| +\d+\.\d \| +\d+ \| +\d+ \|", out)
     squash, native, tiles = results["squash"], results["native-padded"], results["tiles"]
     assert squash["tokens_min"] == squash["tokens_max"] == 4  # a 4x4 grid, pixel shuffle r=2
@@ -112,6 +113,11 @@ def test_the_resolution_benchmark_prints_tokens_per_image_for_each_mode(capsys):
     assert native["tower_positions"] == squash["tower_positions"]  # the same patch budget per image
     assert tiles["tokens_min"] > squash["tokens_max"]  # 1:4..4:1 never fits one tile at twice the square
     assert results["native-packed"]["tokens_mean"] == native["tokens_mean"]
+    packed_tower = results["native-packed-tower"]
+    assert (
+        packed_tower["tokens_mean"] == native["tokens_mean"] and packed_tower["lm_positions"] == native["lm_positions"]
+    )
+    assert packed_tower["tower_positions"] <= native["tower_positions"]  # padding only at the ends of rows
 
 
 def test_the_aspect_stripes_experiment_runs_at_one_token_budget(capsys):

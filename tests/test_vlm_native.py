@@ -113,6 +113,40 @@ def test_native_training_step_reaches_the_adapter_and_lm():
     assert model.vision_tower.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
+def test_a_packed_tower_batch_gives_the_loss_and_gradients_of_the_padded_one():
+    # the tower's images packed into rows (pack_images=True): the same loss, logits and tower gradients
+    model, processor = build("native", adapter={"adapter_type": "mlp"})
+    model.train()
+    images = [strip(20, 90, seed=1), strip(96, 32, seed=2), strip(40, 40, seed=3)]
+    conversations = [vqa("what is the blue shape?", "a blue circle"), vqa("describe the image.", "no"), vqa("a", "b")]
+    batch = processor.encode_conversations(conversations, [[image] for image in images])
+    packer = native_processor()
+    packer.pack_images, packer.max_packed_length = True, 96
+    packed_images = packer(images=images, return_tensors="pt")
+    assert torch.equal(packed_images["spatial_shapes"], batch["spatial_shapes"])
+    assert packed_images["pixel_values"].shape[0] < batch["pixel_values"].shape[0]  # fewer tower rows
+    packed = {k: v for k, v in batch.items() if k != "pixel_attention_mask"}
+    packed.update(pixel_values=packed_images["pixel_values"], patch_image_ids=packed_images["patch_image_ids"])
+    # the VLM processor passes the packing image processor's output through as it is
+    packing_processor = VisionLanguageProcessor.from_model_config(
+        model.config, packer, processor.tokenizer, image_mode="native"
+    )
+    encoded = packing_processor.encode_conversations(conversations, [[image] for image in images])
+    assert encoded.keys() == packed.keys() and all(torch.equal(encoded[k], packed[k]) for k in packed)
+    results = []
+    for inputs in (batch, packed):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        tower = model.vision_tower.embeddings.patch_embeddings.projection.weight.grad.clone()
+        results.append((out.loss.detach(), out.logits.detach(), tower))
+    (loss_a, logits_a, grad_a), (loss_b, logits_b, grad_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-5, rtol=0)
+    assert grad_a.abs().sum() > 0
+    torch.testing.assert_close(grad_b, grad_a, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["native", "tiles"])
 def test_generate_in_native_and_tile_modes(mode):
     kwargs = {"max_tiles": 3} if mode == "tiles" else {}

@@ -22,6 +22,9 @@ Deviations and additions, all off by default unless stated:
 - Native resolution (SigLIP2 NaFlex's layout): pre-cut patches `(B, N, C*P*P)` of each image's own grid with
   `spatial_shapes` and an optional `pixel_attention_mask`; E_pos is resampled per image (Sec. 3.2's interpolation
   for every grid), padded patches are masked out of attention and pooling.
+- Packed native resolution (NaViT, Dehghani et al. 2023): several images' patches in one row with `patch_image_ids`;
+  each image gets its own prefix tokens at the start of its segment and attends only within itself (a block-diagonal
+  mask on eager/sdpa, varlen `cu_seq_lens` on flash attention). See `PackedLayout`.
 
 Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid (then
 padding, in the native-resolution form).
@@ -195,6 +198,129 @@ class VisionTransformerEmbeddings(nn.Module):
             cls, patches_embedded = embeddings[:, :num_prefix], embeddings[:, num_prefix:]
             embeddings = torch.cat([cls, self.register_tokens.expand(batch_size, -1, -1), patches_embedded], dim=1)
         return self.dropout(embeddings)  # (B, num_prefix_tokens + N, D)
+
+    def forward_packed(self, patches: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Eq. 1 for packed rows: `patches` (R, L, C * P_h * P_w) hold several images' patches one after another
+        (`layout`, from `patch_image_ids`); each image gets E_pos resampled to its own grid and its own prefix tokens
+        ([CLS] with its E_pos row, then the registers) at the start of its segment. Returns (R, T, D), T =
+        `layout.num_tokens`; the row's trailing padding holds nothing meaningful (it is masked out)."""
+        weight = self.patch_embeddings.projection.weight  # (D, C, P_h, P_w), as in forward_patches
+        weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        embeddings = nn.functional.linear(patches, weight, self.patch_embeddings.projection.bias)  # (R, L, D)
+        num_prefix = int(self.config.use_class_token)
+        positions = embeddings.new_zeros(embeddings.shape)
+        tables = {}
+        for grid, row, start in zip(layout.grids, layout.rows, layout.patch_starts, strict=True):
+            if grid not in tables:
+                tables[grid] = self.position_embeddings_for(grid)[0, num_prefix:]  # (h * w, D)
+            positions[row, start : start + grid[0] * grid[1]] = tables[grid]
+        embeddings = embeddings + positions
+        rows, length = embeddings.shape[:2]
+        row_index = torch.arange(rows, device=embeddings.device)[:, None].expand(rows, length)
+        tokens = embeddings.new_zeros(rows, layout.num_tokens, embeddings.shape[-1])
+        tokens = tokens.index_put((row_index, layout.token_index.to(embeddings.device)), embeddings)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token[0] + self.position_embeddings[0, :1])  # [CLS]'s row is never resampled
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens[0])
+        if prefix:
+            prefix = torch.cat(prefix).to(embeddings.dtype)  # (num_prefix_tokens, D)
+            count = prefix.shape[0]
+            image_rows = torch.tensor(layout.rows, device=embeddings.device).repeat_interleave(count)
+            starts = torch.tensor(layout.token_starts, device=embeddings.device)
+            columns = (starts[:, None] + torch.arange(count, device=embeddings.device)).flatten()
+            tokens = tokens.index_put((image_rows, columns), prefix.repeat(len(layout.rows), 1))
+        return self.dropout(tokens)
+
+
+class PackedLayout:
+    """Where each image of a packed batch sits, read from `patch_image_ids` (R, L) (see `packed_layout`).
+
+    Inputs: row r's patches are image segments one after another, then padding (-1): image i's h_i * w_i patches,
+    row-major on its grid, contiguous in one row. The model's token rows put each image's prefix tokens before its
+    patches, so row r holds `[prefix_a, patches_a, prefix_b, patches_b, ..., padding]`, T = L + K * num_prefix_tokens
+    tokens (K the most images in one row).
+
+    Attributes (per image i, in `spatial_shapes` order): `grids[i]`, `rows[i]`, `patch_starts[i]` (its first patch in
+    the input row), `token_starts[i]` (its first prefix token in the token row), `num_prefix_tokens`; `token_index`
+    (R, L): the token position of each input patch slot; `segment_ids` (R, T): the image of each token, and for
+    padding a number of its own (< 0), so padding attends only to itself and nothing attends to it.
+    """
+
+    def __init__(self, grids, rows, patch_starts, num_prefix_tokens, num_rows, length):
+        self.grids, self.rows, self.patch_starts = grids, rows, patch_starts
+        self.num_prefix_tokens = num_prefix_tokens
+        order = [0] * num_rows  # images seen so far in each row
+        self.token_starts = []
+        for row, start in zip(rows, patch_starts, strict=True):
+            self.token_starts.append(start + order[row] * num_prefix_tokens)
+            order[row] += 1
+        self.num_tokens = length + max(order) * num_prefix_tokens
+        token_index = torch.arange(length)[None, :].repeat(num_rows, 1)  # padding slot p -> p + K_row * prefix
+        token_index += torch.tensor(order)[:, None] * num_prefix_tokens
+        segment_ids = -1 - torch.arange(self.num_tokens)[None, :].repeat(num_rows, 1)
+        for image, (grid, row, start, token) in enumerate(
+            zip(grids, rows, patch_starts, self.token_starts, strict=True)
+        ):
+            count = grid[0] * grid[1]
+            token_index[row, start : start + count] = torch.arange(count) + token + num_prefix_tokens
+            segment_ids[row, token : token + num_prefix_tokens + count] = image
+        self.token_index, self.segment_ids = token_index, segment_ids
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per image: its prefix tokens plus its h * w patches."""
+        return [self.num_prefix_tokens + h * w for h, w in self.grids]
+
+    def attention_mask(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """Block-diagonal additive mask (R, 1, T, T): 0 within an image's segment (and on padding's own diagonal),
+        the dtype's minimum elsewhere (eager adds it, sdpa takes it as its float `attn_mask`)."""
+        segments = self.segment_ids.to(device)
+        allowed = segments[:, None, :, None] == segments[:, None, None, :]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def flash_attention_kwargs(self, device) -> dict:
+        """transformers' varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`, as `DataCollatorWithFlattening` makes
+        them) over the R * T flattened tokens: one sequence per image, and one per row's trailing padding."""
+        boundaries, offset = [0], 0
+        for row in range(self.segment_ids.shape[0]):
+            ends = [t + n for r, t, n in zip(self.rows, self.token_starts, self.lengths, strict=True) if r == row]
+            boundaries += [offset + end for end in sorted(ends)]
+            offset += self.num_tokens
+            if boundaries[-1] != offset:  # the row's padding, one sequence of its own
+                boundaries.append(offset)
+        cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32, device=device)
+        longest = int(cu_seq_lens.diff().max())
+        return {
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+
+    def split(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Token rows (R, T, ...) -> one (num_prefix_tokens + h_i * w_i, ...) tensor per image."""
+        return [
+            hidden_states[row, start : start + length]
+            for row, start, length in zip(self.rows, self.token_starts, self.lengths, strict=True)
+        ]
+
+    def padded(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows (R, T, D) -> each image alone, padded: (I, num_prefix_tokens + max h*w, D) and its token
+        mask (I, ...) (True = a real token), the form `VisionTransformerModel.pool` takes."""
+        images = self.split(hidden_states)
+        padded = nn.utils.rnn.pad_sequence(images, batch_first=True)
+        lengths = torch.tensor(self.lengths, device=hidden_states.device)
+        mask = torch.arange(padded.shape[1], device=hidden_states.device)[None, :] < lengths[:, None]
+        return padded, mask
+
+    def patch_slots(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Token rows (R, T, D) -> the patch tokens back at their input slots (R, L, D), aligned with
+        `patch_image_ids` (slots of padding hold nothing meaningful)."""
+        index = self.token_index.to(hidden_states.device)[..., None].expand(-1, -1, hidden_states.shape[-1])
+        return hidden_states.gather(1, index)
 
 
 class VisionTransformerAttention(nn.Module):
@@ -532,7 +658,7 @@ def _forward_kwargs() -> frozenset[str]:
     from transformers.utils.generic import TransformersKwargs
 
     names = {k for c in TransformersKwargs.__mro__ for k in getattr(c, "__annotations__", {})}
-    native = {"pixel_attention_mask", "spatial_shapes"}
+    native = {"pixel_attention_mask", "spatial_shapes", "patch_image_ids"}
     return frozenset(names | native | {"pixel_values", "interpolate_pos_encoding", "return_dict", "image_sizes"})
 
 
@@ -541,8 +667,8 @@ def _check_forward_kwargs(module, args, kwargs) -> None:
     if unknown:
         raise TypeError(
             f"{type(module).__name__}.forward got unexpected keyword arguments {unknown}: it takes pixel_values, "
-            "interpolate_pos_encoding, pixel_attention_mask, spatial_shapes, output_hidden_states, output_attentions "
-            "and return_dict."
+            "interpolate_pos_encoding, pixel_attention_mask, spatial_shapes, patch_image_ids, output_hidden_states, "
+            "output_attentions and return_dict."
         )
     for name in ("output_attentions", "return_dict"):
         if kwargs.get(name) is not None and not isinstance(kwargs[name], bool):
@@ -757,20 +883,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 "width) images: patchified pixel values with spatial_shapes cannot go through the backbone. Use the "
                 "image processor's classic mode (max_num_patches=None)."
             )
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float patches from the image "
-                "processor."
-            )
-        batch, length, width = pixel_values.shape
-        patch_h, patch_w = self.config.patch_size_hw
-        expected = self.config.num_channels * patch_h * patch_w
-        if width != expected:
-            raise ValueError(
-                f"Patchified pixel_values have {width} values per patch, but this model's patches hold num_channels * "
-                f"patch_h * patch_w = {self.config.num_channels} * {patch_h} * {patch_w} = {expected}: preprocess "
-                f"with patch_size={self.config.patch_size} (the image processor's patch_size must be the model's)."
-            )
+        self._check_patch_values(pixel_values)
+        batch, length, _ = pixel_values.shape
         if batch == 0:
             raise ValueError("pixel_values holds no image (batch 0): pass at least one.")
         shapes = torch.as_tensor(spatial_shapes)
@@ -779,23 +893,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 f"spatial_shapes must be integers of shape (batch, 2) = ({batch}, 2), one (rows, columns) patch grid "
                 f"per image, got {tuple(shapes.shape)} {shapes.dtype}: pass the image processor's spatial_shapes."
             )
-        grids = [(int(h), int(w)) for h, w in shapes.tolist()]
-        table_h, table_w = self.config.grid_size
-        limit_h, limit_w = MAX_RESAMPLE_FACTOR * table_h, MAX_RESAMPLE_FACTOR * table_w
-        for i, (grid_h, grid_w) in enumerate(grids):
-            if grid_h < 1 or grid_w < 1 or grid_h * grid_w > length:
-                raise ValueError(
-                    f"spatial_shapes[{i}] = ({grid_h}, {grid_w}) does not fit the {length} patch rows of pixel_values: "
-                    "a grid needs 1..patches rows x columns in patches (not pixels). Pass pixel_values and "
-                    "spatial_shapes from the same image-processor call."
-                )
-            if grid_h > limit_h or grid_w > limit_w:
-                raise ValueError(
-                    f"spatial_shapes[{i}] = ({grid_h}, {grid_w}) stretches the {table_h}x{table_w} position table more "
-                    f"than {MAX_RESAMPLE_FACTOR}x along a side: allowed grids are 1..{limit_h} rows and 1..{limit_w} "
-                    "columns. Lower the image processor's max_num_patches, crop extreme aspect ratios, or use a "
-                    "model whose image_size gives a larger table."
-                )
+        grids = self._checked_grids(shapes, length)
         counts = torch.tensor([h * w for h, w in grids], device=pixel_values.device)
         expected_mask = torch.arange(length, device=pixel_values.device)[None, :] < counts[:, None]  # (B, N)
         if pixel_attention_mask is not None:
@@ -827,6 +925,195 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 "'eager'), or batch images of one grid (no padding)."
             )
         return grids, expected_mask
+
+    def _check_patch_values(self, pixel_values: torch.Tensor) -> None:
+        """Patchified pixel values: float, with the model's C * P_h * P_w values per patch."""
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float patches from the image "
+                "processor."
+            )
+        width = pixel_values.shape[-1]
+        patch_h, patch_w = self.config.patch_size_hw
+        expected = self.config.num_channels * patch_h * patch_w
+        if width != expected:
+            raise ValueError(
+                f"Patchified pixel_values have {width} values per patch, but this model's patches hold num_channels * "
+                f"patch_h * patch_w = {self.config.num_channels} * {patch_h} * {patch_w} = {expected}: preprocess "
+                f"with patch_size={self.config.patch_size} (the image processor's patch_size must be the model's)."
+            )
+
+    def _checked_grids(self, shapes: torch.Tensor, length: int) -> list[tuple[int, int]]:
+        """`spatial_shapes` as (rows, columns) pairs, each within one row of `length` patches and within the position
+        table's resampling range."""
+        grids = [(int(h), int(w)) for h, w in shapes.tolist()]
+        table_h, table_w = self.config.grid_size
+        limit_h, limit_w = MAX_RESAMPLE_FACTOR * table_h, MAX_RESAMPLE_FACTOR * table_w
+        for i, (grid_h, grid_w) in enumerate(grids):
+            if grid_h < 1 or grid_w < 1 or grid_h * grid_w > length:
+                raise ValueError(
+                    f"spatial_shapes[{i}] = ({grid_h}, {grid_w}) does not fit the {length} patch rows of pixel_values: "
+                    "a grid needs 1..patches rows x columns in patches (not pixels). Pass pixel_values and "
+                    "spatial_shapes from the same image-processor call."
+                )
+            if grid_h > limit_h or grid_w > limit_w:
+                raise ValueError(
+                    f"spatial_shapes[{i}] = ({grid_h}, {grid_w}) stretches the {table_h}x{table_w} position table more "
+                    f"than {MAX_RESAMPLE_FACTOR}x along a side: allowed grids are 1..{limit_h} rows and 1..{limit_w} "
+                    "columns. Lower the image processor's max_num_patches, crop extreme aspect ratios, or use a "
+                    "model whose image_size gives a larger table."
+                )
+        return grids
+
+    def check_packed_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        spatial_shapes,
+        patch_image_ids: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> PackedLayout:
+        """Check the packed native form (several images per row, `patch_image_ids`) and return its layout."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(
+                f"patch_image_ids packs patchified images: pixel_values must be (rows, patches, channels * patch_h * "
+                f"patch_w), got {got}. (batch, channels, height, width) images cannot be packed: preprocess with the "
+                "image processor's max_num_patches=..., pack_images=True, or drop patch_image_ids."
+            )
+        if spatial_shapes is None:
+            raise ValueError(
+                "patch_image_ids was given without spatial_shapes: the model needs each image's (rows, columns) patch "
+                "grid. Pass spatial_shapes (num_images, 2) from the same image-processor call (pack_images=True)."
+            )
+        if self.embeddings.patch_embeddings.backbone is not None:
+            raise ValueError(
+                "This is a hybrid ViT (a CNN backbone makes its patches): it cannot take patchified, packed images. "
+                "Use the image processor's classic mode (max_num_patches=None, pack_images=False)."
+            )
+        implementation = self.config._attn_implementation
+        flash = implementation is not None and "flash" in implementation
+        if implementation not in (None, "eager", "sdpa") and not flash:
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot keep packed images apart in this model (it takes no "
+                "block-diagonal mask here), so images would attend to each other. Load or set the model with "
+                "attn_implementation='sdpa' (or 'eager', or 'flash_attention_2' on a GPU), or use padded rows "
+                "(pack_images=False)."
+            )
+        if flash and output_attentions:
+            raise ValueError(
+                "output_attentions=True computes the weights eagerly, which the flash-attention varlen path of packed "
+                "images cannot give: set attn_implementation='eager' (or 'sdpa') for attention weights."
+            )
+        self._check_patch_values(pixel_values)
+        rows, length, _ = pixel_values.shape
+        if isinstance(patch_image_ids, torch.Tensor) and patch_image_ids.shape != (rows, length):
+            raise ValueError(
+                f"patch_image_ids must have the shape (rows, patches) = ({rows}, {length}) of pixel_values, one image "
+                f"id per patch slot (-1 for padding), got {tuple(patch_image_ids.shape)}: pass the image processor's "
+                "patch_image_ids (pack_images=True)."
+            )
+        return self.packed_layout(patch_image_ids, spatial_shapes, pixel_attention_mask)
+
+    def packed_layout(self, patch_image_ids: torch.Tensor, spatial_shapes, pixel_attention_mask=None) -> PackedLayout:
+        """Check `patch_image_ids` (rows, patches) against `spatial_shapes` (num_images, 2) and return where each
+        image sits (`PackedLayout`)."""
+        if not isinstance(patch_image_ids, torch.Tensor) or patch_image_ids.dim() != 2:
+            got = (
+                tuple(patch_image_ids.shape)
+                if isinstance(patch_image_ids, torch.Tensor)
+                else type(patch_image_ids).__name__
+            )
+            raise ValueError(
+                f"patch_image_ids must be a (rows, patches) integer tensor, the image of each patch slot (-1 for "
+                f"padding), got {got}: pass the image processor's patch_image_ids (pack_images=True)."
+            )
+        rows, length = patch_image_ids.shape
+        ids = patch_image_ids
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(
+                f"patch_image_ids must hold integers (the image of each patch slot, -1 for padding), got {ids.dtype}: "
+                "pass the image processor's patch_image_ids (pack_images=True)."
+            )
+        shapes = torch.as_tensor(spatial_shapes)
+        if shapes.dim() != 2 or shapes.shape[1:] != (2,) or shapes.is_floating_point() or shapes.dtype == torch.bool:
+            raise ValueError(
+                f"spatial_shapes must be integers of shape (num_images, 2), one (rows, columns) patch grid per packed "
+                f"image, got {tuple(shapes.shape)} {shapes.dtype}: pass the image processor's spatial_shapes."
+            )
+        if shapes.shape[0] == 0:
+            raise ValueError("spatial_shapes holds no image (0 grids): pack at least one image.")
+        grids = self._checked_grids(shapes, length)
+        ids = ids.cpu().long()
+        if pixel_attention_mask is not None:
+            mask = torch.as_tensor(pixel_attention_mask).cpu()
+            if mask.shape != ids.shape or not torch.equal(mask != 0, ids >= 0):
+                raise ValueError(
+                    "pixel_attention_mask does not match patch_image_ids (-1 = padding): in the packed form the ids "
+                    "already mark the padding; leave pixel_attention_mask out."
+                )
+        runs = []  # (row, image, first slot, patches) of every run of one id
+        for row in range(rows):
+            values, counts = torch.unique_consecutive(ids[row], return_counts=True)
+            if bool((values[:-1] == -1).any()):
+                after = int(values[1:][values[:-1] == -1][0])
+                raise ValueError(
+                    f"patch_image_ids[{row}] has padding (-1) before image {after}: a row holds its images first, then "
+                    "its padding. Pack with the image processor (pack_images=True)."
+                )
+            starts = [0, *torch.cumsum(counts, 0).tolist()]
+            runs += [
+                (row, v, start, n)
+                for v, start, n in zip(values.tolist(), starts[:-1], counts.tolist(), strict=True)
+                if v != -1
+            ]
+        image_rows, patch_starts = [None] * len(grids), [None] * len(grids)
+        for row, image, start, _ in runs:
+            if not 0 <= image < len(grids):
+                raise ValueError(
+                    f"patch_image_ids[{row}] holds {image}, but spatial_shapes has {len(grids)} images: ids are "
+                    f"0..{len(grids) - 1} (an index into spatial_shapes) and -1 for padding."
+                )
+            if image_rows[image] is not None:
+                raise ValueError(
+                    f"Image {image}'s patches are split (patch_image_ids rows {image_rows[image]} and {row}): each "
+                    "image's patches must be one contiguous run in one row."
+                )
+            image_rows[image], patch_starts[image] = row, start
+        for _, image, _, count in runs:
+            grid_h, grid_w = grids[image]
+            if count != grid_h * grid_w:
+                raise ValueError(
+                    f"patch_image_ids marks {count} patches of image {image}, but spatial_shapes[{image}] = "
+                    f"({grid_h}, {grid_w}) holds {grid_h * grid_w}: pass pixel_values, patch_image_ids and "
+                    "spatial_shapes from the same image-processor call."
+                )
+        missing = [i for i, row in enumerate(image_rows) if row is None]
+        if missing:
+            raise ValueError(
+                f"spatial_shapes lists {len(grids)} images but patch_image_ids has no patch of image(s) {missing}: "
+                "every image of spatial_shapes must be packed into some row."
+            )
+        return PackedLayout(grids, image_rows, patch_starts, self.num_prefix_tokens, rows, length)
+
+    def unpack_image_tokens(self, hidden_states: torch.Tensor, patch_image_ids: torch.Tensor, spatial_shapes) -> list:
+        """Per-image tokens of a packed output: token rows `(R, T, D)` (`last_hidden_state`, a hidden state, a layer
+        of `get_intermediate_layers`) -> one `(num_prefix_tokens + h_i * w_i, D)` tensor per image of
+        `spatial_shapes`, in that order: the image's [CLS]/registers, then its patches row-major, as for the image
+        alone. (Patch-slot outputs `(R, L, D)`, from `drop_prefix_tokens=True`, need no helper:
+        `features[patch_image_ids == i]` is image i's `(h_i * w_i, D)`.)"""
+        layout = self.packed_layout(patch_image_ids, spatial_shapes)
+        expected = (patch_image_ids.shape[0], layout.num_tokens)
+        if not isinstance(hidden_states, torch.Tensor) or tuple(hidden_states.shape[:2]) != expected:
+            got = (
+                tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+            )
+            raise ValueError(
+                f"unpack_image_tokens takes the packed token rows (rows, tokens, ...) = {expected} of this "
+                f"patch_image_ids (each image's {self.num_prefix_tokens} prefix tokens included), got {got}: pass "
+                "last_hidden_state, a hidden state or a get_intermediate_layers output of the same call."
+            )
+        return layout.split(hidden_states)
 
     def grid_size_for(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """(rows, columns) of the patch grid for these pixel values."""
@@ -860,6 +1147,23 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         if self.pre_layernorm is not None:
             hidden_states = self.pre_layernorm(hidden_states)
         return hidden_states, token_mask
+
+    def _embed_packed(
+        self, pixel_values, spatial_shapes, patch_image_ids, pixel_attention_mask=None, output_attentions=False
+    ) -> tuple[torch.Tensor, PackedLayout, torch.Tensor | None, dict]:
+        """The packed form: z_0 (R, T, D), its layout, and what attention takes: a block-diagonal additive mask
+        (eager, sdpa) or transformers' varlen kwargs and no mask (flash attention)."""
+        layout = self.check_packed_inputs(
+            pixel_values, spatial_shapes, patch_image_ids, pixel_attention_mask, output_attentions
+        )
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        hidden_states = self.embeddings.forward_packed(pixel_values.to(dtype), layout)
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
+        implementation = self.config._attn_implementation
+        if implementation is not None and "flash" in implementation:
+            return hidden_states, layout, None, layout.flash_attention_kwargs(hidden_states.device)
+        return hidden_states, layout, layout.attention_mask(hidden_states.dtype, hidden_states.device), {}
 
     @staticmethod
     def _attention_mask(token_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -896,6 +1200,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        patch_image_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -909,7 +1214,25 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 attended to and never pooled; their rows in the outputs hold no meaning. Optional: it follows from
                 `spatial_shapes`, and is checked against it when given.
             spatial_shapes: native form, `(B, 2)` each image's (rows, columns) in patches. Required with that form.
+            patch_image_ids: packed native form (the image processor's `pack_images=True`): `pixel_values` are then
+                `(R, L, C * P_h * P_w)` rows each holding several images' patches one after another, then padding;
+                `patch_image_ids` `(R, L)` gives each patch slot's image (an index into `spatial_shapes`, which is
+                then `(num_images, 2)`), -1 for padding. Each image gets its own prefix tokens at the start of its
+                segment and attends only within itself. `last_hidden_state` and `hidden_states` keep the packed
+                layout `(R, T, D)` (`unpack_image_tokens` splits them per image); `pooler_output` is
+                `(num_images, D)`, one per image. See `PackedLayout`.
         """
+        if patch_image_ids is not None:
+            wants_weights = kwargs.get("output_attentions") or self.config.output_attentions
+            hidden_states, layout, attention_mask, varlen = self._embed_packed(
+                pixel_values, spatial_shapes, patch_image_ids, pixel_attention_mask, bool(wants_weights)
+            )
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, attention_mask, **kwargs, **varlen)
+            last_hidden_state = self.layernorm(hidden_states) if self.config.final_norm == "all" else hidden_states
+            return BaseModelOutputWithPooling(
+                last_hidden_state=last_hidden_state, pooler_output=self.pool(*layout.padded(last_hidden_state))
+            )
         hidden_states, token_mask = self._embed(
             pixel_values, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes
         )
@@ -931,6 +1254,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         drop_prefix_tokens: bool = False,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        patch_image_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Hidden states of the selected layers, running the blocks only up to the deepest one.
 
@@ -941,6 +1265,9 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 -2 = penultimate, the usual VLM feature layer).
             apply_layernorm: apply the final LayerNorm to each selected state (DINOv2's `norm=True`).
             drop_prefix_tokens: return only the patch tokens `(B, N, D)` (no [CLS], no registers).
+            patch_image_ids: the packed form, as in `forward`. Each layer is then `(R, T, D)` in the packed token
+                layout (`unpack_image_tokens` splits it per image); with `drop_prefix_tokens=True` it is `(R, L, D)`,
+                each patch token back at its input slot (`features[patch_image_ids == i]` is image i's patches).
 
         Returns:
             One `(B, T, D)` (or `(B, N, D)`) tensor per requested index, in the order asked.
@@ -954,18 +1281,26 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
                 f"{-num_states}..{num_states - 1}; 0 = embeddings, -1 = last block)."
             )
         resolved = [i % num_states for i in indices]
-        hidden_states, token_mask = self._embed(
-            pixel_values, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes
-        )
-        attention_mask = self._attention_mask(token_mask, hidden_states.dtype)
+        layout, varlen = None, {}
+        if patch_image_ids is not None:
+            hidden_states, layout, attention_mask, varlen = self._embed_packed(
+                pixel_values, spatial_shapes, patch_image_ids, pixel_attention_mask
+            )
+        else:
+            hidden_states, token_mask = self._embed(
+                pixel_values, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes
+            )
+            attention_mask = self._attention_mask(token_mask, hidden_states.dtype)
         states = {0: hidden_states}
         for depth, layer in enumerate(self.layers[: max(resolved)], start=1):
-            hidden_states = layer(hidden_states, attention_mask)
+            hidden_states = layer(hidden_states, attention_mask, **varlen)
             states[depth] = hidden_states
         outputs = []
         for i in resolved:
             state = self.layernorm(states[i]) if apply_layernorm else states[i]
-            outputs.append(state[:, self.num_prefix_tokens :] if drop_prefix_tokens else state)
+            if drop_prefix_tokens:
+                state = layout.patch_slots(state) if layout is not None else state[:, self.num_prefix_tokens :]
+            outputs.append(state)
         return tuple(outputs)
 
     def patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -1015,6 +1350,7 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        patch_image_ids: torch.Tensor | None = None,
     ):
         """timm's `forward_intermediates`: the outputs of chosen blocks, and the final features.
 
@@ -1039,6 +1375,12 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}; use 'NCHW' (a feature map per layer) or 'NLC' (tokens).")
+        if patch_image_ids is not None:
+            raise ValueError(
+                "forward_intermediates does not take packed images (patch_image_ids): timm's layout has one image "
+                "per row. Use get_intermediate_layers(pixel_values, layers, spatial_shapes=..., patch_image_ids=...) "
+                "and unpack_image_tokens, or padded rows (pack_images=False)."
+            )
         _check_flags(
             return_prefix_tokens=return_prefix_tokens,
             norm=norm,

@@ -260,9 +260,11 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         pixel_values: torch.Tensor,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        patch_image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The selected tower layers, concatenated on channels: (I, C, H, W) -> (I, T, D_v * len(layers)); or, in
-        native mode, (I, N, C*P*P) patches with their mask and grids -> (I, T, ...) with padded rows left in.
+        native mode, (I, N, C*P*P) patches with their mask and grids -> (I, T, ...) with padded rows left in; or,
+        packed (`patch_image_ids`, our tower only), (R, L, C*P*P) rows -> (R, T, ...) in the tower's packed layout.
 
         Native inputs go to our tower, or to a transformers tower whose forward takes `pixel_attention_mask` and
         `spatial_shapes` (Siglip2); any other tower is refused (it would attend over the padding).
@@ -272,10 +274,18 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         """
         frozen = not pixel_values.requires_grad and not any(p.requires_grad for p in self.vision_tower.parameters())
         native = {}
-        if pixel_attention_mask is not None or spatial_shapes is not None:
+        if pixel_attention_mask is not None or spatial_shapes is not None or patch_image_ids is not None:
             native = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
             if not isinstance(self.vision_tower, VisionTransformerModel):
+                if patch_image_ids is not None:
+                    raise ValueError(
+                        f"The vision tower ({type(self.vision_tower).__name__}) can't keep packed images apart "
+                        "(patch_image_ids): only vlm-vision's VisionTransformerModel takes packed rows. Convert the "
+                        "tower (convert=True), or use padded native rows (the image processor's pack_images=False)."
+                    )
                 self.check_tower_takes_native_inputs()
+            elif patch_image_ids is not None:
+                native["patch_image_ids"] = patch_image_ids
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             layers = self.config.feature_layers
             if isinstance(self.vision_tower, VisionTransformerModel):
@@ -322,17 +332,26 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         return [num_image_tokens_for(self.config, self.adapter, (int(h), int(w))) for h, w in _grids(spatial_shapes)]
 
     def native_image_features(
-        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, spatial_shapes
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None,
+        spatial_shapes,
+        patch_image_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Native mode: the tower on masked patches, then each image's real patch tokens adapted on its own grid.
+        """Native mode: the tower on masked (or packed) patches, then each image's real patch tokens adapted on its
+        own grid.
 
         Returns one `(image_token_counts[i], D_lm)` tensor per image (padded patch tokens dropped)."""
         dtype = next(self.vision_tower.parameters()).dtype
-        features = self.vision_features(pixel_values.to(dtype), pixel_attention_mask, spatial_shapes)
+        features = self.vision_features(pixel_values.to(dtype), pixel_attention_mask, spatial_shapes, patch_image_ids)
+        grids = _grids(spatial_shapes)
+        if patch_image_ids is not None:  # packed rows: each image's prefix tokens and patches
+            images = self.vision_tower.unpack_image_tokens(features, patch_image_ids, spatial_shapes)
+            return [self.project_vision_features(x[None], grid)[0] for x, grid in zip(images, grids, strict=True)]
         prefix = self.config.prefix_tokens
         return [
             self.project_vision_features(features[i : i + 1, : prefix + h * w], (h, w))[0]
-            for i, (h, w) in enumerate(_grids(spatial_shapes))
+            for i, (h, w) in enumerate(grids)
         ]
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -519,6 +538,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         image_tiles: torch.Tensor | None = None,
+        patch_image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM's input embeddings with every image's features scattered into its placeholder positions.
 
@@ -537,7 +557,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 raise ValueError("Pass pixel_values or precomputed vision_features, not both.")
             if input_ids is None:
                 raise ValueError("Images need input_ids, to find the <image> placeholder positions.")
-            native = spatial_shapes is not None or pixel_attention_mask is not None
+            native = spatial_shapes is not None or pixel_attention_mask is not None or patch_image_ids is not None
             if native and (vision_features is not None or image_tiles is not None):
                 raise ValueError(
                     "pixel_attention_mask/spatial_shapes (native resolution) go with patchified pixel_values only, "
@@ -549,13 +569,14 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 check_native_pixel_values(pixel_values, spatial_shapes)
             else:
                 check_pixel_values(pixel_values)
-            if image_index is not None:
-                self.check_image_index(image_index, images.shape[0])
+            if image_index is not None:  # packed rows hold several images each
+                num_images = images.shape[0] if patch_image_ids is None else len(_grids(spatial_shapes))
+                self.check_image_index(image_index, num_images)
             if native:
                 counts = self.image_token_counts(spatial_shapes)
                 self.check_native_placeholders(input_ids, counts, image_index)
                 image_features = torch.cat(
-                    self.native_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
+                    self.native_image_features(pixel_values, pixel_attention_mask, spatial_shapes, patch_image_ids)
                 )
                 if image_index is not None:  # each span's rows, in placeholder order
                     starts = [0, *itertools.accumulate(counts)]
@@ -601,6 +622,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         image_tiles: torch.Tensor | None = None,
+        patch_image_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -619,6 +641,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 `image_token_counts(spatial_shapes)[i]` placeholders.
             image_tiles: tiles mode, `(I, 2)` each split image's (rows, columns) of tiles; `pixel_values` then holds
                 the tiles and thumbnails, and the text the `tile_layout` of each.
+            patch_image_ids: native mode with the tower's images packed (the image processor's `pack_images=True`):
+                `pixel_values (R, L, C*P*P)` rows of several images each, `patch_image_ids (R, L)` the image of each
+                patch slot (-1 padding), `spatial_shapes (I, 2)`. Our tower only; the loss equals the padded form's.
             kwargs: passed to the language model (`cache`/`past_key_values`, `use_cache`, `position_ids`, ...).
                 `position_ids` restarting at 0 inside a row, without `attention_mask`, are packed rows (several
                 conversations per row, `vlm_vision.data.packing`): attention stays within each conversation (the
@@ -638,7 +663,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             self.check_packing(position_ids, attention_mask, kwargs)
             kwargs["use_cache"] = False  # with a cache, masking_utils would not build the block-diagonal mask
         if pixel_values is None:  # generate forwards spatial_shapes / image_tiles after the prefill, without pixels
-            spatial_shapes = image_tiles = None
+            spatial_shapes = image_tiles = patch_image_ids = None
         inputs_embeds = self.embed_inputs(
             input_ids,
             pixel_values,
@@ -648,6 +673,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
             pixel_attention_mask,
             spatial_shapes,
             image_tiles,
+            patch_image_ids,
         )
         if labels is not None:
             if input_ids is not None:
@@ -770,8 +796,8 @@ def check_native_pixel_values(pixel_values, spatial_shapes) -> None:
         )
     if spatial_shapes is None:
         raise ValueError(
-            "pixel_attention_mask was given without spatial_shapes: the model needs each image's (rows, columns) "
-            "patch grid. Pass the processor's spatial_shapes with it."
+            "pixel_attention_mask or patch_image_ids was given without spatial_shapes: the model needs each image's "
+            "(rows, columns) patch grid. Pass the processor's spatial_shapes with it."
         )
 
 
