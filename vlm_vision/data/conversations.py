@@ -27,7 +27,6 @@ import logging
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -534,22 +533,6 @@ def read_vqav2(
 # ---- the built-in default: easy-VQA ----------------------------------------------------------------------------
 
 
-EASY_VQA_QUESTION_TYPES = ("yes/no", "color", "shape")
-
-
-def check_question_types(question_types) -> None:
-    """`read_easy_vqa`'s `question_types`: None, or a non-empty list of :data:`EASY_VQA_QUESTION_TYPES`."""
-    if question_types is None:
-        return
-    if isinstance(question_types, str) or not question_types:
-        raise ValueError(
-            f'question_types={question_types!r}: give a non-empty list, e.g. ["yes/no"], of {EASY_VQA_QUESTION_TYPES}.'
-        )
-    unknown = sorted(set(question_types) - set(EASY_VQA_QUESTION_TYPES))
-    if unknown:
-        raise ValueError(f"question_types: {unknown} are not easy-VQA question types; use {EASY_VQA_QUESTION_TYPES}.")
-
-
 def easy_vqa_question_type(answer: str) -> str:
     """`"yes/no"`, `"color"` or `"shape"`: easy-VQA's question types, read off the answer (13 answers in all)."""
     if answer in ("yes", "no"):
@@ -568,7 +551,6 @@ def read_easy_vqa(
     shown_fraction: float | None = None,
     rewrite_shown_fraction: float | None = None,
     negated_questions: bool = True,
-    question_types: Sequence[str] | None = None,
     seed: int = 0,
     on_error: str = "skip",
 ) -> tuple[list[VLMSample], DataReport]:
@@ -591,9 +573,6 @@ def read_easy_vqa(
             (:func:`vlm_vision.data.easy_vqa.rewrite_for_shown_fraction`, drawn with `seed`); applied before
             `shown_fraction`. None: the questions as they are.
         negated_questions: False leaves out the negated yes/no questions ("is there not a red shape?").
-        question_types: keep only the questions of these types (:data:`EASY_VQA_QUESTION_TYPES`: "yes/no",
-            "color", "shape"; VQA v2's `answer_type` in spirit), e.g. `["yes/no"]` to spend every step on the
-            comparisons once the "what" questions are learned. None: every type.
         seed: for `rewrite_shown_fraction`.
         on_error: `"skip"` or `"raise"` (for a missing image file).
 
@@ -606,7 +585,6 @@ def read_easy_vqa(
         raise ValueError(f"split={split!r}; easy-VQA has {SPLITS}.")
     if questions_per_sample < 1:
         raise ValueError(f"questions_per_sample={questions_per_sample} must be at least 1.")
-    check_question_types(question_types)
     easy_vqa = _easy_vqa()
     questions, answers, image_ids = (
         easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
@@ -622,8 +600,6 @@ def read_easy_vqa(
         if not negated_questions and is_negated(question):
             continue
         item = {"question": question, "answer": answer, "question_type": easy_vqa_question_type(answer)}
-        if question_types is not None and item["question_type"] not in question_types:
-            continue
         shown = repeats and asks_about_what_is_shown(question, answer)
         per_image[image_id] += [item] * (repeats.get(yes_no_attribute(question), 1) if shown else 1)
     checker = _Checker(f"easy-vqa {split}", on_error)

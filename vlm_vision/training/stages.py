@@ -64,7 +64,6 @@ STAGE_DATA_KEYS = (
     "shown_fraction",
     "rewrite_shown_fraction",
     "negated_questions",
-    "question_types",
 )
 
 

@@ -21,7 +21,6 @@ def open_training_data(data: dict, seed: int, stage: str = "train"):
             shown_fraction=data.get("shown_fraction"),
             rewrite_shown_fraction=data.get("rewrite_shown_fraction"),
             negated_questions=data.get("negated_questions", True),
-            question_types=data.get("question_types"),
             seed=seed,
         )
         index = SampleList(samples, source="easy-vqa train")

@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import LlamaConfig
 
-from ..data.conversations import check_question_types
 from ..encoder.configuration_vit import VisionTransformerConfig
 from ..evaluation.generation import METRICS
 from ..vlm.processing_vlm import (
@@ -34,13 +33,7 @@ VISION_KEYS = (
 VISION_PROCESSING_KEYS = ("image_aspect_ratio", "image_mode", "max_num_patches", "max_tiles")
 # keys of `language_model` that say how to load or run it (the others, for a fresh tiny Llama, are LlamaConfig's)
 LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "compile", "chat_template")
-EASY_VQA_KEYS = (
-    "questions_per_sample",
-    "shown_fraction",
-    "rewrite_shown_fraction",
-    "negated_questions",
-    "question_types",
-)
+EASY_VQA_KEYS = ("questions_per_sample", "shown_fraction", "rewrite_shown_fraction", "negated_questions")
 DATA_KEYS = (
     "name",
     "train",
@@ -225,11 +218,6 @@ def check_data(data: dict, where: str) -> None:
                 f"{where}: data options {wrong} are for the built-in easy-VQA questions (they read its yes/no "
                 "questions); remove them for LLaVA data."
             )
-    if name == "easy-vqa":
-        try:
-            check_question_types(data.get("question_types"))
-        except ValueError as error:
-            raise ValueError(f"{where}: data.{error}") from None
     if data.get("on_error", "skip") not in ("skip", "raise"):
         raise ValueError(f"{where}: data.on_error={data['on_error']!r}; use 'skip' or 'raise'.")
     if not isinstance(data.get("packing", False), bool):
