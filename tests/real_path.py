@@ -293,3 +293,20 @@ def llava_command(world: dict, tower: str, out: Path, *extra: str, lm: Path | No
         "stages.finetune.batch_size=8", "stages.finetune.per_device_batch_size=4", "data.num_workers=1",
         *extra,
     ]  # fmt: skip
+
+
+LLAVA_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "llava_1_5.json"
+
+
+def llava_recipe(world: dict, *overrides: str, vision: str = "clip"):
+    """The shipped LLaVA-1.5 recipe on the world's data, its `vision` tower folder (a key of `world`) and LM."""
+    from vlm_vision.training import vlm_recipe
+
+    data = world["data"]
+    paths = [
+        f"stages.pretrain.data.train={data.pretrain}", f"stages.pretrain.data.image_folder={data.root}",
+        f"stages.finetune.data.train={data.finetune}", f"stages.finetune.data.image_folder={data.root}",
+    ]  # fmt: skip
+    return vlm_recipe.VLMRecipe.from_json(
+        LLAVA_RECIPE, [*paths, *overrides], vision=world[vision], language_model=world["lm"]
+    )

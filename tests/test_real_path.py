@@ -16,10 +16,12 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 from tests.launch import launch_two_processes
 from tests.real_path import (
     CHATML_TEMPLATE,
+    LLAVA_RECIPE,
     build_world,
     corpus_of,
     llava_command,
     llava_expand2square,
+    llava_recipe,
     write_lm_folder,
 )
 from vlm_vision import VisionLanguageForConditionalGeneration, VisionTransformerModel
@@ -27,7 +29,6 @@ from vlm_vision.data.images import load_image
 from vlm_vision.training import vlm_parts, vlm_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAVA_RECIPE = ROOT / "configs" / "vlm" / "llava_1_5.json"
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_the_plain_template_supervises_the_caption_only(world):
     from vlm_vision.data.index import JsonIndex
     from vlm_vision.vlm.processing_vlm import PLAIN_CHAT_TEMPLATE
 
-    _, processor = vlm_parts.build_vlm(_recipe(world), None, Path("unused"))
+    _, processor = vlm_parts.build_vlm(llava_recipe(world), None, Path("unused"))
     index = JsonIndex(world["data"].pretrain, world["data"].root)
     item = VLMDataset(index, processor, chat_template=PLAIN_CHAT_TEMPLATE)[0]
     ids, labels = item["encoded"]["input_ids"], item["encoded"]["labels"]
@@ -275,20 +276,9 @@ def test_init_from_a_stage_that_has_not_run_or_a_projector_of_another_shape(worl
     # init_from a stage whose result is missing (the run was resumed elsewhere)
     with pytest.raises(FileNotFoundError, match=r"init_from='pretrain', but that stage has no saved result"):
         vlm_recipe.initialise_from(
-            vlm_recipe._Run(_recipe(world), tmp_path / "d", {}),
-            _recipe(world, "stages.finetune.init_from=pretrain").stages[1],
+            vlm_recipe._Run(llava_recipe(world), tmp_path / "d", {}),
+            llava_recipe(world, "stages.finetune.init_from=pretrain").stages[1],
         )
-
-
-def _recipe(world, *overrides):
-    data = world["data"]
-    paths = [
-        f"stages.pretrain.data.train={data.pretrain}", f"stages.pretrain.data.image_folder={data.root}",
-        f"stages.finetune.data.train={data.finetune}", f"stages.finetune.data.image_folder={data.root}",
-    ]  # fmt: skip
-    return vlm_recipe.VLMRecipe.from_json(
-        LLAVA_RECIPE, [*paths, *overrides], vision=world["clip"], language_model=world["lm"]
-    )
 
 
 def test_a_data_file_of_another_format(world, tmp_path):

@@ -15,12 +15,19 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, Siglip2VisionModel
 from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
 
-from tests.real_path import corpus_of, llava_command, write_llava_data, write_lm_folder, write_siglip2_folder
+from tests.real_path import (
+    corpus_of,
+    llava_command,
+    llava_recipe,
+    write_llava_data,
+    write_lm_folder,
+    write_siglip2_folder,
+)
 from vlm_vision import VisionTransformerModel
 from vlm_vision.data.dataset import VLMCollator, VLMDataset
 from vlm_vision.data.images import load_image
 from vlm_vision.data.index import JsonIndex
-from vlm_vision.training import vlm_parts, vlm_recipe
+from vlm_vision.training import vlm_parts
 from vlm_vision.training.vlm_parts import mode_image_processor
 from vlm_vision.vlm.towers import load_vision_tower
 
@@ -157,17 +164,7 @@ def test_the_llava_recipe_trains_native_on_a_siglip2_folder(world, tmp_path, con
 
 
 def _recipe(world, *overrides, native=NATIVE):
-    data = world["data"]
-    paths = [
-        f"stages.pretrain.data.train={data.pretrain}", f"stages.pretrain.data.image_folder={data.root}",
-        f"stages.finetune.data.train={data.finetune}", f"stages.finetune.data.image_folder={data.root}",
-    ]  # fmt: skip
-    return vlm_recipe.VLMRecipe.from_json(
-        ROOT / "configs" / "vlm" / "llava_1_5.json",
-        [*paths, *native, *overrides],
-        vision=world["siglip2"],
-        language_model=world["lm"],
-    )
+    return llava_recipe(world, *native, *overrides, vision="siglip2")
 
 
 def test_packed_rows_of_native_images_give_the_padded_batchs_loss(world, tmp_path):
