@@ -200,6 +200,11 @@ def test_bad_siglip2_folders_and_settings(world, tmp_path):
     tower, processor = load_vision_tower(world["siglip2"])
     # a 1 x N image stretches the 4x4 table N/4 times along a side: 64x at most
     assert mode_image_processor(tower, processor, "native", 256).max_num_patches == 256
+    # without vision.max_num_patches, native mode takes the folder's own budget
+    _, default = vlm_parts.build_vlm(
+        _recipe(world, native=("vision.image_aspect_ratio=squash", "vision.image_mode=native")), None, tmp_path / "d"
+    )
+    assert default.image_mode == "native" and default.image_processor.max_num_patches == BUDGET
     with pytest.raises(
         ValueError, match=r"max_num_patches=257 is beyond what the tower's 4x4 position table .* at most 256"
     ):

@@ -282,7 +282,7 @@ def test_a_tiny_recipe_stage_trains_and_evaluates_in_each_image_mode(tmp_path, m
     assert expected.get(mode, {"pixel_values", "image_tiles"}) <= set(batch)
 
 
-def test_recipe_image_mode_errors():
+def test_recipe_image_mode_errors(tmp_path):
     from tests.test_train_vlm import ALIGN, TINY
     from vlm_vision.training.vlm_recipe import VLMRecipe
 
@@ -293,8 +293,13 @@ def test_recipe_image_mode_errors():
 
     with pytest.raises(ValueError, match=r"vision.image_mode='squash'; use one of \('fixed', 'native', 'tiles'\)"):
         make(image_mode="squash")
-    with pytest.raises(ValueError, match=r"image_mode='native' needs vision.max_num_patches"):
-        make(image_mode="native")
+    with pytest.raises(ValueError, match=r"image_mode='native' needs vision.max_num_patches \(an int"):
+        make(image_mode="native", max_num_patches="16")
+    # left out, the budget is the tower processor's own: a fresh tower's processor has none, named when it is built
+    from vlm_vision.training.vlm_parts import build_vlm
+
+    with pytest.raises(ValueError, match=r"needs vision.max_num_patches .*the tower.s \w+ has no budget of its own"):
+        build_vlm(make(image_mode="native"), None, tmp_path / "tokenizer")
     with pytest.raises(ValueError, match=r"vision.max_tiles is for image_mode='tiles', but image_mode is 'native'"):
         make(image_mode="native", max_num_patches=16, max_tiles=2)
 

@@ -196,10 +196,20 @@ def _processing_settings(tower, image_processor) -> dict:
     return settings
 
 
-def native_image_processor(tower, image_processor, max_num_patches: int) -> VisionTransformerImageProcessor:
+def native_image_processor(
+    tower, image_processor, max_num_patches: int | None = None
+) -> VisionTransformerImageProcessor:
     """The tower's image processor (its resampling, rescale, mean and std) in native-resolution mode: aspect ratio
-    kept, at most `max_num_patches` patches of the tower's patch size. For a SigLIP2 NaFlex folder this is its
-    `Siglip2ImageProcessor` with the recipe's budget (the same resize rule, `get_image_size_for_max_num_patches`)."""
+    kept, at most `max_num_patches` patches of the tower's patch size (None: the tower processor's own budget). For a
+    SigLIP2 NaFlex folder this is its `Siglip2ImageProcessor` with the recipe's budget (the same resize rule,
+    `get_image_size_for_max_num_patches`)."""
+    if max_num_patches is None:
+        max_num_patches = getattr(image_processor, "max_num_patches", None)
+        if not isinstance(max_num_patches, int):
+            raise ValueError(
+                "vision.image_mode='native' needs vision.max_num_patches (an int: the patch budget per image, e.g. "
+                f"576): the tower's {type(image_processor).__name__} has no budget of its own to take it from."
+            )
     if not _takes_native_inputs(tower):
         raise ValueError(
             f"vision.image_mode='native' needs a tower that takes masked patch sequences; {type(tower).__name__} "

@@ -123,7 +123,9 @@ class VLMRecipe:
             raise ValueError(f"vision.image_mode={mode!r}; use one of {IMAGE_MODES}.")
         needs = {"native": "max_num_patches", "tiles": "max_tiles"}
         for other, key in needs.items():
-            if mode == other and not isinstance(self.vision.get(key), int):
+            # native mode may leave the budget to the tower's image processor (SigLIP2's has one), checked at build
+            given = key in self.vision or other == "tiles"
+            if mode == other and given and not isinstance(self.vision.get(key), int):
                 raise ValueError(
                     f"vision.image_mode={mode!r} needs vision.{key} (an int: "
                     + (
