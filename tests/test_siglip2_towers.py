@@ -240,3 +240,44 @@ def test_transformers_siglip2_tower_in_a_text_only_training_batch(world, tmp_pat
     tower = model.vision_tower
     assert tower.embeddings.patch_embedding.weight.grad is not None  # reached, with zeros: the blank's factor is 0
     assert not tower.embeddings.patch_embedding.weight.grad.any()
+
+
+def test_packed_tower_rows_from_the_recipe_give_the_padded_batchs_loss(world, tmp_path):
+    """vision.pack_images: the collator packs the batch's images into tower rows (first-fit, max_packed_length
+    slots); the loss equals the padded batch's, with fewer tower rows than images."""
+    model, padded_processor = vlm_parts.build_vlm(_recipe(world), None, tmp_path / "tokenizer")
+    model.eval()
+    packing = ("vision.pack_images=true", f"vision.max_packed_length={3 * BUDGET}")
+    _, packed_processor = vlm_parts.build_vlm(_recipe(world, *packing), None, tmp_path / "tokenizer")
+    assert packed_processor.image_processor.pack_images
+    data = world["data"]
+
+    def batch(processor):
+        dataset = VLMDataset(JsonIndex(data.finetune, data.root), processor, max_length=256)
+        items = [item for item in (dataset[i] for i in range(12)) if not item.get("skipped")]
+        return {k: v for k, v in VLMCollator(processor)(items).items() if k not in ("image_labels", "skipped")}
+
+    padded, packed = batch(padded_processor), batch(packed_processor)
+    assert torch.equal(padded["input_ids"], packed["input_ids"]) and torch.equal(padded["labels"], packed["labels"])
+    assert torch.equal(packed["spatial_shapes"], padded["spatial_shapes"])
+    assert packed["pixel_values"].shape[0] < padded["pixel_values"].shape[0]  # fewer tower rows than images
+    assert int((packed["patch_image_ids"] >= 0).sum()) == int(padded["pixel_attention_mask"].sum())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed).loss, model(**padded).loss, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"vision.pack_images needs a tower that keeps packed images apart"):
+        vlm_parts.build_vlm(_recipe(world, "vision.convert=false", *packing), None, tmp_path / "tokenizer")
+
+
+def test_the_llava_recipe_trains_with_packed_tower_rows(world, tmp_path):
+    out = tmp_path / "run"
+    steps = ("stages.pretrain.max_steps=2", "stages.finetune.max_steps=2")
+    packing = ("vision.pack_images=true", f"vision.max_packed_length={3 * BUDGET}")
+    train_vlm_main()(llava_command(world, "siglip2", out, *NATIVE, *packing, *steps))
+    saved = AutoProcessor.from_pretrained(out / "vlm")
+    assert saved.image_processor.pack_images and saved.image_processor.max_packed_length == 3 * BUDGET
+    model = AutoModelForImageTextToText.from_pretrained(out / "vlm").eval()
+    prompt = saved.prompt([{"role": "user", "content": "<image>\nWhat colour is the shape?"}])
+    encoded = saved(images=[load_image(world["data"].good_images[0])], text=prompt, add_special_tokens=False)
+    assert "patch_image_ids" in encoded
+    generated = model.generate(**encoded, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == encoded["input_ids"].shape[1] + 3

@@ -300,6 +300,10 @@ def test_recipe_image_mode_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"needs vision.max_num_patches .*the tower.s \w+ has no budget of its own"):
         build_vlm(make(image_mode="native"), None, tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match=r"vision.pack_images .* image_mode is 'fixed', pack_images True: set"):
+        make(pack_images=True)
+    with pytest.raises(ValueError, match=r"image_mode is 'native', pack_images None: set image_mode 'native' and"):
+        make(image_mode="native", max_num_patches=16, max_packed_length=32)
     with pytest.raises(ValueError, match=r"vision.max_tiles is for image_mode='tiles', but image_mode is 'native'"):
         make(image_mode="native", max_num_patches=16, max_tiles=2)
 

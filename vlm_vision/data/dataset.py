@@ -21,8 +21,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..encoder.image_processing_vit import pack_patches
 from ..vlm.processing_vlm import IMAGE_TOKEN, ConversationTooLongError, VisionLanguageProcessor
 from .conversations import (
     MALFORMED,
@@ -289,7 +291,10 @@ class VLMCollator:
                     raise ValueError("A batch with separated questions needs exactly one image per item.")
                 batch["image_index"] = torch.tensor([number for number, group in enumerate(per_item) for _ in group])
         images = [image for item in items for image in item["images"]]
-        if images and isinstance(images[0], dict):  # native / tiles: each image's model inputs, concatenated
+        if images and isinstance(images[0], dict) and "patch_image_ids" in images[0]:  # native, packed tower rows
+            batch.update(self._packed_tower_rows(images))
+            batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
+        elif images and isinstance(images[0], dict):  # native / tiles: each image's model inputs, concatenated
             batch.update({key: torch.cat([image[key] for image in images]) for key in images[0]})
             batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         elif images:  # pixels, or the frozen tower's features from a feature store
@@ -297,6 +302,21 @@ class VLMCollator:
             batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         batch["skipped"] = [skipped for item in items for skipped in item.get("skipped", ())]
         return batch
+
+    def _packed_tower_rows(self, images: list[dict]) -> dict:
+        """The batch's images (each its own packed row from the image processor's `pack_images`) packed again
+        together, first-fit into rows of the processor's `max_packed_length` patch slots: `pixel_values (R, L, ...)`,
+        `patch_image_ids (R, L)` (indices into the batch's images, in placeholder order), `spatial_shapes (I, 2)`."""
+        image_processor = self.processor.image_processor
+        row_length = image_processor.max_packed_length or image_processor.max_num_patches
+        patches = [image["pixel_values"][image["patch_image_ids"] >= 0].numpy() for image in images]
+        shapes = torch.cat([image["spatial_shapes"] for image in images])
+        packed = pack_patches(patches, [tuple(s) for s in shapes.tolist()], row_length)
+        return {
+            "pixel_values": torch.from_numpy(np.stack(packed["pixel_values"])),
+            "patch_image_ids": torch.from_numpy(np.stack(packed["patch_image_ids"])),
+            "spatial_shapes": shapes,
+        }
 
     def _packed(self, items: list[dict], per_item: list[list[dict]]) -> dict:
         """Packed rows, with each conversation's images: its item's own (in order), or, for separated questions,

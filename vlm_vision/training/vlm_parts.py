@@ -110,7 +110,10 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
     """The VLM (tower + fresh adapter + LM) and its processor (the tower's image processor, the LM's tokenizer)."""
     tower, image_processor = build_tower(recipe, classifier)
     mode = recipe.vision.get("image_mode", "fixed")
-    image_processor = mode_image_processor(tower, image_processor, mode, recipe.vision.get("max_num_patches"))
+    packing = {k: recipe.vision[k] for k in ("pack_images", "max_packed_length") if k in recipe.vision}
+    image_processor = mode_image_processor(
+        tower, image_processor, mode, recipe.vision.get("max_num_patches"), **packing
+    )
     tokenizer, chat_template = build_tokenizer(recipe, tokenizer_folder)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     separators = {}
@@ -157,17 +160,17 @@ def build_vlm(recipe: VLMRecipe, classifier, tokenizer_folder: Path):
     return model, processor
 
 
-def mode_image_processor(tower, image_processor, mode: str, max_num_patches: int | None = None):
+def mode_image_processor(tower, image_processor, mode: str, max_num_patches: int | None = None, **packing):
     """The image processor of `vision.image_mode` for the tower's own `image_processor`.
 
     - "native": ours in native-resolution mode with the tower processor's resize rule, rescale and normalisation
-      and the recipe's patch budget (`native_image_processor`).
+      and the recipe's patch budget (`native_image_processor`; `packing`: its `pack_images`, `max_packed_length`).
     - "fixed" / "tiles" with a NaFlex processor (SigLIP2's `Siglip2ImageProcessor`, which patchifies every image):
       ours in classic mode at the square of the tower's position table (`square_image_processor`).
     - otherwise the tower's own, unchanged.
     """
     if mode == "native":
-        return native_image_processor(tower, image_processor, max_num_patches)
+        return native_image_processor(tower, image_processor, max_num_patches, **packing)
     if getattr(image_processor, "max_num_patches", None) is not None:
         return square_image_processor(tower, image_processor, mode)
     return image_processor
@@ -197,7 +200,7 @@ def _processing_settings(tower, image_processor) -> dict:
 
 
 def native_image_processor(
-    tower, image_processor, max_num_patches: int | None = None
+    tower, image_processor, max_num_patches: int | None = None, **packing
 ) -> VisionTransformerImageProcessor:
     """The tower's image processor (its resampling, rescale, mean and std) in native-resolution mode: aspect ratio
     kept, at most `max_num_patches` patches of the tower's patch size (None: the tower processor's own budget). For a
@@ -238,9 +241,16 @@ def native_image_processor(
                 f"stretching the table more than {MAX_RESAMPLE_FACTOR}x along a side. Set vision.max_num_patches to "
                 f"at most {limit} (SigLIP2 NaFlex's 16x16 table: 1024)."
             )
+    if packing.get("pack_images") and not isinstance(tower, VisionTransformerModel):
+        raise ValueError(
+            "vision.pack_images needs a tower that keeps packed images apart (patch_image_ids); "
+            f"{type(tower).__name__} doesn't: load it with vision.convert=true (converted into "
+            "VisionTransformerModel), or drop pack_images."
+        )
     return VisionTransformerImageProcessor(
         patch_size=patch_h,
         max_num_patches=max_num_patches,
+        **packing,
         do_center_crop=False,
         **_processing_settings(tower, image_processor),
     )

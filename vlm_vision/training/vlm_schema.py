@@ -30,7 +30,14 @@ VISION_KEYS = (
     "gradient_checkpointing",
     "compile",
 )
-VISION_PROCESSING_KEYS = ("image_aspect_ratio", "image_mode", "max_num_patches", "max_tiles")
+VISION_PROCESSING_KEYS = (
+    "image_aspect_ratio",
+    "image_mode",
+    "max_num_patches",
+    "max_tiles",
+    "pack_images",
+    "max_packed_length",
+)
 # keys of `language_model` that say how to load or run it (the others, for a fresh tiny Llama, are LlamaConfig's)
 LM_KEYS = ("path", "gguf_file", "dtype", "attn_implementation", "gradient_checkpointing", "compile", "chat_template")
 EASY_VQA_KEYS = ("questions_per_sample", "shown_fraction", "rewrite_shown_fraction", "negated_questions")
@@ -137,6 +144,14 @@ class VLMRecipe:
                 )
             if mode != other and key in self.vision:
                 raise ValueError(f"vision.{key} is for image_mode={other!r}, but image_mode is {mode!r}: remove it.")
+        packing = "pack_images" in self.vision or "max_packed_length" in self.vision
+        if packing and (mode != "native" or self.vision.get("pack_images") is not True):
+            raise ValueError(
+                "vision.pack_images (true: several images' patches per tower row) and vision.max_packed_length "
+                f"(the patch slots of a row) are for image_mode='native' with pack_images true; image_mode is "
+                f"{mode!r}, pack_images {self.vision.get('pack_images')!r}: set image_mode 'native' and pack_images "
+                "true, or remove them."
+            )
         if self.eval_metric is not None and self.eval_metric not in METRICS:
             raise ValueError(f"eval_metric={self.eval_metric!r}; use one of {METRICS} (or null for exact match).")
         if not isinstance(self.max_length, int) or self.max_length <= 0:
