@@ -293,12 +293,11 @@ class VLMCollator:
         images = [image for item in items for image in item["images"]]
         if images and isinstance(images[0], dict) and "patch_image_ids" in images[0]:  # native, packed tower rows
             batch.update(self._packed_tower_rows(images))
-            batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         elif images and isinstance(images[0], dict):  # native / tiles: each image's model inputs, concatenated
             batch.update({key: torch.cat([image[key] for image in images]) for key in images[0]})
-            batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         elif images:  # pixels, or the frozen tower's features from a feature store
             batch["vision_features" if items[0].get("features") else "pixel_values"] = torch.stack(images)
+        if images:
             batch["image_labels"] = torch.tensor([label for item in items for label in item["image_labels"]])
         batch["skipped"] = [skipped for item in items for skipped in item.get("skipped", ())]
         return batch

@@ -4,7 +4,6 @@ processor."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 from pathlib import Path
@@ -18,7 +17,7 @@ from ..encoder.image_processing_vit import VisionTransformerImageProcessor
 from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
 from ..encoder.position_embeddings import MAX_RESAMPLE_FACTOR
 from ..export.encoder_folder import image_processor_for
-from ..vlm.modeling_vlm import VisionLanguageForConditionalGeneration
+from ..vlm.modeling_vlm import VisionLanguageForConditionalGeneration, takes_native_inputs
 from ..vlm.processing_vlm import (
     IMAGE_TOKEN,
     TILE_SEPARATOR_TOKENS,
@@ -176,13 +175,6 @@ def mode_image_processor(tower, image_processor, mode: str, max_num_patches: int
     return image_processor
 
 
-def _takes_native_inputs(tower) -> bool:
-    """Our tower, or a transformers tower whose forward takes the patch mask and grids (Siglip2VisionModel)."""
-    if isinstance(tower, VisionTransformerModel):
-        return True
-    return {"pixel_attention_mask", "spatial_shapes"} <= set(inspect.signature(tower.forward).parameters)
-
-
 def _processing_settings(tower, image_processor) -> dict:
     """What an image processor of the tower does to pixels: resampling, rescale, normalisation, RGB conversion."""
     settings = {
@@ -213,7 +205,7 @@ def native_image_processor(
                 "vision.image_mode='native' needs vision.max_num_patches (an int: the patch budget per image, e.g. "
                 f"576): the tower's {type(image_processor).__name__} has no budget of its own to take it from."
             )
-    if not _takes_native_inputs(tower):
+    if not takes_native_inputs(tower):
         raise ValueError(
             f"vision.image_mode='native' needs a tower that takes masked patch sequences; {type(tower).__name__} "
             "doesn't: load it with vision.convert=true (converted into VisionTransformerModel), or use 'fixed' / "

@@ -19,6 +19,7 @@ Three ways in for the images (the processor's `image_mode`; docs/vlm.md "Any res
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 
@@ -316,10 +317,7 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
 
     def check_tower_takes_native_inputs(self) -> None:
         """Refuse native-resolution inputs for a transformers tower whose forward has no patch mask and grids."""
-        import inspect
-
-        parameters = inspect.signature(self.vision_tower.forward).parameters
-        if not {"pixel_attention_mask", "spatial_shapes"} <= set(parameters):
+        if not takes_native_inputs(self.vision_tower):
             raise ValueError(
                 f"The vision tower ({type(self.vision_tower).__name__}) can't take pixel_attention_mask and "
                 "spatial_shapes, so it would attend over the padded patches of native-resolution inputs: convert it "
@@ -753,6 +751,13 @@ PROCESSOR_HINT = (
     "build the inputs with the VisionLanguageProcessor saved with the model (AutoProcessor.from_pretrained(folder)"
     '(images=..., text=..., return_tensors="pt"))'
 )
+
+
+def takes_native_inputs(tower) -> bool:
+    """Our tower, or a transformers tower whose forward takes the patch mask and grids (Siglip2VisionModel)."""
+    if isinstance(tower, VisionTransformerModel):
+        return True
+    return {"pixel_attention_mask", "spatial_shapes"} <= set(inspect.signature(tower.forward).parameters)
 
 
 def _kind(value) -> str:
