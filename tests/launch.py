@@ -18,10 +18,10 @@ def free_port() -> int:
 
 
 def launch_two_processes(
-    script: str, *args: str, cwd: Path, config: str = "cpu_2proc.yaml"
+    script: str, *args: str, cwd: Path, config: str = "cpu_2proc.yaml", num_processes: int | None = None
 ) -> subprocess.CompletedProcess:
     """`accelerate launch` `scripts/<script>` with a shipped 2-process CPU config (DDP by default, or
-    `fsdp_cpu_2proc.yaml`); returns the finished process."""
+    `fsdp_cpu_2proc.yaml`, ...; `num_processes` overrides its count); returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable,
@@ -31,6 +31,7 @@ def launch_two_processes(
         str(ROOT / "configs" / "accelerate" / config),
         "--main_process_port",
         str(free_port()),
+        *(["--num_processes", str(num_processes)] if num_processes else []),
         str(ROOT / "scripts" / script),
         *args,
     ]

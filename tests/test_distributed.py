@@ -3,7 +3,6 @@ sharding), exact sharded resume, DDP resumed on another number of processes, and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import runpy
@@ -16,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.launch import launch_two_processes
 from tests.real_path import build_world, llava_command
+from vlm_vision.training.vlm_recipe import VLMRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_RECIPE = ROOT / "configs" / "vlm" / "llava_1_5_lora.json"
@@ -38,11 +38,14 @@ def train_vlm_main():
     return runpy.run_path(str(ROOT / "scripts" / "train_vlm.py"), run_name="train_vlm")["main"]
 
 
-def launch(world, out: Path, *extra: str, config: str = "fsdp_cpu_2proc.yaml", cwd: Path):
+def launch(
+    world, out: Path, *extra: str, config: str = "fsdp_cpu_2proc.yaml", cwd: Path, check: bool = True, **options
+):
     done = launch_two_processes(
-        "train_vlm.py", *llava_command(world, "clip", out, *SMALL, *extra, recipe=LORA_RECIPE), cwd=cwd, config=config
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+        "train_vlm.py", *llava_command(world, "clip", out, *SMALL, *extra, recipe=LORA_RECIPE), cwd=cwd, config=config,
+        **options,
+    )  # fmt: skip
+    assert done.returncode == 0 or not check, done.stderr[-4000:]
     return done
 
 
@@ -141,38 +144,31 @@ def test_an_fsdp_wrap_class_the_model_does_not_have(world, tmp_path, monkeypatch
 
 
 def llava_recipe(*overrides: str):
-    from vlm_vision.training.vlm_recipe import VLMRecipe
-
     data = [f"stages.{s}.data.{k}=/data/{s}.{k}" for s in ("pretrain", "finetune") for k in ("train", "image_folder")]
     return VLMRecipe.from_json(LORA_RECIPE, [*data, *overrides], vision="/towers/clip", language_model="/lms/llama")
 
 
 def test_what_cannot_work_under_zero3_is_refused_before_training_with_the_fix(monkeypatch, tmp_path):
-    """DeepSpeed isn't installed here: what is testable is the refusal, from the launch's settings, before any work."""
+    """The refusal, from the launch's settings, before any work (tests/test_deepspeed.py runs what ZeRO-3 can)."""
     from vlm_vision.training.distributed import deepspeed_zero_stage
     from vlm_vision.training.vlm_schema import check_zero3, zero3_problems
 
+    # LoRA, the feature cache, evaluation and several stages run under ZeRO-3: the loop gathers after each stage
     recipe = llava_recipe("data.eval=/data/eval.json", "stages.pretrain.cache_features=float16")
     assert deepspeed_zero_stage() is None
-    check_zero3(recipe, evaluate=True)  # not a DeepSpeed launch: nothing to refuse
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    check_zero3(recipe, evaluate=True)  # ZeRO-2 keeps every parameter whole
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ValueError, match="can't work under DeepSpeed ZeRO-3") as refused:
-        check_zero3(recipe, evaluate=True)
-    message = str(refused.value)
-    assert "stage 'pretrain': cache_features" in message and "drop cache_features" in message
-    assert "stage 'finetune': LoRA's merge_and_unload would run on partitioned weights" in message
-    assert "stages ['finetune'] would start from the partitioned weights" in message and "init_from=" in message
-    assert "evaluation calls generate" in message and "--no-eval" in message
-    assert len(zero3_problems(recipe, evaluate=False)) == 3  # without evaluation, generate isn't refused
+    assert zero3_problems(recipe, evaluate=True) == []
+    check_zero3(recipe, evaluate=True)
 
-    # a one-stage recipe without LoRA, cache or evaluation is what ZeRO-3 can run: its save gathers the weights
-    finetune = dataclasses.replace(recipe.stages[1], lora=None, init_from=None)
-    single = dataclasses.replace(recipe, stages=[finetune])
-    assert zero3_problems(single, evaluate=False) == []
-    check_zero3(single, evaluate=False)
+    # a vision_pretrain stage trains a classifier, whose recipe is not run under ZeRO-3
+    shape = VLMRecipe.from_json(ROOT / "configs" / "vlm" / "easy_vqa.json")
+    with pytest.raises(ValueError, match="can't work under DeepSpeed ZeRO-3") as refused:
+        check_zero3(shape, evaluate=True)
+    assert "stage 'pretrain_shape' (vision_pretrain)" in str(refused.value) and "ZeRO-2" in str(refused.value)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    check_zero3(shape, evaluate=True)  # ZeRO-2 keeps every parameter whole
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
 
     # a classifier recipe evaluates and hands on every stage's model: refused as a whole, before any data is read
     from vlm_vision.training.classifier import ClassifierRecipe, run_recipe

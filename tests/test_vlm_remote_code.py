@@ -124,7 +124,8 @@ def test_remote_code_without_the_package_gives_the_same_logits_and_generation(sa
         [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == ["ok", "4"]
+    # the last line: DeepSpeed, where installed, logs to stdout when transformers imports it
+    assert result.stdout.strip().splitlines()[-1].split() == ["ok", "4"]
 
 
 def test_the_in_package_classes_still_load_the_folder_without_trust_remote_code(saved):

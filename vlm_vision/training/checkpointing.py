@@ -31,6 +31,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has a DeepSpeed engine save its ZeRO partitions
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 RESUME_LATEST = ("latest", "auto")
 
@@ -252,6 +253,9 @@ def load_state(
             f"{checkpoint} was saved by a run with another configuration:\n{changes}\nResume with the same recipe "
             "and data (the number of processes may change), or start a new run in another output folder."
         )
+    problem = _backend_problem(accelerator, checkpoint, state)
+    if problem is not None:
+        raise ValueError(f"Cannot resume from {checkpoint}: {problem}")
     try:
         accelerator.load_state(str(checkpoint))
         if sharded is not None:
@@ -266,6 +270,33 @@ def load_state(
         ) from error
     logger.info("Resumed from %s (step %d, epoch %d)", checkpoint, state.global_step, state.epoch)
     return state
+
+
+def _backend_problem(accelerator, checkpoint: Path, state: TrainerState) -> str | None:
+    """Why a DeepSpeed checkpoint can't be resumed by this launch (or another checkpoint under DeepSpeed), or None.
+    DeepSpeed's engine saves each process's partition (`pytorch_model/zero_pp_rank_<r>_...`), which it loads only on
+    as many processes; DDP and FSDP2 checkpoints resume on any number."""
+    from accelerate.utils import DistributedType
+
+    saved_by_deepspeed = (checkpoint / DEEPSPEED_FOLDER).is_dir()
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if saved_by_deepspeed and not deepspeed:
+        return (
+            f"it was saved under DeepSpeed (ZeRO partitions in {DEEPSPEED_FOLDER}/) on {state.num_processes} "
+            "processes: resume it with the DeepSpeed accelerate config it was saved with, or start the stage again."
+        )
+    if deepspeed and not saved_by_deepspeed:
+        return (
+            "it was saved without DeepSpeed: resume it with the accelerate config it was saved with (DDP, FSDP or one "
+            "process), or start the stage again."
+        )
+    if deepspeed and state.num_processes != accelerator.num_processes:
+        return (
+            f"it was saved under DeepSpeed on {state.num_processes} processes, each with its partition of the ZeRO "
+            f"state, and DeepSpeed loads them only on as many (this launch has {accelerator.num_processes}): resume "
+            f"with --num_processes {state.num_processes}, or start the stage again."
+        )
+    return None
 
 
 _ABSENT = object()  # a key one side of `_differences` does not have

@@ -15,8 +15,10 @@ the environment read here.
 - Results: :func:`full_state_dict` gathers the full weights on every process and :func:`unsharded_copy` loads them
   into an ordinary module, for the final save, LoRA merging, evaluation on every process, and the next stage.
 
-DeepSpeed is accelerate's (`accelerator.prepare`); :func:`deepspeed_zero_stage` says which ZeRO stage a launch runs,
-so that what can't work under ZeRO-3 (partitioned parameters) is refused before training (see `vlm_recipe`).
+DeepSpeed ZeRO-2/3 is accelerate's (`accelerator.prepare` makes the DeepSpeed engine), also on CPU processes
+(DeepSpeed's CPU accelerator over gloo, :func:`deepspeed_on_cpu`; `configs/accelerate/deepspeed_zero3_cpu_2proc.yaml`).
+:func:`deepspeed_zero_stage` says which ZeRO stage a launch runs. After a ZeRO-3 stage :func:`zero3_full_state_dict`
+gathers the partitioned weights on every process, loaded into the model's :func:`meta_skeleton` as under FSDP2.
 """
 
 from __future__ import annotations
@@ -130,6 +132,22 @@ def deepspeed_zero_stage() -> int | None:
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))  # accelerate's default
 
 
+def deepspeed_on_cpu() -> bool:
+    """Whether this is a DeepSpeed launch on a machine without CUDA: DeepSpeed's CPU accelerator, whose processes
+    accelerate only connects when told the backend (gloo); accelerate's own CPU mode would turn DeepSpeed off."""
+    return deepspeed_zero_stage() is not None and not torch.cuda.is_available()
+
+
+def zero3_full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full state dict of a DeepSpeed ZeRO-3 engine's module, gathered on every process (call on every
+    process): its partitioned parameters gathered for a moment and copied."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
 def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of an FSDP2 model, on every process (call on every process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -188,6 +206,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> 
 
 __all__ = [
     "FSDPSettings",
+    "deepspeed_on_cpu",
     "deepspeed_zero_stage",
     "full_state_dict",
     "is_sharded",
@@ -197,4 +216,5 @@ __all__ = [
     "save_sharded",
     "shard",
     "unsharded_copy",
+    "zero3_full_state_dict",
 ]

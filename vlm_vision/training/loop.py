@@ -34,12 +34,22 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpointing import TrainerState, load_state, resolve_resume, save_state_atomically
-from .distributed import FSDPSettings, full_state_dict, is_sharded, meta_skeleton, shard, unsharded_copy
+from .distributed import (
+    FSDPSettings,
+    deepspeed_on_cpu,
+    deepspeed_zero_stage,
+    full_state_dict,
+    is_sharded,
+    meta_skeleton,
+    shard,
+    unsharded_copy,
+    zero3_full_state_dict,
+)
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -155,8 +165,12 @@ def use_cpu_processes() -> bool:
 
     accelerate makes launched processes CPU processes only when ACCELERATE_USE_CPU is set, which its multi-process
     launcher does not set (and `accelerate launch --cpu --num_processes 2` starts one process without MPI). Launched
-    processes (WORLD_SIZE > 1) on a machine without CUDA are therefore made CPU processes here.
+    processes (WORLD_SIZE > 1) on a machine without CUDA are therefore made CPU processes here, except under
+    DeepSpeed, which runs CPU processes itself (and which accelerate's CPU mode would turn off): see
+    :func:`process_group_options`.
     """
+    if deepspeed_zero_stage() is not None:
+        return False
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
 
@@ -164,7 +178,12 @@ def use_cpu_processes() -> bool:
 def process_state() -> PartialState:
     """accelerate's process state (rank, world size), set up as `make_accelerator` does: use it instead of a bare
     `PartialState()`, which would make every launched CPU process a single, unconnected process."""
-    return PartialState(cpu=use_cpu_processes())
+    return PartialState(cpu=use_cpu_processes(), **process_group_options())
+
+
+def process_group_options() -> dict:
+    """The process group's backend where accelerate would find none: gloo for DeepSpeed on CPU processes."""
+    return {"backend": "gloo"} if deepspeed_on_cpu() else {}
 
 
 def make_accelerator(args: TrainingArguments) -> Accelerator:
@@ -177,13 +196,23 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
             raise ImportError(
                 "report_to=['tensorboard'] needs the tensorboard package: pip install tensorboard, or drop it."
             ) from error
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu_processes(),
+        kwargs_handlers=[InitProcessGroupKwargs(**process_group_options())] if process_group_options() else None,
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=1,  # the loop accumulates itself (a step's item count is known in advance)
         log_with=log_with,
         project_dir=str(Path(args.output_dir) / "logs") if log_with else None,
     )
+    if deepspeed_zero_stage() == 3:
+        # accelerate tells transformers about ZeRO-3 (a global config), after which every model transformers builds
+        # is partitioned as it is made (zero.Init) and generate syncs the processes' steps. The loop instead takes
+        # whole models, partitions them in `accelerator.prepare` and gathers them back after each stage (as FSDP2),
+        # so models are built, merged and generate whole on every process.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return accelerator
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -259,9 +288,9 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 class TrainResult:
     """What `train` returns: the unwrapped model, its full state dict and the run's figures.
 
-    Save from `state_dict` (`model.save_pretrained(folder, state_dict=result.state_dict)`), not from the module's own
-    weights: under DeepSpeed ZeRO-3 `model`'s parameters are partitioned (empty on every process) and only
-    `state_dict` holds the gathered weights (16-bit, on the main process); under DDP, ZeRO-2 and FSDP2 both are full.
+    `model` is an ordinary module with the whole weights on every process, also after FSDP2 and DeepSpeed ZeRO-3
+    (gathered into a copy of the model as it was before sharding); save from `state_dict`
+    (`model.save_pretrained(folder, state_dict=result.state_dict)`), in which tied parameters appear once.
     """
 
     model: nn.Module
@@ -342,6 +371,60 @@ def syncing(model: nn.Module, accelerator: Accelerator, sync: bool):
         model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+def deepspeed_backward(engine, loss: torch.Tensor, last: bool) -> None:
+    """A micro-batch's backward on a DeepSpeed engine, which reduces the gradients, clips and steps the optimizer on
+    the last micro-batch of a step (the loop accumulates; the engine's own gradient_accumulation_steps is 1). As
+    accelerate's `backward`, with the step's boundary given rather than taken from accelerate's accumulation."""
+    engine.set_gradient_accumulation_boundary(is_boundary=last)
+    engine.backward(loss)
+    if last:
+        engine.step()
+
+
+def configure_deepspeed(accelerator: Accelerator, args: TrainingArguments) -> None:
+    """The DeepSpeed config of a stage, before `accelerator.prepare` makes its engine: the engine clips at the stage's
+    max_grad_norm and does not accumulate (the loop does); the micro-batch comes from the loader (accelerate)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = 0.0 if args.max_grad_norm is None else float(args.max_grad_norm)  # 0: DeepSpeed does not clip
+    launched = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    if launched != "auto" and float(launched) != clipping:
+        raise ValueError(
+            f"The accelerate config's deepspeed_config.gradient_clipping is {launched}, the stage's max_grad_norm "
+            f"{args.max_grad_norm}: set gradient_clipping: auto (the recipe's, per stage) or make them equal."
+        )
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    if accumulation not in (1, "auto"):
+        raise ValueError(
+            f"The DeepSpeed config accumulates {accumulation} micro-batches: set its gradient_accumulation_steps to 1 "
+            "(or auto); the loop accumulates the recipe's micro-batches itself."
+        )
+    config["gradient_clipping"] = clipping
+    config["gradient_accumulation_steps"] = 1
+
+
+def log_partitions(engine, accelerator: Accelerator) -> None:
+    """One line per process: what of the model's state its DeepSpeed engine holds (ZeRO-3: its partition of the
+    parameters; ZeRO-2: its partition of the optimizer state, which covers the trainable parameters)."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        parameters = list(engine.module.parameters())
+        held, total = sum(p.ds_tensor.numel() for p in parameters), sum(p.ds_numel for p in parameters)
+        what = "parameter values"
+    else:
+        held = sum(t.numel() for t in getattr(engine.optimizer, "single_partition_of_fp32_groups", ()))
+        total = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+        what = "trainable parameter values' optimizer state"
+    logging.getLogger(__name__).info(
+        "DeepSpeed ZeRO-%d: process %d of %d holds %d of %d %s",
+        stage,
+        accelerator.process_index,
+        accelerator.num_processes,
+        held,
+        total,
+        what,
+    )
 
 
 def log_shards(model: nn.Module, accelerator: Accelerator) -> None:
@@ -452,13 +535,19 @@ class _Run:
     sampler: EpochSampler
     compute_loss: Callable[[nn.Module, dict], torch.Tensor]
     count_items: Callable[[dict], int] | None
-    skeleton: nn.Module | None = None  # FSDP2: the unsharded model on the meta device, to gather the weights into
+    # FSDP2, DeepSpeed ZeRO-3: the unsharded model on the meta device, to gather the weights into
+    skeleton: nn.Module | None = None
     forward_context: Callable = contextlib.nullcontext
 
     @property
     def sharded(self) -> tuple | None:
         """(model, optimizer) when the loop sharded them (FSDP2): checkpoints save and load them itself."""
-        return (self.model, self.optimizer) if self.skeleton is not None else None
+        return (self.model, self.optimizer) if is_sharded(self.model) else None
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether the model is a DeepSpeed engine (it steps the optimizer and clips in its backward)."""
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -568,8 +657,14 @@ def prepare_run(
         optimizer = build_optimizer(model, optimizer_config)
         loader = accelerator.prepare(loader)
     else:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            configure_deepspeed(accelerator, args)
+            if deepspeed_zero_stage() == 3:  # the shape to gather the partitioned weights into after training
+                skeleton = meta_skeleton(model)
         optimizer = build_optimizer(model, optimizer_config)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            log_partitions(model, accelerator)
     scheduler = build_scheduler(optimizer, optimizer_config, schedule.num_training_steps)
     accelerator.register_for_checkpointing(scheduler)
     return _Run(
@@ -691,11 +786,14 @@ def optimizer_step(run: _Run, window: list[dict], state: TrainerState) -> float:
                 loss = run.compute_loss(run.model, batch)
             else:
                 loss = run.compute_loss(run.model, batch) / len(window)
-            accelerator.backward(loss)
+            if run.deepspeed:
+                deepspeed_backward(run.model, loss, last)
+            else:
+                accelerator.backward(loss)
         step_loss += loss.detach().float().item()
         state.batches_in_epoch += 1
         state.samples_in_epoch += run.schedule.per_device_batch * num_processes
-    if run.args.max_grad_norm is not None:
+    if run.args.max_grad_norm is not None and not run.deepspeed:  # DeepSpeed clipped in its step
         accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -745,9 +843,10 @@ def finish(run: _Run, state: TrainerState, progress: _Progress) -> TrainResult:
     if accelerator.is_main_process:
         logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
     if run.skeleton is not None:  # an ordinary module on every process: the full weights gathered into the skeleton
-        trained = unsharded_copy(full_state_dict(run.model), run.skeleton)
+        full = full_state_dict(run.model) if is_sharded(run.model) else zero3_full_state_dict(run.model)
+        trained = unsharded_copy(full, run.skeleton)
         state_dict = trained.state_dict()  # tied parameters share a tensor again: saved once, as by one process
-    else:  # accelerate gathers what it sharded (DeepSpeed ZeRO-3: the full 16-bit weights, on the main process)
+    else:  # DDP, DeepSpeed ZeRO-2: every process holds the whole model
         state_dict = accelerator.get_state_dict(run.model)
         trained = accelerator.unwrap_model(run.model)
     release(accelerator)

@@ -243,9 +243,9 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
     if not result.finished:
         return False
     trained = result.model.vlm if use_aux else result.model
-    # saved from the gathered weights (accelerate's get_state_dict), not the module's (partitioned under ZeRO-3)
+    # saved from the full state dict the loop gathered (the module is whole too, on every process)
     state_dict = _within(result.state_dict, "vlm.") if use_aux else result.state_dict
-    if stage.lora is not None:  # the module's weights are whole here: LoRA is refused under ZeRO-3 (check_zero3)
+    if stage.lora is not None:  # merged on whole weights (FSDP2 and ZeRO-3 gathered them after training)
         if run.process.is_main_process:
             trained.save_pretrained(run.out / "lora" / stage.name)  # the LoRA adapters alone (peft format)
         trained, state_dict = trained.merge_and_unload(), None

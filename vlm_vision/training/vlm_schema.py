@@ -251,43 +251,19 @@ def required_data_path(data: dict, key: str, stage: str) -> str:
 
 
 def zero3_problems(recipe: VLMRecipe, evaluate: bool) -> list[str]:
-    """What this run would do that can't work on DeepSpeed ZeRO-3's partitioned parameters, each with its fix.
+    """What this run would do that can't work under DeepSpeed ZeRO-3, each with its fix.
 
-    After a ZeRO-3 stage the loop saves from `accelerator.get_state_dict` (the full 16-bit weights, gathered on the
-    main process), but the module itself keeps empty partitions on every process: nothing else may use it.
+    After each ZeRO-3 stage the loop gathers the partitioned weights into an ordinary module on every process (as
+    under FSDP2), so LoRA merging, evaluation, the feature cache and the next stage see whole weights. What is left:
+    a `vision_pretrain` stage trains a classifier, whose recipe (`classifier.py`) is refused under ZeRO-3.
     """
-    problems = []
-    stages = recipe.stages
-    for stage in stages:
-        where = f"stage {stage.name!r}"
-        if stage.kind == "vision_pretrain":
-            problems.append(
-                f"{where} (vision_pretrain) evaluates the classifier and hands its tower on, which needs whole "
-                "weights: run it under ZeRO-2 or FSDP (configs/accelerate/fsdp.yaml), and the VLM stages from its "
-                "folder"
-            )
-        if stage.cache_features:
-            problems.append(
-                f"{where}: cache_features runs the tower on the main process alone, whose weights are partitioned: "
-                "drop cache_features, or use ZeRO-2 or FSDP"
-            )
-        if stage.lora is not None:
-            problems.append(
-                f"{where}: LoRA's merge_and_unload would run on partitioned weights: use ZeRO-2 or FSDP (which gather "
-                "the full weights before merging), or train without lora"
-            )
-    if len(stages) > 1:
-        problems.append(
-            f"stages {[s.name for s in stages[1:]]} would start from the partitioned weights of the stage before: run "
-            "one stage per launch (the next recipe's stage with init_from=<out>/<stage>/projector), the earlier ones "
-            "under ZeRO-2 as LLaVA-1.5 does, or use FSDP"
-        )
-    if evaluate and (recipe.data.get("eval") or recipe.data["name"] == "easy-vqa"):
-        problems.append(
-            "evaluation calls generate on every process, on partitioned weights: pass --no-eval and evaluate the "
-            "saved folder afterwards (vlm-vision evaluate <out>/vlm), or use FSDP"
-        )
-    return problems
+    del evaluate  # evaluation runs on the gathered model
+    return [
+        f"stage {stage.name!r} (vision_pretrain) trains the tower as a classifier, which is not run under ZeRO-3: "
+        "run it under ZeRO-2, DDP or FSDP (configs/accelerate/fsdp.yaml), and the VLM stages from its folder"
+        for stage in recipe.stages
+        if stage.kind == "vision_pretrain"
+    ]
 
 
 def check_zero3(recipe: VLMRecipe, evaluate: bool) -> None:
