@@ -5,7 +5,10 @@ ZeRO-3 checkpoint that resumes exactly (on as many processes: what DeepSpeed can
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +109,31 @@ def test_zero2_partitions_the_optimizer_state_and_trains_as_one_process(world, e
     refused = launch(world, tmp_path / "clipping", "--no-eval", config=str(config), cwd=tmp_path, check=False)
     assert refused.returncode != 0
     assert "deepspeed_config.gradient_clipping is 0.5, the stage's max_grad_norm 1.0" in refused.stderr
+
+
+def test_zero3_in_bf16_keeps_the_frozen_weights_and_takes_the_trained_ones_from_the_fp32_masters(world, tmp_path):
+    """DeepSpeed's bf16 casts the whole model: frozen float32 weights (no master copy) would be rounded, so they are
+    refused; loaded in bf16 they stay as loaded, and the trained ones come back in fp32 from the optimizer."""
+    config, bf16 = "deepspeed_zero3_cpu_2proc.yaml", ("--mixed-precision", "bf16", "--no-eval")
+    refused = launch(world, tmp_path / "rounded", *bf16, config=config, cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and not (tmp_path / "rounded" / "vlm").exists()
+    assert "casts the whole model to it, the" in refused.stderr and "language_model.dtype = bfloat16" in refused.stderr
+
+    frozen_in_bf16 = ("vision.dtype=bfloat16", "language_model.dtype=bfloat16")
+    launch(world, tmp_path / "zero3", *frozen_in_bf16, *bf16, config=config, cwd=tmp_path)
+    # the reference in a process of its own: this one's accelerator state is already fp32 (the other tests)
+    one = tmp_path / "one"
+    command = llava_command(world, "clip", one, *SMALL, *frozen_in_bf16, *bf16, recipe=LORA_RECIPE)
+    script, env = str(ROOT / "scripts" / "train_vlm.py"), {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, script, *command], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ours, alone = weights(tmp_path / "zero3"), weights(one)
+    assert ours.keys() == alone.keys()
+    for key in alone:
+        assert ours[key].dtype == alone[key].dtype, key
+    tower = [k for k in ours if k.startswith("vision_tower.")]
+    assert tower and all(ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], alone[k]) for k in tower)
+    adapter = [k for k in ours if k.startswith("adapter.")]
+    assert adapter and all(ours[k].dtype == torch.float32 for k in adapter)
+    for key in adapter:  # trained in bf16 on 2 processes and under autocast on one: close, not equal
+        torch.testing.assert_close(ours[key], alone[key], atol=2e-2, rtol=2e-2, msg=key)

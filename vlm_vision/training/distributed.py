@@ -17,8 +17,9 @@ the environment read here.
 
 DeepSpeed ZeRO-2/3 is accelerate's (`accelerator.prepare` makes the DeepSpeed engine), also on CPU processes
 (DeepSpeed's CPU accelerator over gloo, :func:`deepspeed_on_cpu`; `configs/accelerate/deepspeed_zero3_cpu_2proc.yaml`).
-:func:`deepspeed_zero_stage` says which ZeRO stage a launch runs. After a ZeRO-3 stage :func:`zero3_full_state_dict`
-gathers the partitioned weights on every process, loaded into the model's :func:`meta_skeleton` as under FSDP2.
+:func:`deepspeed_zero_stage` says which ZeRO stage a launch runs. After a ZeRO-3 stage (gathering its partitions)
+and after a ZeRO-2 one :func:`deepspeed_full_state_dict` takes the weights on every process (trainable ones from the
+optimizer's fp32 masters), loaded into the model's :func:`meta_skeleton` as under FSDP2.
 """
 
 from __future__ import annotations
@@ -138,14 +139,40 @@ def deepspeed_on_cpu() -> bool:
     return deepspeed_zero_stage() is not None and not torch.cuda.is_available()
 
 
-def zero3_full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The full state dict of a DeepSpeed ZeRO-3 engine's module, gathered on every process (call on every
-    process): its partitioned parameters gathered for a moment and copied."""
+def deepspeed_full_state_dict(engine, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The full state dict of a DeepSpeed engine's module on every process (call on every process), in `dtypes`
+    (the model's before `accelerator.prepare`): ZeRO-3's partitioned parameters gathered for a moment, and each
+    trainable parameter from the optimizer's fp32 master copy (under bf16 the module holds a rounded one)."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):  # ZeRO-3 only
+        state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            state[name] = safe_get_full_fp32_param(parameter).detach().clone()
+    return {name: tensor.to(dtypes.get(name, tensor.dtype)) for name, tensor in state.items()}
+
+
+def check_deepspeed_precision(model: nn.Module, mixed_precision: str) -> None:
+    """Refuse what DeepSpeed's bf16/fp16 would round silently: it casts the whole model, frozen float32 weights too
+    (they have no master copy), and they would be trained around and saved rounded."""
+    if mixed_precision not in ("bf16", "fp16"):
+        return
+    rounded = [
+        name
+        for name, p in model.named_parameters()
+        # peft's `original_module` is the untrained copy of a module it trains whole (modules_to_save): never saved
+        if not p.requires_grad and p.dtype == torch.float32 and ".original_module." not in name
+    ]
+    if rounded:
+        raise ValueError(
+            f"DeepSpeed with mixed_precision {mixed_precision} casts the whole model to it, the {len(rounded)} frozen "
+            f"float32 tensors too ({rounded[0]}, ...), which would be rounded and saved so. Load the frozen parts in "
+            "that precision (recipe: vision.dtype / language_model.dtype = bfloat16, as LLaVA does), train in fp32 "
+            "(mixed_precision: 'no'), or use FSDP2 (configs/accelerate/fsdp.yaml), which keeps the weights."
+        )
 
 
 def full_state_dict(sharded: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,6 +233,8 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> 
 
 __all__ = [
     "FSDPSettings",
+    "check_deepspeed_precision",
+    "deepspeed_full_state_dict",
     "deepspeed_on_cpu",
     "deepspeed_zero_stage",
     "full_state_dict",
@@ -216,5 +245,4 @@ __all__ = [
     "save_sharded",
     "shard",
     "unsharded_copy",
-    "zero3_full_state_dict",
 ]

@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from .checkpointing import TrainerState, load_state, resolve_resume, save_state_atomically
 from .distributed import (
     FSDPSettings,
+    check_deepspeed_precision,
+    deepspeed_full_state_dict,
     deepspeed_on_cpu,
     deepspeed_zero_stage,
     full_state_dict,
@@ -48,7 +50,6 @@ from .distributed import (
     meta_skeleton,
     shard,
     unsharded_copy,
-    zero3_full_state_dict,
 )
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 
@@ -535,7 +536,7 @@ class _Run:
     sampler: EpochSampler
     compute_loss: Callable[[nn.Module, dict], torch.Tensor]
     count_items: Callable[[dict], int] | None
-    # FSDP2, DeepSpeed ZeRO-3: the unsharded model on the meta device, to gather the weights into
+    # FSDP2, DeepSpeed: the model before sharding on the meta device, to gather the weights into
     skeleton: nn.Module | None = None
     forward_context: Callable = contextlib.nullcontext
 
@@ -659,8 +660,8 @@ def prepare_run(
     else:
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             configure_deepspeed(accelerator, args)
-            if deepspeed_zero_stage() == 3:  # the shape to gather the partitioned weights into after training
-                skeleton = meta_skeleton(model)
+            check_deepspeed_precision(model, accelerator.mixed_precision)
+            skeleton = meta_skeleton(model)  # the shape and dtypes to take the weights back into after training
         optimizer = build_optimizer(model, optimizer_config)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -843,10 +844,13 @@ def finish(run: _Run, state: TrainerState, progress: _Progress) -> TrainResult:
     if accelerator.is_main_process:
         logger.info("Stopped at step %d of %d after %.1f s", state.global_step, num_training_steps, elapsed)
     if run.skeleton is not None:  # an ordinary module on every process: the full weights gathered into the skeleton
-        full = full_state_dict(run.model) if is_sharded(run.model) else zero3_full_state_dict(run.model)
+        if is_sharded(run.model):
+            full = full_state_dict(run.model)
+        else:  # DeepSpeed: partitions gathered, trainable weights from the fp32 masters, in the dtypes before
+            full = deepspeed_full_state_dict(run.model, {k: t.dtype for k, t in run.skeleton.state_dict().items()})
         trained = unsharded_copy(full, run.skeleton)
         state_dict = trained.state_dict()  # tied parameters share a tensor again: saved once, as by one process
-    else:  # DDP, DeepSpeed ZeRO-2: every process holds the whole model
+    else:  # DDP: every process holds the whole model
         state_dict = accelerator.get_state_dict(run.model)
         trained = accelerator.unwrap_model(run.model)
     release(accelerator)
