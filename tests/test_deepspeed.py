@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through accelerate on 2 CPU processes (DeepSpeed's CPU accelerator over gloo): the
-LoRA recipe partitioned, trained as on one process, merged after gathering, evaluated on every process, and a
-ZeRO-3 checkpoint that resumes exactly (on as many processes: what DeepSpeed can load)."""
+LoRA recipe partitioned, trained as on one process, merged after gathering, evaluated on every process, a ZeRO-3
+checkpoint that resumes exactly (on as many processes: what DeepSpeed can load), bf16, and a classifier recipe."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from tests.launch import launch_two_processes
 from tests.real_path import build_world, llava_command
+from tests.test_classifier import tiny_recipe, write_image_folder
 from tests.test_distributed import LORA_RECIPE, ROOT, SMALL, launch, train_vlm_main, weights
+from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
+from vlm_vision.training.distributed import check_deepspeed_precision
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra: pip install -e '.[dev]'")
 
@@ -114,10 +119,16 @@ def test_zero2_partitions_the_optimizer_state_and_trains_as_one_process(world, e
 def test_zero3_in_bf16_keeps_the_frozen_weights_and_takes_the_trained_ones_from_the_fp32_masters(world, tmp_path):
     """DeepSpeed's bf16 casts the whole model: frozen float32 weights (no master copy) would be rounded, so they are
     refused; loaded in bf16 they stay as loaded, and the trained ones come back in fp32 from the optimizer."""
+    # (the loop checks before accelerate.prepare; peft's untrained `original_module` copies are never saved)
+    wrapped = torch.nn.ModuleDict({"original_module": torch.nn.Linear(2, 2)})
+    model = torch.nn.ModuleDict({"lm": torch.nn.Linear(2, 2), "adapter": wrapped})
+    model.requires_grad_(False)
+    check_deepspeed_precision(model, "no")
+    with pytest.raises(ValueError, match=r"casts the whole model to it, the 2 frozen float32 tensors too \(lm.weight"):
+        check_deepspeed_precision(model, "bf16")
+    check_deepspeed_precision(model.to(torch.bfloat16), "bf16")
+
     config, bf16 = "deepspeed_zero3_cpu_2proc.yaml", ("--mixed-precision", "bf16", "--no-eval")
-    refused = launch(world, tmp_path / "rounded", *bf16, config=config, cwd=tmp_path, check=False)
-    assert refused.returncode != 0 and not (tmp_path / "rounded" / "vlm").exists()
-    assert "casts the whole model to it, the" in refused.stderr and "language_model.dtype = bfloat16" in refused.stderr
 
     frozen_in_bf16 = ("vision.dtype=bfloat16", "language_model.dtype=bfloat16")
     launch(world, tmp_path / "zero3", *frozen_in_bf16, *bf16, config=config, cwd=tmp_path)
@@ -137,3 +148,22 @@ def test_zero3_in_bf16_keeps_the_frozen_weights_and_takes_the_trained_ones_from_
     assert adapter and all(ours[k].dtype == torch.float32 for k in adapter)
     for key in adapter:  # trained in bf16 on 2 processes and under autocast on one: close, not equal
         torch.testing.assert_close(ours[key], alone[key], atol=2e-2, rtol=2e-2, msg=key)
+
+
+def test_a_classifier_recipe_under_zero3_trains_as_one_process(tmp_path):
+    """The classifier recipe (also the VLM recipes' vision_pretrain stages) measures accuracy before and after each
+    stage and hands the model on: on the gathered model, as one process."""
+    data = write_image_folder(tmp_path / "images")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe(data)))
+    done = launch_two_processes("train_classifier.py", "--config", str(recipe), "--output-dir", str(tmp_path / "zero3"),
+                                "--no-progress", cwd=tmp_path, config="deepspeed_zero3_cpu_2proc.yaml")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "DeepSpeed ZeRO-3: process 0 of 2 holds" in done.stderr
+    run_recipe(ClassifierRecipe.from_json(recipe), str(tmp_path / "one"), progress_bar=False)
+    for stage in ("pretrain", "finetune"):
+        one = load_file(tmp_path / "one" / stage / "model" / "model.safetensors")
+        ours = load_file(tmp_path / "zero3" / stage / "model" / "model.safetensors")
+        assert one.keys() == ours.keys()
+        for key in one:
+            torch.testing.assert_close(ours[key], one[key], atol=2e-5, rtol=1e-4, msg=f"{stage}: {key}")

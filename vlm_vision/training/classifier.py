@@ -26,7 +26,6 @@ from ..data import ImageClassificationDataset, load_easy_vqa, load_image_folder
 from ..encoder.configuration_vit import CLASSIFIER_HEADS, VisionTransformerConfig
 from ..encoder.modeling_vit import VisionTransformerForImageClassification, VisionTransformerModel
 from ..export.encoder_folder import save_checkpoint
-from .distributed import deepspeed_zero_stage
 from .loop import TrainingArguments, TrainResult, make_accelerator, process_state, train
 from .optim import OptimizerConfig
 from .schema import read_recipe
@@ -361,12 +360,6 @@ def run_recipe(
     instead of retrained and the running stage continues from its latest checkpoint. Call on every process (under
     `accelerate launch`).
     """
-    if deepspeed_zero_stage() == 3:  # before any data is read
-        raise ValueError(
-            "A classifier recipe measures accuracy before and after each stage and hands the model on, which needs "
-            "whole weights; under DeepSpeed ZeRO-3 they are partitioned over the processes. Run it under DDP "
-            "(configs/accelerate/ddp.yaml), ZeRO-2 (deepspeed_zero2.yaml) or FSDP (fsdp.yaml)."
-        )
     run = _ClassifierRun(
         recipe,
         Path(output_dir),

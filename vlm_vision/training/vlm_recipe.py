@@ -49,7 +49,7 @@ from .stages import VLMStage, set_trainable, stage_optimizer, stage_summary
 from .vlm import VLMLoss, WithAuxiliaryClassifier, count_supervised, save_json
 from .vlm_data import load_eval_samples, open_training_data
 from .vlm_parts import build_tower, build_vlm, fresh_tower_config
-from .vlm_schema import VLMRecipe, check_zero3
+from .vlm_schema import VLMRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,6 @@ def run_vlm_recipe(
 
     Call it on every process (under `accelerate launch`); evaluation and the final folders are on the main process.
     """
-    check_zero3(recipe, evaluate)
     set_seed(recipe.seed)
     run = _Run(
         recipe,

@@ -1,6 +1,6 @@
 """The VLM recipe as data: `VLMRecipe` (its fields, the keys each section takes, `from_json` with
-overrides) and the checks that run before anything trains (unknown keys, the data sections, what DeepSpeed
-ZeRO-3 can't do). The schema is documented in `docs/recipes.md`."""
+overrides) and the checks that run before anything trains (unknown keys, the data sections). The schema is
+documented in `docs/recipes.md`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from ..vlm.processing_vlm import (
     IMAGE_MODES,
 )
 from .classifier import ClassifierStage
-from .distributed import deepspeed_zero_stage
 from .schema import apply_overrides, check_keys, from_dict, read_recipe
 from .stages import VLMStage
 
@@ -248,31 +247,3 @@ def required_data_path(data: dict, key: str, stage: str) -> str:
             f"(or set data.{key} in the recipe)."
         )
     return data[key]
-
-
-def zero3_problems(recipe: VLMRecipe, evaluate: bool) -> list[str]:
-    """What this run would do that can't work under DeepSpeed ZeRO-3, each with its fix.
-
-    After each ZeRO-3 stage the loop gathers the partitioned weights into an ordinary module on every process (as
-    under FSDP2), so LoRA merging, evaluation, the feature cache and the next stage see whole weights. What is left:
-    a `vision_pretrain` stage trains a classifier, whose recipe (`classifier.py`) is refused under ZeRO-3.
-    """
-    del evaluate  # evaluation runs on the gathered model
-    return [
-        f"stage {stage.name!r} (vision_pretrain) trains the tower as a classifier, which is not run under ZeRO-3: "
-        "run it under ZeRO-2, DDP or FSDP (configs/accelerate/fsdp.yaml), and the VLM stages from its folder"
-        for stage in recipe.stages
-        if stage.kind == "vision_pretrain"
-    ]
-
-
-def check_zero3(recipe: VLMRecipe, evaluate: bool) -> None:
-    """Refuse, before anything trains, what can't work under DeepSpeed ZeRO-3 (see :func:`zero3_problems`)."""
-    if deepspeed_zero_stage() != 3:
-        return
-    problems = zero3_problems(recipe, evaluate)
-    if problems:
-        raise ValueError(
-            "This run can't work under DeepSpeed ZeRO-3 (parameters partitioned over the processes):\n"
-            + "\n".join(f"  - {problem}" for problem in problems)
-        )
