@@ -119,6 +119,20 @@ def test_recipe_validation_names_the_problem(tmp_path):
     assert default.model["backbone_config"] == vlm_default["vision"]["backbone_config"]
 
 
+def assert_stages_match(run: Path, reference: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each stage's saved classifier of `run` has the weights of `reference`'s (fp32 tolerance); returns the
+    reference's weights by stage."""
+    weights = {}
+    for stage in ("pretrain", "finetune"):
+        one = load_file(reference / stage / "model" / "model.safetensors")
+        ours = load_file(run / stage / "model" / "model.safetensors")
+        assert one.keys() == ours.keys()
+        for key in one:
+            torch.testing.assert_close(ours[key], one[key], atol=2e-5, rtol=1e-4, msg=f"{stage}: {key}")
+        weights[stage] = one
+    return weights
+
+
 def test_two_processes_match_one_and_resume_skips_finished_stages(tmp_path):
     data = write_image_folder(tmp_path / "images")
     recipe_path = tmp_path / "recipe.json"
@@ -141,12 +155,7 @@ def test_two_processes_match_one_and_resume_skips_finished_stages(tmp_path):
     rows = run_recipe(ClassifierRecipe.from_json(recipe_path), str(tmp_path / "one"), progress_bar=False)
     assert [r["stage"] for r in rows] == ["pretrain", "finetune"] and rows[1]["train_images"] == 12
 
-    for stage in ("pretrain", "finetune"):
-        one = load_file(tmp_path / "one" / stage / "model" / "model.safetensors")
-        two = load_file(tmp_path / "two" / stage / "model" / "model.safetensors")
-        assert one.keys() == two.keys()
-        for key in one:
-            torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=f"{stage}: {key}")
+    one = assert_stages_match(tmp_path / "two", tmp_path / "one")["finetune"]
     start = VisionTransformerForImageClassification(
         tiny_config(**TINY_MODEL, image_size=8, classifier_head="mlp", num_labels=2)
     )

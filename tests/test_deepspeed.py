@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.launch import launch_two_processes
 from tests.real_path import build_world, llava_command
-from tests.test_classifier import tiny_recipe, write_image_folder
-from tests.test_distributed import LORA_RECIPE, ROOT, SMALL, launch, train_vlm_main, weights
+from tests.test_classifier import assert_stages_match, tiny_recipe, write_image_folder
+from tests.test_distributed import LORA_RECIPE, ROOT, SMALL, assert_same_weights, launch, train_vlm_main, weights
 from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
 from vlm_vision.training.distributed import check_deepspeed_precision
 
@@ -49,13 +48,6 @@ def one_process(world, evaluation, tmp_path_factory):
 def partitions(stderr: str, stage: int) -> list[tuple[int, int, int]]:
     found = re.findall(rf"DeepSpeed ZeRO-{stage}: process (\d) of 2 holds (\d+) of (\d+) ", stderr)
     return [tuple(map(int, f)) for f in found]
-
-
-def assert_same_weights(run, reference):
-    ours, one = weights(run), weights(reference)
-    assert ours.keys() == one.keys() and not any("lora_" in k for k in ours)  # merged after gathering
-    for key in one:
-        torch.testing.assert_close(ours[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
 def assert_evaluated(run, reference):
@@ -161,9 +153,4 @@ def test_a_classifier_recipe_under_zero3_trains_as_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert "DeepSpeed ZeRO-3: process 0 of 2 holds" in done.stderr
     run_recipe(ClassifierRecipe.from_json(recipe), str(tmp_path / "one"), progress_bar=False)
-    for stage in ("pretrain", "finetune"):
-        one = load_file(tmp_path / "one" / stage / "model" / "model.safetensors")
-        ours = load_file(tmp_path / "zero3" / stage / "model" / "model.safetensors")
-        assert one.keys() == ours.keys()
-        for key in one:
-            torch.testing.assert_close(ours[key], one[key], atol=2e-5, rtol=1e-4, msg=f"{stage}: {key}")
+    assert_stages_match(tmp_path / "zero3", tmp_path / "one")

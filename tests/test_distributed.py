@@ -53,6 +53,14 @@ def weights(run: Path, folder: str = "vlm") -> dict[str, torch.Tensor]:
     return load_file(run / folder / "model.safetensors")
 
 
+def assert_same_weights(run: Path, reference: Path) -> None:
+    """`run`'s final folder has the weights of `reference`'s (fp32 tolerance), with the LoRA merged."""
+    ours, one = weights(run), weights(reference)
+    assert ours.keys() == one.keys() and not any("lora_" in k for k in ours)
+    for key in one:
+        torch.testing.assert_close(ours[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
 def test_fsdp2_shards_trains_as_one_process_resumes_exactly_and_evaluates_on_every_process(world, tmp_path):
     data = world["data"]
     evaluation = (f"data.eval={data.finetune}", f"data.eval_image_folder={data.root}", "data.eval_subset=10")
@@ -66,10 +74,7 @@ def test_fsdp2_shards_trains_as_one_process_resumes_exactly_and_evaluates_on_eve
 
     # the same weights as one process (the LoRA merged after the full weights were gathered)
     train_vlm_main()(llava_command(world, "clip", tmp_path / "one", *SMALL, *evaluation, recipe=LORA_RECIPE))
-    one, fsdp = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
-    assert one.keys() == fsdp.keys() and not any("lora_" in k for k in fsdp)
-    for key in one:
-        torch.testing.assert_close(fsdp[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "one")
 
     # the sharded checkpoint (torch distributed checkpoint, each process its shards) resumes exactly
     checkpoint = tmp_path / "fsdp" / "finetune" / "checkpoints" / "checkpoint-00000002"
@@ -77,7 +82,7 @@ def test_fsdp2_shards_trains_as_one_process_resumes_exactly_and_evaluates_on_eve
     launch(world, tmp_path / "resumed", *evaluation, "--save-every-steps", "2", "--stop-after-steps", "2", cwd=tmp_path)
     assert not (tmp_path / "resumed" / "vlm").exists()
     launch(world, tmp_path / "resumed", *evaluation, "--save-every-steps", "2", "--resume", cwd=tmp_path)
-    resumed = weights(tmp_path / "resumed")
+    resumed, fsdp = weights(tmp_path / "resumed"), weights(tmp_path / "fsdp")
     for key in fsdp:
         assert torch.equal(resumed[key], fsdp[key]), key
 

@@ -197,9 +197,10 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
             raise ImportError(
                 "report_to=['tensorboard'] needs the tensorboard package: pip install tensorboard, or drop it."
             ) from error
+    group = process_group_options()
     accelerator = Accelerator(
         cpu=use_cpu_processes(),
-        kwargs_handlers=[InitProcessGroupKwargs(**process_group_options())] if process_group_options() else None,
+        kwargs_handlers=[InitProcessGroupKwargs(**group)] if group else None,
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=1,  # the loop accumulates itself (a step's item count is known in advance)
         log_with=log_with,
@@ -417,7 +418,7 @@ def log_partitions(engine, accelerator: Accelerator) -> None:
         held = sum(t.numel() for t in getattr(engine.optimizer, "single_partition_of_fp32_groups", ()))
         total = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         what = "trainable parameter values' optimizer state"
-    logging.getLogger(__name__).info(
+    logger.info(
         "DeepSpeed ZeRO-%d: process %d of %d holds %d of %d %s",
         stage,
         accelerator.process_index,
@@ -433,7 +434,7 @@ def log_shards(model: nn.Module, accelerator: Accelerator) -> None:
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     name, biggest = max(model.named_parameters(), key=lambda item: item[1].numel())
-    logging.getLogger(__name__).info(
+    logger.info(
         "FSDP2: process %d of %d holds %d of %d parameter values (%s: local %s of %s)",
         accelerator.process_index,
         accelerator.num_processes,
@@ -657,15 +658,16 @@ def prepare_run(
         log_shards(model, accelerator)
         optimizer = build_optimizer(model, optimizer_config)
         loader = accelerator.prepare(loader)
-    else:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            configure_deepspeed(accelerator, args)
-            check_deepspeed_precision(model, accelerator.mixed_precision)
-            skeleton = meta_skeleton(model)  # the shape and dtypes to take the weights back into after training
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, args)
+        check_deepspeed_precision(model, accelerator.mixed_precision)
+        skeleton = meta_skeleton(model)  # the shape and dtypes to take the weights back into after training
         optimizer = build_optimizer(model, optimizer_config)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            log_partitions(model, accelerator)
+        log_partitions(model, accelerator)
+    else:
+        optimizer = build_optimizer(model, optimizer_config)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = build_scheduler(optimizer, optimizer_config, schedule.num_training_steps)
     accelerator.register_for_checkpointing(scheduler)
     return _Run(
