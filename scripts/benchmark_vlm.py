@@ -10,10 +10,13 @@ Warm-up steps are excluded; the median step time of the timed ones gives samples
                  tower (`output_hidden_states`) with the same parameters frozen.
     align-cache  align, ours fed from a `vlm_vision.vlm.feature_cache` built once before timing (its build time is
                  printed; it pays when the dataset is seen more than once); LLaVA as in align
-    packed       full, on a mix of lengths (text lengths log-normal around `--text-length`, spread
-                 `--length-sigma`, up to `--max-length` with the image): supervised tokens/s of ours on padded
-                 batches, ours on the same samples packed into rows of `--max-length` (`vlm_vision.data.packing`),
-                 and LLaVA padded; the padding each layout computes is printed
+    packed       LLaVA's finetune stage (tower frozen; adapter and LM trained) on a mix of lengths (text lengths
+                 log-normal around `--text-length`, spread `--length-sigma`, up to `--max-length` with the image):
+                 supervised tokens/s of ours on padded batches, ours on the same samples packed
+                 (`vlm_vision.data.packing`) into rows of `--max-length` (sdpa's block-diagonal mask) and into one
+                 row without padding (`sdpa_varlen`: sdpa per conversation, what a packing recipe uses), and LLaVA
+                 padded; the padding each layout computes is printed. Packing saves LM work only: the tower's share
+                 of a step bounds the gain, and in LLaVA-1.5 (a 7B LM, a 0.3B tower) that share is small.
 
 Sizes are flags. The defaults (a ViT-S-width, 6-layer tower at 64 px with patch 8, a 4-layer 256-wide Llama) finish
 in about a minute on 2 CPU cores. A ViT-B/16 at 224 px with a 1024-wide, 8-layer LM, on a GPU:
@@ -35,6 +38,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from vlm_vision import VisionLanguageConfig, VisionLanguageForConditionalGeneration, VisionTransformerConfig
 from vlm_vision.data.packing import pack_encoded
 from vlm_vision.vlm.feature_cache import build_feature_cache
+from vlm_vision.vlm.packed_attention import SDPA_VARLEN
 
 MODES = ("full", "align", "align-cache", "packed")
 
@@ -102,16 +106,19 @@ def make_batches(args, image_token_id: int, tokens_per_image: int, count: int) -
 
 
 def set_mode(ours, llava, mode: str) -> None:
-    """Trainability and train/eval modes of both models for a benchmark mode."""
+    """Trainability and train/eval modes of both models for a benchmark mode (`finetune`: LLaVA's second stage,
+    the tower frozen, the adapter and LM trained; what the packed mode runs)."""
     for model in (ours, llava):
         model.train().requires_grad_(True)
     if mode == "full":
         ours.freeze_unused_vision_parameters()  # the blocks after the feature layer never get a gradient
         return
-    for frozen in (ours.vision_tower, ours.language_model, llava.model.vision_tower, llava.model.language_model):
-        frozen.requires_grad_(False)
-    llava.lm_head.requires_grad_(False)
-    ours.vision_tower.eval()  # what an align stage does; LLaVA's tower has no dropout either way
+    frozen = [ours.vision_tower, llava.model.vision_tower]
+    if mode != "finetune":
+        frozen += [ours.language_model, llava.model.language_model, llava.lm_head]
+    for part in frozen:
+        part.requires_grad_(False)
+    ours.vision_tower.eval()  # what an align or finetune stage does; LLaVA's tower has no dropout either way
     llava.model.vision_tower.eval()
 
 
@@ -167,7 +174,8 @@ def run_mode(args, ours, llava, batches: list[dict], mode: str) -> tuple[float, 
 
 def make_length_mix_batches(args, image_token_id: int, tokens_per_image: int, count: int) -> list[dict]:
     """`count` batches of one image per sample and log-normal text lengths, each padded (right, with attention
-    mask) and packed (rows of `max_length`, position ids, no mask): `{"padded": inputs, "packed": inputs}`."""
+    mask) and packed (position ids, no mask) into rows of `max_length` and into one row: `{"padded": inputs,
+    "rows": inputs, "one row": inputs}`."""
     generator = torch.Generator().manual_seed(2)
     longest_text = args.max_length - tokens_per_image
     batches = []
@@ -192,11 +200,12 @@ def make_length_mix_batches(args, image_token_id: int, tokens_per_image: int, co
                 1,
             )
         pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
-        packed = pack_encoded(encoded, args.max_length, 0, [[i] for i in range(len(encoded))])
+        images = [[i] for i in range(len(encoded))]
         batches.append(
             {
                 "padded": {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask},
-                "packed": packed,
+                "rows": pack_encoded(encoded, args.max_length, 0, images),
+                "one row": pack_encoded(encoded, args.max_length, 0, images, flatten=True),
                 "pixel_values": pixel_values,
                 "real_tokens": sum(lengths) + tokens_per_image * len(lengths),
             }
@@ -205,32 +214,39 @@ def make_length_mix_batches(args, image_token_id: int, tokens_per_image: int, co
 
 
 def run_packed(args, ours, llava, batches: list[dict]) -> list[tuple[str, str, int, float]]:
-    """(layout, model, positions computed, supervised tokens/s) of ours padded, ours packed and LLaVA padded
-    (full training steps, interleaved)."""
-    set_mode(ours, llava, "full")
+    """(layout, model, positions computed, supervised tokens/s) of ours padded, ours packed in rows (sdpa, its
+    block-diagonal mask) and in one row (sdpa_varlen), and LLaVA padded (finetune steps, interleaved). A rate
+    is the batches' supervised tokens over the sum of each batch's median step time (a step slowed by load from
+    elsewhere doesn't count)."""
+    set_mode(ours, llava, "finetune")
     dtype = getattr(torch, args.dtype)
-    variants = {("padded", "ours"): ours, ("packed", "ours"): ours, ("padded", "llava"): llava}
+    variants = {("padded", "ours"): "sdpa", ("rows", "ours"): "sdpa", ("one row", "ours"): SDPA_VARLEN}
+    variants[("padded", "llava")] = None
     optimizers = {
         model: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) for model in (ours, llava)
     }
-    times = {variant: [] for variant in variants}
-    supervised = {variant: [] for variant in variants}
+    times = {(variant, number): [] for variant in variants for number in range(len(batches))}
     for index in range(args.warmup + args.steps):
-        batch = batches[index % len(batches)]
+        number = index % len(batches)
         order = list(variants) if index % 2 == 0 else list(reversed(variants))  # alternate who goes first
         for variant in order:
-            layout = variant[0]
-            inputs = {k: v.to(args.device) for k, v in batch[layout].items()}
-            inputs["pixel_values"] = batch["pixel_values"].to(args.device, dtype)
-            seconds = step(variants[variant], optimizers[variants[variant]], inputs, args.device)
+            layout, name = variant
+            model = ours if name == "ours" else llava
+            if variants[variant] is not None:
+                model.language_model.set_attn_implementation(variants[variant])
+            inputs = {k: v.to(args.device) for k, v in batches[number][layout].items()}
+            inputs["pixel_values"] = batches[number]["pixel_values"].to(args.device, dtype)
+            seconds = step(model, optimizers[model], inputs, args.device)
             if index >= args.warmup:
-                times[variant].append(seconds)
-                supervised[variant].append(int((batch[layout]["labels"][:, 1:] != -100).sum()))
-    positions = {layout: sum(b[layout]["input_ids"].numel() for b in batches) for layout in ("padded", "packed")}
-    return [
-        (layout, model, positions[layout], sum(supervised[(layout, model)]) / sum(times[(layout, model)]))
-        for layout, model in variants
-    ]
+                times[(variant, number)].append(seconds)
+    rates = []
+    for layout, model in variants:
+        timed = [n for n in range(len(batches)) if times[((layout, model), n)]]
+        supervised = sum(int((batches[n][layout]["labels"][:, 1:] != -100).sum()) for n in timed)
+        seconds = sum(statistics.median(times[((layout, model), n)]) for n in timed)
+        positions = sum(batches[n][layout]["input_ids"].numel() for n in range(len(batches)))
+        rates.append((layout, model, positions, supervised / seconds))
+    return rates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,12 +306,14 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"\npacked mode: {len(mixed)} batches of {args.batch_size} samples, {real:,} tokens (image tokens included)"
         )
-        print("| layout | model | positions computed | padding | supervised tokens/s |")
-        print("|--------|-------|--------------------|---------|---------------------|")
+        print("| layout  | model | positions computed | padding | supervised tokens/s |")
+        print("|---------|-------|--------------------|---------|---------------------|")
         for layout, model, positions, rate in packed:
-            print(f"| {layout:<6} | {model:<5} | {positions:18,} | {1 - real / positions:7.0%} | {rate:19.1f} |")
+            print(f"| {layout:<7} | {model:<5} | {positions:18,} | {1 - real / positions:7.0%} | {rate:19.1f} |")
         rates = {(layout, model): rate for layout, model, _, rate in packed}
-        print(f"ours packed / ours padded: {rates[('packed', 'ours')] / rates[('padded', 'ours')]:.2f}x tokens/s")
+        for layout in ("rows", "one row"):
+            ratio = rates[(layout, "ours")] / rates[("padded", "ours")]
+            print(f"ours packed ({layout}) / ours padded: {ratio:.2f}x supervised tokens/s")
     for note in notes:
         print(note)
 

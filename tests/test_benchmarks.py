@@ -74,15 +74,19 @@ def test_the_vlm_benchmark_packed_mode_computes_fewer_positions_than_padding(cap
     steps = ["--steps", "1", "--batch-size", "6", "--num-batches", "2"]
     cli.main(["benchmark", "vlm", "--modes", "packed", *steps, *tower, *lm, *mix])
     out = capsys.readouterr().out
-    assert "| layout | model | positions computed | padding | supervised tokens/s |" in out
+    assert "| layout  | model | positions computed | padding | supervised tokens/s |" in out
     rows = dict(
-        ((layout, model), int(positions.replace(",", "")))
-        for layout, model, positions in re.findall(r"\| (padded|packed) \| (ours|llava) +\| +([\d,]+) \|", out)
+        ((layout.strip(), model), int(positions.replace(",", "")))
+        for layout, model, positions in re.findall(
+            r"\| (padded |rows   |one row) \| (ours|llava) +\| +([\d,]+) \|", out
+        )
     )
-    assert rows.keys() == {("padded", "ours"), ("packed", "ours"), ("padded", "llava")}
+    assert rows.keys() == {("padded", "ours"), ("rows", "ours"), ("one row", "ours"), ("padded", "llava")}
     real = int(re.search(r"2 batches of 6 samples, ([\d,]+) tokens", out).group(1).replace(",", ""))
-    assert real <= rows[("packed", "ours")] < rows[("padded", "ours")] == rows[("padded", "llava")]
-    assert re.search(r"ours packed / ours padded: \d+\.\d\dx tokens/s", out)
+    assert real == rows[("one row", "ours")] <= rows[("rows", "ours")] < rows[("padded", "ours")]  # one row: no padding
+    assert rows[("padded", "ours")] == rows[("padded", "llava")]
+    for layout in ("rows", "one row"):
+        assert re.search(rf"ours packed \({layout}\) / ours padded: \d+\.\d\dx supervised tokens/s", out)
 
 
 def test_the_resolution_benchmark_prints_tokens_per_image_for_each_mode(capsys):

@@ -23,6 +23,7 @@ from vlm_vision.data.dataset import VLMCollator, VLMDataset
 from vlm_vision.data.packing import pack_encoded, pack_sequences
 from vlm_vision.training.vlm_recipe import run_vlm_recipe
 from vlm_vision.vlm.modeling_vlm import flatten_packed_rows
+from vlm_vision.vlm.packed_attention import SDPA_VARLEN
 from vlm_vision.vlm.processing_vlm import IGNORE_INDEX
 
 # an attention function transformers' masking_utils knows nothing of: it gets no mask, so it can't keep packed
@@ -81,6 +82,12 @@ def test_first_fit_packing_fills_rows_longest_first():
     assert packed["image_index"].tolist() == [0]
     with pytest.raises(ValueError, match="Sequence 1 is 9 tokens long, over the packed row length 8: build the data"):
         pack_sequences([3, 9], 8)
+    # flattened: one row, in the given order, no padding, each sequence still at most the row length
+    encoded = [{"input_ids": [1] * n, "labels": [1] * n} for n in (3, 6, 5)]
+    flat = pack_encoded(encoded, 6, 0, flatten=True)
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="Sequence 1 is 6 tokens long, over the packed row length 5"):
+        pack_encoded(encoded, 5, 0, flatten=True)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -104,15 +111,29 @@ def test_transformers_masks_packed_rows_only_without_attention_mask_and_cache(im
     assert (leaking - expected).abs().max() > 1e-2
 
 
-def test_a_packed_batch_gives_each_conversations_logits_loss_and_gradients(vlm):
+@pytest.mark.parametrize(
+    ("implementation", "flatten", "checkpointing"),
+    [("sdpa", False, False), (SDPA_VARLEN, False, False), (SDPA_VARLEN, True, False), (SDPA_VARLEN, True, True)],
+    ids=["sdpa-rows", "varlen-rows", "varlen-one-row", "varlen-one-row-checkpointed"],
+)
+def test_a_packed_batch_gives_each_conversations_logits_loss_and_gradients(vlm, implementation, flatten, checkpointing):
+    """Rows through sdpa's block-diagonal mask, or rows / one row without padding through sdpa per conversation
+    (`sdpa_varlen`; checkpointed: its layers recomputed in backward, outside the VLM's packed forward)."""
     model, processor = vlm
+    model.language_model.set_attn_implementation(implementation)
+    if checkpointing:
+        model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.language_model.train()  # checkpointing runs in training only (the tiny Llama has no dropout)
     dataset = VLMDataset(samples(), processor, max_length=200)
     items = [dataset[i] for i in range(len(dataset))]
     lengths = [len(item["encoded"]["input_ids"]) for item in items]
-    batch = VLMCollator(processor, pack_length=200)([dict(item) for item in items])
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 2  # 4 conversations in 2 rows
+    batch = VLMCollator(processor, pack_length=200, flatten=flatten)([dict(item) for item in items])
+    rows = 1 if flatten else 2  # 4 conversations in 2 rows of at most 200 tokens, or all in one
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == rows
+    assert not flatten or batch["input_ids"].shape[1] == sum(lengths)  # no padding at all
     assert batch["pixel_values"].shape[0] == 4  # the images in item order; image_index follows the rows
-    assert sorted(batch["image_index"].tolist()) == [0, 1, 2, 3] and batch["image_index"].tolist() != [0, 1, 2, 3]
+    assert sorted(batch["image_index"].tolist()) == [0, 1, 2, 3]
+    assert (batch["image_index"].tolist() == [0, 1, 2, 3]) == flatten  # rows reorder the conversations
 
     inputs = {k: v for k, v in batch.items() if k not in ("image_labels", "skipped")}
     packed = model(**inputs)
@@ -192,6 +213,8 @@ def test_packing_refuses_what_would_attend_across_conversations(vlm):
     too_long = VLMDataset([long_one], processor, max_length=None)[0]
     with pytest.raises(ValueError, match="over the packed row length 100: build the data set with max_length"):
         VLMCollator(processor, pack_length=100)([too_long])
+    with pytest.raises(ValueError, match=r"flatten=True packs into one row: give pack_length too"):
+        VLMCollator(processor, flatten=True)
 
 
 def test_a_recipe_stage_trains_the_same_packed_as_padded(tmp_path, caplog):
@@ -200,12 +223,24 @@ def test_a_recipe_stage_trains_the_same_packed_as_padded(tmp_path, caplog):
     full = {**ALIGN, "name": "full", "kind": "full", "max_steps": 2}
     run_vlm_recipe(recipe(full), str(tmp_path / "padded"), progress_bar=False, evaluate=False)
     packed = recipe({**full, "data": {"packing": True}})
+    eager = recipe({**full, "data": {"packing": True}})
+    eager.language_model["attn_implementation"] = "eager"
     with caplog.at_level(logging.INFO, logger="vlm_vision.training.vlm_recipe"):
         run_vlm_recipe(packed, str(tmp_path / "packed"), progress_bar=False, evaluate=False)
-    assert "stage full: conversations packed into rows of up to 256 tokens" in caplog.text
-    a, b = weights(tmp_path / "padded" / "full" / "model"), weights(tmp_path / "packed" / "full" / "model")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+        run_vlm_recipe(eager, str(tmp_path / "eager"), progress_bar=False, evaluate=False)
+    # sdpa (the recipe's) moves to sdpa per conversation, one row per batch; eager takes rows and a mask
+    assert (
+        "stage full: conversations packed into one row per batch, sdpa_varlen attention per conversation (each at "
+        "most 256 tokens)" in caplog.text
+    )
+    assert "stage full: conversations packed into rows of up to 256 tokens (eager)" in caplog.text
+    a = weights(tmp_path / "padded" / "full" / "model")
+    for layout in ("packed", "eager"):
+        b = weights(tmp_path / layout / "full" / "model")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=f"{layout}: {key}")
+    saved = json.loads((tmp_path / "packed" / "full" / "model" / "config.json").read_text())
+    assert SDPA_VARLEN not in json.dumps(saved)  # the stage's choice is not saved: the folder loads on sdpa
 
     with pytest.raises(ValueError, match=r"data.packing='yes'; use true"):
         recipe({**full, "data": {"packing": "yes"}})
@@ -226,7 +261,7 @@ def test_two_fsdp2_processes_train_packed_rows_as_one_process_padded(tmp_path):
         cwd=tmp_path, config="fsdp_cpu_2proc.yaml",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "FSDP2: process 1 of 2 holds" in done.stderr and "conversations packed into rows" in done.stderr
+    assert "FSDP2: process 1 of 2 holds" in done.stderr and "conversations packed into one row" in done.stderr
     run_vlm_recipe(recipe(full), str(tmp_path / "one"), progress_bar=False, evaluate=False)
     one, two = weights(tmp_path / "one" / "full" / "model"), weights(tmp_path / "two" / "full" / "model")
     assert one.keys() == two.keys()

@@ -270,14 +270,19 @@ class VLMCollator:
 
     With `pack_length` (packing, :mod:`.packing`), the conversations are packed into rows of at most that many
     tokens instead: `input_ids`, `labels`, `position_ids` `(R, L)` and no `attention_mask`; the images stay in item
-    order and `image_index` maps each `<image>` span of the rows to its image.
+    order and `image_index` maps each `<image>` span of the rows to its image. With `flatten` too, one row `(1, L)`
+    holds them all, no padding: for attention per sequence (flash-attention, `"sdpa_varlen"`), where a row's
+    length costs nothing (a mask's cost grows with the square of it: sdpa, eager and flex attention take rows).
     """
 
-    def __init__(self, processor: VisionLanguageProcessor, pack_length: int | None = None):
+    def __init__(self, processor: VisionLanguageProcessor, pack_length: int | None = None, flatten: bool = False):
         if pack_length is not None and (not isinstance(pack_length, int) or pack_length <= 0):
             raise ValueError(f"pack_length={pack_length!r} must be a positive int (tokens per packed row) or None.")
+        if flatten and pack_length is None:
+            raise ValueError("flatten=True packs into one row: give pack_length too (the longest conversation).")
         self.processor = processor
         self.pack_length = pack_length
+        self.flatten = flatten
 
     def __call__(self, items: list[dict]) -> dict:
         # an item holds one conversation, or a list of separate questions about its one image
@@ -328,7 +333,7 @@ class VLMCollator:
             encoded.extend(group)
             shown.extend([numbers] * len(group))
             first += len(numbers)
-        packed = pack_encoded(encoded, self.pack_length, self.processor.tokenizer.pad_token_id, shown)
+        packed = pack_encoded(encoded, self.pack_length, self.processor.tokenizer.pad_token_id, shown, self.flatten)
         if not first:  # text only
             del packed["image_index"]
         return packed

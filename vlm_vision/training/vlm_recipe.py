@@ -37,7 +37,8 @@ from ..evaluation.generation import evaluate_samples
 from ..export.folders import save_folder_atomically
 from ..export.model_card import write_vlm_card
 from ..vlm.feature_cache import FeatureStore
-from ..vlm.modeling_vlm import VisionLanguageForConditionalGeneration, check_packing_attention
+from ..vlm.modeling_vlm import PACKING_VARLEN_ATTENTION, VisionLanguageForConditionalGeneration, check_packing_attention
+from ..vlm.packed_attention import SDPA_VARLEN
 from ..vlm.processing_vlm import (
     VisionLanguageProcessor,
     resolve_chat_template,
@@ -197,9 +198,9 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
     if use_aux:
         trainable = WithAuxiliaryClassifier(trainable, run.aux[0], stage.aux_classification_weight)
     data = recipe.stage_data(stage)
+    attention, flatten = run.model.language_model.config._attn_implementation, False
     if data.get("packing"):  # before any data is read
-        check_packing_attention(run.model.language_model.config._attn_implementation)
-        logger.info("stage %s: conversations packed into rows of up to %d tokens", stage.name, recipe.max_length)
+        flatten = packing_attention(run.model.language_model, stage.name, recipe.max_length)
     index = open_training_data(data, recipe.seed, stage.name)
     chat_template = stage.chat_template and resolve_chat_template(stage.chat_template, run.processor.tokenizer)
     dataset = VLMDataset(
@@ -231,13 +232,17 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         dataset,
         args,
         stage_optimizer(stage, trainable),
-        collate_fn=VLMCollator(run.processor, pack_length=recipe.max_length if data.get("packing") else None),
+        collate_fn=VLMCollator(
+            run.processor, pack_length=recipe.max_length if data.get("packing") else None, flatten=flatten
+        ),
         compute_loss=loss,
         count_items=count_supervised,
         accelerator=run.accelerator,
         fingerprint_extra={"stage": stage_summary(stage), "recipe": resume_identity(recipe, stage)},
         **grouping,
     )
+    if run.model.language_model.config._attn_implementation != attention:  # packing's choice was for this stage
+        run.model.language_model.set_attn_implementation(attention)
     skipped = loss.all_skipped()
     if not result.finished:
         return False
@@ -274,6 +279,24 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
 # lengths, the seed and the stage's own fields must be the stage's checkpoint's; other stages' fields don't matter.
 RESUMABLE_RECIPE_FIELDS = ("description", "eval_batch_size", "eval_max_new_tokens", "eval_metric")
 RESUMABLE_DATA_FIELDS = ("eval", "eval_image_folder", "eval_subset", "num_workers")
+
+
+def packing_attention(language_model, stage_name: str, row_length: int) -> bool:
+    """Check the LM's attention can keep packed conversations apart, moving sdpa to `"sdpa_varlen"` (the same
+    attention, per conversation instead of through a block-diagonal mask); log the layout. Returns whether the
+    collator flattens each batch into one row (attention per conversation: no padding at all)."""
+    if language_model.config._attn_implementation == "sdpa":
+        language_model.set_attn_implementation(SDPA_VARLEN)
+    attention = language_model.config._attn_implementation
+    check_packing_attention(attention)
+    if attention in PACKING_VARLEN_ATTENTION:
+        logger.info(
+            "stage %s: conversations packed into one row per batch, %s attention per conversation (each at most %d "
+            "tokens)", stage_name, attention, row_length,
+        )  # fmt: skip
+        return True
+    logger.info("stage %s: conversations packed into rows of up to %d tokens (%s)", stage_name, row_length, attention)
+    return False
 
 
 def resume_identity(recipe: VLMRecipe, stage: VLMStage) -> dict:

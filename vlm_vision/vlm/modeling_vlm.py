@@ -38,6 +38,7 @@ from ..encoder.modeling_vit import (
     raise_on_missing_keys,
 )
 from .configuration_vlm import LLAVA_NAMES, NAFLEX_VISION_MODEL_TYPES, VisionLanguageConfig, vision_patch_size
+from .packed_attention import SDPA_VARLEN, packed_sequences
 from .processing_vlm import IGNORE_INDEX  # the label convention is the processor's (and transformers' loss default)
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ logger = logging.getLogger(__name__)
 # packed rows (position_ids restarting at 0 per sequence, no attention_mask; see `vlm_vision.data.packing`): these
 # build a block-diagonal causal mask from the position ids (transformers' `masking_utils`, without a cache) ...
 PACKING_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
-# ... and these run varlen attention on cu_seqlens derived from them, for one flattened row
-PACKING_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+# ... and these attend within each sequence (varlen on cu_seqlens derived from them, for one flattened row; sdpa per
+# sequence for sdpa_varlen, `packed_attention`), so a row's length costs nothing: the collator's `flatten`
+PACKING_VARLEN_ATTENTION = (SDPA_VARLEN, "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 def num_image_tokens_for(
@@ -684,9 +686,10 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                     "label masking (answers truncated away?)."
                 )
         if packed and self.language_model.config._attn_implementation in PACKING_VARLEN_ATTENTION:
-            # flash-attention reads packed sequences from position_ids in one row only
+            # flash-attention reads packed sequences from position_ids in one row only; sdpa_varlen builds no mask
             rows, width = inputs_embeds.shape[:2]
-            outputs = self.language_model(**{**kwargs, **flatten_packed_rows(inputs_embeds, position_ids, labels)})
+            with packed_sequences():
+                outputs = self.language_model(**{**kwargs, **flatten_packed_rows(inputs_embeds, position_ids, labels)})
             outputs.logits = outputs.logits.reshape(rows, width, -1)
             return outputs
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

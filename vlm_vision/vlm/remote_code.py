@@ -24,6 +24,7 @@ from pathlib import Path
 CODE_FILES = {
     "configuration_vlm.py": "vlm.configuration_vlm",
     "modeling_vlm.py": "vlm.modeling_vlm",
+    "packed_attention.py": "vlm.packed_attention",
     "processing_vlm.py": "vlm.processing_vlm",
     "remote_code.py": "vlm.remote_code",
     "configuration_vit.py": "encoder.configuration_vit",
