@@ -20,6 +20,11 @@ so the two are the same function. timm is not a dependency; it is measured only 
     python scripts/benchmark_encoder.py                                     # ViT-S/16 at 224, batch 8, CPU
     python scripts/benchmark_encoder.py --preset vit-b16 --device cuda --dtype bfloat16 --batch-size 256
     python scripts/benchmark_encoder.py --profile     # and where the time goes: one forward, op by op, ours vs theirs
+    python scripts/benchmark_encoder.py --compile     # and each model under torch.compile ("ours compiled", ...)
+
+With `--compile` each model is measured eager and compiled (`torch.compile` of its forward to the last hidden state,
+the same weights; compilation happens in the warm-up steps, so give `--warmup 2` or more), and the compiled ones are
+compared with each other; their memory is measured without switching checkpointing (that would recompile).
 
 A benchmark script, not a test: the figures depend on the machine.
 """
@@ -145,7 +150,29 @@ def profile_forward(models: dict, pixel_values: torch.Tensor, device: str, rows:
     return {name: {op: ms for op, (ms, _) in table.items()} for name, table in tables.items()}
 
 
+class LastHiddenState(torch.nn.Module):
+    """A model's last hidden state as its forward, what `--compile` compiles."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return last_hidden_state(self.model, pixel_values)
+
+
+def compiled(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """`"<name> compiled"` -> `torch.compile` of each model's `LastHiddenState` (sharing its weights)."""
+    return {f"{name} compiled": torch.compile(LastHiddenState(model)) for name, model in models.items()}
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "_orig_mod", None), LastHiddenState)
+
+
 def last_hidden_state(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    if is_compiled(model):
+        return model(pixel_values)
     if hasattr(model, "forward_features") and not isinstance(model, VisionTransformerModel):
         return model.forward_features(pixel_values)  # timm
     return model(pixel_values=pixel_values).last_hidden_state
@@ -225,17 +252,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--matmul-size", type=int, default=None, help="the peak's matmul (default 2048; 8192 on GPU)")
     parser.add_argument("--profile", action="store_true", help="print one forward op by op, ours vs transformers")
     parser.add_argument("--profile-rows", type=int, default=15, help="ops in the --profile table")
+    parser.add_argument("--compile", action="store_true", help="measure each model under torch.compile too")
     args = parser.parse_args(argv)
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         parser.error("--batch-size and --steps must be positive and --warmup not negative.")
 
     models = build_models(args)
+    if args.compile:
+        models.update(compiled(models))
     generator = torch.Generator().manual_seed(1)
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     pixel_values = pixel_values.to(args.device, getattr(torch, args.dtype))
     with torch.inference_mode():
         ours, reference = (last_hidden_state(models[n].eval(), pixel_values) for n in ("ours", "transformers"))
         difference = (ours.float() - reference.float()).abs().max().item()
+        if args.compile:
+            compiled_ours = last_hidden_state(models["ours compiled"].eval(), pixel_values)
+            compile_difference = (compiled_ours.float() - ours.float()).abs().max().item()
 
     dtype = getattr(torch, args.dtype)
     matmul_size = args.matmul_size or (8192 if args.device.startswith("cuda") else 2048)
@@ -259,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
             results[name][f"{label} MFU"] = results[name][label] * flops * (3 if backward else 1) / peak
             results[name][f"{label} MB"] = peak_memory_mb(model, pixel_values, backward, args.device)
     for name, model in models.items():  # the training step's memory the other way round
+        if is_compiled(model):  # switching would recompile: not measured
+            results[name]["fwd+bwd MB checkpointed"] = results[name]["fwd+bwd MB not checkpointed"] = float("nan")
+            continue
         set_checkpointing(model, not args.gradient_checkpointing)
         other = peak_memory_mb(model, pixel_values, True, args.device)
         set_checkpointing(model, args.gradient_checkpointing)
@@ -276,34 +312,46 @@ def main(argv: list[str] | None = None) -> dict:
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; ours vs transformers: max |difference| "
         f"of the last hidden state {difference:.1e}; timm: {'measured' if 'timm' in models else 'not importable'}"
     )
+    if args.compile:
+        print(
+            f"torch.compile: ours compiled vs eager, max |difference| of the last hidden state {compile_difference:.1e}"
+        )
     print(
         f"peak: a {matmul_size}x{matmul_size} {args.dtype} matmul runs at {peak / 1e9:.1f} GFLOP/s; the model: "
         f"{flops / 1e9:.3f} GFLOP per image forward ({tokens} tokens), 3x that forward+backward"
     )
     memory = "peak MB" if args.device.startswith("cuda") else "peak RSS MB"
+    width = max(12, *(len(name) for name in results))
     print(
-        f"\n| model        | parameters | forward samples/s | fwd+bwd samples/s | forward {memory} | fwd+bwd {memory} |"
+        f"\n| {'model':<{width}} | parameters | forward samples/s | fwd+bwd samples/s | forward {memory} | "
+        f"fwd+bwd {memory} |"
     )
-    print(f"|{'-' * 14}|{'-' * 12}|{'-' * 19}|{'-' * 19}|{'-' * (len(memory) + 10)}|{'-' * (len(memory) + 10)}|")
+    print(
+        f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 19}|{'-' * 19}|{'-' * (len(memory) + 10)}|{'-' * (len(memory) + 10)}|"
+    )
     for name, row in results.items():
         print(
-            f"| {name:<12} | {row['parameters']:>10,} | {row['forward']:17.1f} | {row['forward+backward']:17.1f} | "
-            f"{row['forward MB']:>{len(memory) + 8}.1f} | {row['forward+backward MB']:>{len(memory) + 8}.1f} |"
+            f"| {name:<{width}} | {row['parameters']:>10,} | {row['forward']:17.1f} | "
+            f"{row['forward+backward']:17.1f} | {row['forward MB']:>{len(memory) + 8}.1f} | "
+            f"{row['forward+backward MB']:>{len(memory) + 8}.1f} |"
         )
-    print(f"\n| model        | forward MFU | fwd+bwd MFU | fwd+bwd {memory} checkpointed | not checkpointed |")
-    print(f"|{'-' * 14}|{'-' * 13}|{'-' * 13}|{'-' * (len(memory) + 23)}|{'-' * 18}|")
+    print(f"\n| {'model':<{width}} | forward MFU | fwd+bwd MFU | fwd+bwd {memory} checkpointed | not checkpointed |")
+    print(f"|{'-' * (width + 2)}|{'-' * 13}|{'-' * 13}|{'-' * (len(memory) + 23)}|{'-' * 18}|")
     for name, row in results.items():
         print(
-            f"| {name:<12} | {row['forward MFU']:11.1%} | {row['forward+backward MFU']:11.1%} | "
+            f"| {name:<{width}} | {row['forward MFU']:11.1%} | {row['forward+backward MFU']:11.1%} | "
             f"{row['fwd+bwd MB checkpointed']:>{len(memory) + 21}.1f} | {row['fwd+bwd MB not checkpointed']:16.1f} |"
         )
-    for other in (name for name in results if name != "ours"):
+    pairs = [("ours", name) for name in results if name != "ours" and not is_compiled(models[name])]
+    pairs += [("ours compiled", name) for name in results if name != "ours compiled" and is_compiled(models[name])]
+    pairs += [("ours compiled", "ours")] if args.compile else []
+    for mine, other in pairs:
         ratios = {
-            key: results["ours"][key] / results[other][key] if results[other][key] > 0 else float("nan")
+            key: results[mine][key] / results[other][key] if results[other][key] > 0 else float("nan")
             for key in ("forward", "forward+backward", "forward MB", "forward+backward MB")
         }
         print(
-            f"ours / {other}: forward {ratios['forward']:.2f}x, forward+backward {ratios['forward+backward']:.2f}x "
+            f"{mine} / {other}: forward {ratios['forward']:.2f}x, forward+backward {ratios['forward+backward']:.2f}x "
             f"(speed); memory {ratios['forward MB']:.2f}x forward, {ratios['forward+backward MB']:.2f}x "
             "forward+backward"
         )

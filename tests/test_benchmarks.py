@@ -145,3 +145,19 @@ def test_the_aspect_stripes_experiment_runs_at_one_token_budget(capsys):
     assert re.search(
         r"exact match squash \d\.\d{3}, native \d\.\d{3} \(chance 0\.5, 8 held-out strips\)", capsys.readouterr().out
     )
+
+
+def test_the_encoder_benchmark_measures_compiled_models_beside_eager_ones(capsys):
+    size = ["--hidden", "32", "--layers", "1", "--heads", "2", "--mlp", "64"]
+    args = ["benchmark", "encoder", "--preset", "vit-ti16", *TINY_TOWER, *size, "--batch-size", "2", "--steps", "1"]
+    results = cli.main([*args, "--warmup", "1", "--matmul-size", "128", "--compile"])
+    out = capsys.readouterr().out
+    assert list(results) == ["ours", "transformers", "ours compiled", "transformers compiled"] or "timm" in results
+    difference = float(re.search(r"ours compiled vs eager, max \|difference\| of the last hidden state (\S+)", out)[1])
+    assert difference < 1e-5  # the same function compiled
+    for name in ("ours compiled", "transformers compiled"):
+        assert results[name]["forward"] > 0 and results[name]["forward+backward"] > 0
+        assert results[name]["parameters"] == results["ours"]["parameters"]  # the same weights
+        assert re.search(rf"\| {name} +\| +[\d,]+ \| +\d+\.\d \|", out)
+    assert re.search(r"ours compiled / transformers compiled: forward \d+\.\d\dx", out)
+    assert re.search(r"ours compiled / ours: forward \d+\.\d\dx", out)

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import create_causal_mask
 
+from vlm_vision.vlm import packed_attention
 from vlm_vision.vlm.packed_attention import SDPA_VARLEN, packed_sequences, sdpa_varlen_attention_forward
 
 SMALL = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -101,3 +102,18 @@ def test_an_attention_call_without_position_ids_is_refused_in_packed_rows():
         sdpa_varlen_attention_forward(torch.nn.Module(), query, key, value, None, scaling=0.35)
     out, _ = sdpa_varlen_attention_forward(torch.nn.Module(), query, key, value, None, scaling=0.35)
     assert out.shape == (1, 6, 2, 8)  # outside packed rows: plain causal sdpa
+
+
+def test_the_sequences_are_found_once_per_forward_when_given(monkeypatch):
+    """`packed_sequences(position_ids)` finds the spans once for every layer (one device sync on a GPU). (A layer
+    recomputed in backward, outside the context, finds them again: test_packing's checkpointed case.)"""
+    lm = llama()
+    sequences, row, positions = packed_row([7, 5, 9])
+    lm.set_attn_implementation(SDPA_VARLEN)
+    calls = []
+    original = packed_attention.sequence_spans
+    monkeypatch.setattr(packed_attention, "sequence_spans", lambda ids: calls.append(ids) or original(ids))
+    with packed_sequences(positions), torch.no_grad():
+        packed = lm(row, position_ids=positions, use_cache=False).logits[0]
+    assert len(calls) == 1  # not once per layer (2)
+    assert_each_sequence_alone(lm, sequences, packed)

@@ -688,8 +688,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         if packed and self.language_model.config._attn_implementation in PACKING_VARLEN_ATTENTION:
             # flash-attention reads packed sequences from position_ids in one row only; sdpa_varlen builds no mask
             rows, width = inputs_embeds.shape[:2]
-            with packed_sequences():
-                outputs = self.language_model(**{**kwargs, **flatten_packed_rows(inputs_embeds, position_ids, labels)})
+            flat = flatten_packed_rows(inputs_embeds, position_ids, labels)
+            with packed_sequences(flat["position_ids"]):
+                outputs = self.language_model(**{**kwargs, **flat})
             outputs.logits = outputs.logits.reshape(rows, width, -1)
             return outputs
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

@@ -26,14 +26,16 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SDPA_VARLEN = "sdpa_varlen"
 
-_packed = ContextVar("vlm_vision_packed_sequences", default=False)
+# inside packed_sequences(): (the position ids given, their spans), found once for every layer (one device sync)
+_packed: ContextVar[tuple[torch.Tensor | None, list] | None] = ContextVar("vlm_vision_packed_sequences", default=None)
 
 
 @contextmanager
-def packed_sequences() -> Iterator[None]:
+def packed_sequences(position_ids: torch.Tensor | None = None) -> Iterator[None]:
     """Within: a language model on `"sdpa_varlen"` called without an attention mask and without a cache builds no
-    mask and runs attention per sequence, reading the sequences from the position ids (the VLM's packed forward)."""
-    token = _packed.set(True)
+    mask and runs attention per sequence, reading the sequences from the position ids (the VLM's packed forward).
+    With `position_ids`, the language model's, their sequences are found once instead of in every layer."""
+    token = _packed.set((position_ids, None if position_ids is None else sequence_spans(position_ids)))
     try:
         yield
     finally:
@@ -74,14 +76,16 @@ def sdpa_varlen_attention_forward(
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != query.shape[2]:
-        if _packed.get():  # no mask was built: without the sequences, attention would cross them
+        if _packed.get() is not None:  # no mask was built: without the sequences, attention would cross them
             raise ValueError(
                 f"{type(module).__name__} does not pass (batch, length) position_ids to its attention function, so "
                 f"{SDPA_VARLEN!r} can't find the packed sequences. Use attn_implementation='sdpa' for this language "
                 "model (a block-diagonal mask), or turn packing off."
             )
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-    spans = sequence_spans(position_ids.expand(query.shape[0], -1))
+    known, spans = _packed.get() or (None, None)
+    if position_ids is not known or len(spans) != query.shape[0]:  # recomputed in backward, or other ids
+        spans = sequence_spans(position_ids.expand(query.shape[0], -1))
     if all(len(row) == 1 for row in spans):
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     window = kwargs.get("sliding_window") or None
@@ -109,7 +113,7 @@ def sdpa_varlen_mask(*args, **kwargs):
     """transformers' `sdpa_mask`, except for packed rows in `packed_sequences()` (no padding mask, no cache): no
     mask, the attention function reads the sequences from the position ids."""
     unpadded = kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
-    if _packed.get() and unpadded and not kwargs.get("q_offset") and not kwargs.get("kv_offset"):
+    if _packed.get() is not None and unpadded and not kwargs.get("q_offset") and not kwargs.get("kv_offset"):
         return None
     return sdpa_mask(*args, **kwargs)
 
