@@ -16,6 +16,7 @@ import logging
 from vlm_vision import recipes
 from vlm_vision.training import process_state
 from vlm_vision.training.classifier import ClassifierRecipe, run_recipe
+from vlm_vision.training.loop import end_processes
 
 DEFAULT_CONFIG = "easy_vqa"
 COLUMNS = (
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         on_bad_image=args.on_bad_image,
         mixed_precision=args.mixed_precision,
     )
+    end_processes()
     if process.is_main_process and rows:
         columns = [c for c in COLUMNS if any(c in row for row in rows)]
         print("\n" + " | ".join(columns))

@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from vlm_vision import recipes
-from vlm_vision.training.loop import process_state
+from vlm_vision.training.loop import end_processes, process_state
 from vlm_vision.training.vlm_recipe import VLMRecipe, run_vlm_recipe
 
 DEFAULT_RECIPE = "easy_vqa"
@@ -127,6 +127,7 @@ def main(argv=None) -> None:
         report_to=args.report_to,
         evaluate=not args.no_eval,
     )
+    end_processes()
     if not main_process:
         return
     for row in results["stages"]:

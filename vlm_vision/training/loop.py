@@ -182,6 +182,15 @@ def process_state() -> PartialState:
     return PartialState(cpu=use_cpu_processes(), **process_group_options())
 
 
+def end_processes() -> None:
+    """At the end of a launched run: wait for every process, then destroy the process group, so that none exits with
+    the group's threads still running (a process that does can abort at exit, "terminate called without an active
+    exception", and fail the launch after a finished run). Nothing to do in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def process_group_options() -> dict:
     """The process group's backend where accelerate would find none: gloo for DeepSpeed on CPU processes."""
     return {"backend": "gloo"} if deepspeed_on_cpu() else {}

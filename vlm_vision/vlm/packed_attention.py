@@ -8,9 +8,12 @@ flash-attention: inside the VLM's forward on packed rows (`packed_sequences()`),
 and the attention function calls transformers' `sdpa_attention_forward` causally on each sequence's span, so the
 cost is the sum of the sequences' squared lengths and one flattened row without padding costs no more than rows.
 
-Everywhere else (padded batches, generation with a cache, any attention mask) it is transformers' sdpa unchanged,
-mask and all: a model can keep `attn_implementation="sdpa_varlen"` for evaluation and generation. The
-implementation name is not saved in config files (transformers drops it), so saved folders load with sdpa.
+Inside `packed_sequences()` attention is causal within each sequence (a sliding window kept): a model that layers
+its own mask on the causal one (masking_utils' `or_mask_function`, as Gemma 3's bidirectional image tokens) gets
+that only outside it. Everywhere else (padded batches, generation with a cache, any attention mask) it is
+transformers' sdpa unchanged, mask and all: a model can keep `attn_implementation="sdpa_varlen"` for evaluation
+and generation. The implementation name is not saved in config files (transformers drops it), so saved folders load
+with sdpa.
 """
 
 from __future__ import annotations
