@@ -176,7 +176,7 @@ def make_length_mix_batches(args, image_token_id: int, tokens_per_image: int, co
     """`count` batches of one image per sample and log-normal text lengths, each padded (right, with attention
     mask) and packed (position ids, no mask) into rows of `max_length` and into one row: `{"padded": inputs,
     "rows": inputs, "one row": inputs}`."""
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(args.length_seed)
     longest_text = args.max_length - tokens_per_image
     batches = []
     for _ in range(count):
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         "--text-length", type=int, default=32, help="text tokens per sample after the image (packed: the median)"
     )
     parser.add_argument("--length-sigma", type=float, default=0.8, help="packed: spread of the log-normal text lengths")
+    parser.add_argument("--length-seed", type=int, default=2, help="packed: seed of the length (and token) draw")
     parser.add_argument("--max-length", type=int, default=256, help="packed: longest sample and the packed row length")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--patch-size", type=int, default=8)

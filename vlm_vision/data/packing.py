@@ -79,7 +79,7 @@ def pack_encoded(
         rows = [list(range(len(encoded)))]
     else:
         rows = pack_sequences(lengths, row_length)
-    width = max(sum(len(encoded[i]["input_ids"]) for i in row) for row in rows)
+    width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

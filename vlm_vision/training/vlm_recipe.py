@@ -227,22 +227,24 @@ def run_vlm_stage(run: _Run, stage: VLMStage, resume: bool) -> bool:
         group_by_length=bool(data.get("group_by_length")),
     )
     loss = VLMLoss()
-    result = train(
-        trainable,
-        dataset,
-        args,
-        stage_optimizer(stage, trainable),
-        collate_fn=VLMCollator(
-            run.processor, pack_length=recipe.max_length if data.get("packing") else None, flatten=flatten
-        ),
-        compute_loss=loss,
-        count_items=count_supervised,
-        accelerator=run.accelerator,
-        fingerprint_extra={"stage": stage_summary(stage), "recipe": resume_identity(recipe, stage)},
-        **grouping,
-    )
-    if run.model.language_model.config._attn_implementation != attention:  # packing's choice was for this stage
-        run.model.language_model.set_attn_implementation(attention)
+    try:
+        result = train(
+            trainable,
+            dataset,
+            args,
+            stage_optimizer(stage, trainable),
+            collate_fn=VLMCollator(
+                run.processor, pack_length=recipe.max_length if data.get("packing") else None, flatten=flatten
+            ),
+            compute_loss=loss,
+            count_items=count_supervised,
+            accelerator=run.accelerator,
+            fingerprint_extra={"stage": stage_summary(stage), "recipe": resume_identity(recipe, stage)},
+            **grouping,
+        )
+    finally:  # packing's choice of attention was for this stage
+        if run.model.language_model.config._attn_implementation != attention:
+            run.model.language_model.set_attn_implementation(attention)
     skipped = loss.all_skipped()
     if not result.finished:
         return False
