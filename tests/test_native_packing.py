@@ -13,6 +13,7 @@ from tests.conftest import tiny_config
 from tests.test_native_resolution import GRIDS, PATCH, VARIANTS, build, images_of, pil_images
 from vlm_vision import VisionTransformerImageProcessor, VisionTransformerModel
 from vlm_vision.encoder.image_processing_vit import pack_first_fit
+from vlm_vision.encoder.modeling_vit import PackedLayout
 
 ATOL = 1e-5
 
@@ -243,6 +244,54 @@ def test_flash_attention_gets_varlen_kwargs_and_no_mask(monkeypatch):
     torch.testing.assert_close(out.pooler_output, reference.pooler_output, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"output_attentions=True.*flash-attention varlen.*'eager'"):
         model(pixel_values, spatial_shapes=shapes, patch_image_ids=ids, output_attentions=True)
+
+
+def test_sdpa_runs_each_image_alone_without_a_mask(monkeypatch):
+    """Under sdpa a packed batch builds no (R, 1, T, T) mask: each image's segment is attended alone, the images of
+    one token count in one sdpa call, and the rows (padding included), the pooled vectors and the gradients are
+    eager's under the block-diagonal mask."""
+    grids = [(8, 8), (4, 12), (8, 8), (2, 5), (6, 6), (8, 8)]  # 64 patches three times: one call for the three
+    images = images_of(grids, seed=5)
+    rows = pack_first_fit([h * w for h, w in grids], 80)
+    pixel_values, ids, shapes = pack(images, rows, 80)
+    assert bool((ids == -1).any())
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model = build(num_register_tokens=1, attn_implementation=implementation).train()
+        out = model(pixel_values, spatial_shapes=shapes, patch_image_ids=ids)
+        (out.last_hidden_state.sin().sum() + out.pooler_output.pow(2).sum()).backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        results[implementation] = out.last_hidden_state.detach(), out.pooler_output.detach(), grads
+    (rows_e, pooled_e, grads_e), (rows_s, pooled_s, grads_s) = results["eager"], results["sdpa"]
+    torch.testing.assert_close(rows_s, rows_e, atol=ATOL, rtol=0)  # every token, the padding's too
+    torch.testing.assert_close(pooled_s, pooled_e, atol=ATOL, rtol=0)
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_s[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(query, key, value, **kwargs):
+        assert kwargs.get("attn_mask") is None
+        calls.append(tuple(query.shape))
+        return sdpa(query, key, value, **kwargs)
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("sdpa built the block-diagonal mask")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(PackedLayout, "attention_mask", no_mask)
+    model = build(num_register_tokens=1)
+    with torch.no_grad():
+        out = model(pixel_values, spatial_shapes=shapes, patch_image_ids=ids)
+        middle = model.get_intermediate_layers(pixel_values, -2, spatial_shapes=shapes, patch_image_ids=ids)[0]
+    torch.testing.assert_close(out.last_hidden_state, rows_e, atol=ATOL, rtol=0)  # eval: no dropout in either
+    config, prefix = model.config, model.num_prefix_tokens
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    per_layer = sorted({(grids.count(g), heads, prefix + g[0] * g[1], head_dim) for g in grids})  # one per length
+    layers = config.num_hidden_layers
+    assert sorted(calls) == sorted(per_layer * layers + per_layer * (layers - 1))
+    assert middle.shape == out.last_hidden_state.shape
 
 
 # Bad input: each names the problem and the fix

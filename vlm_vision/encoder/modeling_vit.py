@@ -23,8 +23,9 @@ Deviations and additions, all off by default unless stated:
   `spatial_shapes` and an optional `pixel_attention_mask`; E_pos is resampled per image (Sec. 3.2's interpolation
   for every grid), padded patches are masked out of attention and pooling.
 - Packed native resolution (NaViT, Dehghani et al. 2023): several images' patches in one row with `patch_image_ids`;
-  each image gets its own prefix tokens at the start of its segment and attends only within itself (a block-diagonal
-  mask on eager/sdpa, varlen `cu_seq_lens` on flash attention). See `PackedLayout`.
+  each image gets its own prefix tokens at the start of its segment and attends only within itself (sdpa on each
+  image alone, images of one length in one call; a block-diagonal mask on eager; varlen `cu_seq_lens` on flash
+  attention). See `PackedLayout`.
 
 Sequence layout: `[CLS]? [REG] * num_register_tokens [patch_1 ... patch_N]`, patches row-major on the grid (then
 padding, in the native-resolution form).
@@ -300,6 +301,10 @@ class PackedLayout:
             "max_length_k": longest,
         }
 
+    def segment_attention(self, device) -> PackedSegmentAttention:
+        """sdpa on each image alone, what sdpa gets instead of `attention_mask` (see `PackedSegmentAttention`)."""
+        return PackedSegmentAttention(self, device)
+
     def split(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
         """Token rows (R, T, ...) -> one (num_prefix_tokens + h_i * w_i, ...) tensor per image."""
         return [
@@ -321,6 +326,43 @@ class PackedLayout:
         `patch_image_ids` (slots of padding hold nothing meaningful)."""
         index = self.token_index.to(hidden_states.device)[..., None].expand(-1, -1, hidden_states.shape[-1])
         return hidden_states.gather(1, index)
+
+
+class PackedSegmentAttention:
+    """Attention of packed rows, each image's segment alone: the images of one token count stacked into one sdpa
+    call (so a batch of images of a few sizes costs a few calls, not one per image), and a padding token attending
+    only to itself (its output is its value, as under the block-diagonal mask). What `attention_mask` gives, without
+    building the (R, 1, T, T) mask or computing the T x T scores of a row: sdpa's cost is the sum of the images'
+    squared lengths. Indices are built once per forward, on `device`; every layer reuses them."""
+
+    def __init__(self, layout: PackedLayout, device):
+        rows, tokens = layout.segment_ids.shape
+        starts_by_length: dict[int, list[int]] = {}
+        for row, start, length in zip(layout.rows, layout.token_starts, layout.lengths, strict=True):
+            starts_by_length.setdefault(length, []).append(row * tokens + start)
+        self.groups = [  # (images, length) indices into the R * T flattened tokens
+            (torch.tensor(starts)[:, None] + torch.arange(length)).to(device)
+            for length, starts in starts_by_length.items()
+        ]
+        in_image = torch.zeros(rows * tokens, dtype=torch.bool)
+        in_image[torch.cat([group.flatten().cpu() for group in self.groups])] = True
+        self.padding = (~in_image).nonzero().squeeze(1).to(device)
+        order = torch.cat([*(group.flatten() for group in self.groups), self.padding])
+        self.inverse = torch.empty_like(order)
+        self.inverse[order] = torch.arange(len(order), device=order.device)
+        self.shape = (rows, tokens)
+
+    def __call__(self, query, key, value, dropout: float, scaling: float) -> torch.Tensor:
+        """(R, heads, T, head_dim) each -> the attention output (R, T, heads, head_dim), as the interface returns."""
+        rows, heads, tokens, head_dim = query.shape
+        flat = [x.transpose(1, 2).reshape(rows * tokens, heads, head_dim) for x in (query, key, value)]
+        pieces = []
+        for index in self.groups:
+            q, k, v = (x[index].transpose(1, 2) for x in flat)  # (images, heads, length, head_dim)
+            out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+            pieces.append(out.transpose(1, 2).reshape(-1, heads, head_dim))
+        pieces.append(flat[2][self.padding])
+        return torch.cat(pieces)[self.inverse].view(rows, tokens, heads, head_dim)
 
 
 class VisionTransformerAttention(nn.Module):
@@ -349,6 +391,11 @@ class VisionTransformerAttention(nn.Module):
 
         # sdpa/flash/flex never materialise the weights; when the caller asks for them, this call runs eager instead
         # of returning None (which is what transformers does since v5).
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        segments = kwargs.pop("packed_segments", None)  # packed rows under sdpa: each image alone, no mask
+        if segments is not None:
+            attn_output = segments(query, key, value, dropout, self.scaling).reshape(*input_shape, -1)
+            return self.o_proj(attn_output), None
         implementation = self.config._attn_implementation
         wants_weights = kwargs.get("output_attentions", self.config.output_attentions)
         attention_interface: Callable = eager_attention_forward
@@ -360,7 +407,7 @@ class VisionTransformerAttention(nn.Module):
             key,
             value,
             attention_mask,  # None, or additive (B, 1, 1, T): padded keys at the dtype's minimum
-            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             **{k: v for k, v in kwargs.items() if k != "output_attentions"},
         )
@@ -1151,8 +1198,9 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
     def _embed_packed(
         self, pixel_values, spatial_shapes, patch_image_ids, pixel_attention_mask=None, output_attentions=False
     ) -> tuple[torch.Tensor, PackedLayout, torch.Tensor | None, dict]:
-        """The packed form: z_0 (R, T, D), its layout, and what attention takes: a block-diagonal additive mask
-        (eager, sdpa) or transformers' varlen kwargs and no mask (flash attention)."""
+        """The packed form: z_0 (R, T, D), its layout, and what attention takes: each image's segment alone and no
+        mask (sdpa), transformers' varlen kwargs and no mask (flash attention), or a block-diagonal additive mask
+        (eager, and whenever the attention weights are asked for)."""
         layout = self.check_packed_inputs(
             pixel_values, spatial_shapes, patch_image_ids, pixel_attention_mask, output_attentions
         )
@@ -1163,6 +1211,8 @@ class VisionTransformerModel(VisionTransformerPreTrainedModel):
         implementation = self.config._attn_implementation
         if implementation is not None and "flash" in implementation:
             return hidden_states, layout, None, layout.flash_attention_kwargs(hidden_states.device)
+        if implementation == "sdpa" and not output_attentions:
+            return hidden_states, layout, None, {"packed_segments": layout.segment_attention(hidden_states.device)}
         return hidden_states, layout, layout.attention_mask(hidden_states.dtype, hidden_states.device), {}
 
     @staticmethod
