@@ -4,7 +4,9 @@ All models have the same size (a preset, or the flags), the same attention (sdpa
 interleaved step by step (the order alternates) so that load from other processes hits them alike. For each one:
 
     forward           samples/s of inference (`torch.inference_mode`, eval mode), median over the timed steps
-    forward+backward  samples/s of a forward and a backward pass (train mode; loss = mean of the last hidden state)
+    forward+backward  samples/s of a forward and a backward pass (train mode; loss = mean of the last hidden state);
+                      with `--optimizer adamw` a whole training step: forward, backward and `torch.optim.AdamW`'s step
+                      (each model its own optimizer, foreach; its state is made in the warm-up step)
     MFU               model FLOPs utilisation: the model's FLOPs per second (counted analytically, see
                       :func:`flops_per_image`; forward+backward = 3x forward) over the throughput of one large
                       `torch.matmul` in the same dtype, measured in the same run (the machine's practical peak)
@@ -21,6 +23,7 @@ so the two are the same function. timm is not a dependency; it is measured only 
     python scripts/benchmark_encoder.py --preset vit-b16 --device cuda --dtype bfloat16 --batch-size 256
     python scripts/benchmark_encoder.py --profile     # and where the time goes: one forward, op by op, ours vs theirs
     python scripts/benchmark_encoder.py --compile     # and each model under torch.compile ("ours compiled", ...)
+    python scripts/benchmark_encoder.py --preset vit-b16 --optimizer adamw      # the training step with AdamW
 
 With `--compile` each model is measured eager and compiled (`torch.compile` of its forward to the last hidden state,
 the same weights; compilation happens in the warm-up steps, so give `--warmup 2` or more), and the compiled ones are
@@ -178,21 +181,24 @@ def last_hidden_state(model: torch.nn.Module, pixel_values: torch.Tensor) -> tor
     return model(pixel_values=pixel_values).last_hidden_state
 
 
-def run(model: torch.nn.Module, pixel_values: torch.Tensor, backward: bool) -> None:
+def run(model: torch.nn.Module, pixel_values: torch.Tensor, backward: bool, optimizer=None) -> None:
+    """One pass; with `backward` and an `optimizer`, a training step (its `step` after the backward)."""
     if backward:
         model.train()
         model.zero_grad(set_to_none=True)
         last_hidden_state(model, pixel_values).float().mean().backward()
+        if optimizer is not None:
+            optimizer.step()
     else:
         model.eval()
         with torch.inference_mode():
             last_hidden_state(model, pixel_values)
 
 
-def timed(model, pixel_values, backward: bool, device: str) -> float:
+def timed(model, pixel_values, backward: bool, device: str, optimizer=None) -> float:
     synchronize(device)
     start = time.perf_counter()
-    run(model, pixel_values, backward)
+    run(model, pixel_values, backward, optimizer)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -202,7 +208,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_mb(model, pixel_values, backward: bool, device: str) -> float:
+def peak_memory_mb(model, pixel_values, backward: bool, device: str, optimizer=None) -> float:
     """The memory one step takes above what is held before it (see the module docstring)."""
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -211,13 +217,13 @@ def peak_memory_mb(model, pixel_values, backward: bool, device: str) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        run(model, pixel_values, backward)
+        run(model, pixel_values, backward, optimizer)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     _release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_mb("VmRSS")
-    run(model, pixel_values, backward)
+    run(model, pixel_values, backward, optimizer)
     return _status_mb("VmHWM") - before
 
 
@@ -253,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="print one forward op by op, ours vs transformers")
     parser.add_argument("--profile-rows", type=int, default=15, help="ops in the --profile table")
     parser.add_argument("--compile", action="store_true", help="measure each model under torch.compile too")
+    parser.add_argument(
+        "--optimizer", choices=("none", "adamw"), default="none", help="adamw: time forward+backward+AdamW step"
+    )
     args = parser.parse_args(argv)
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         parser.error("--batch-size and --steps must be positive and --warmup not negative.")
@@ -270,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
             compiled_ours = last_hidden_state(models["ours compiled"].eval(), pixel_values)
             compile_difference = (compiled_ours.float() - ours.float()).abs().max().item()
 
+    optimizers = {}  # made after the comparison above: their steps change the weights
+    if args.optimizer == "adamw":
+        optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True) for name, m in models.items()}
     dtype = getattr(torch, args.dtype)
     matmul_size = args.matmul_size or (8192 if args.device.startswith("cuda") else 2048)
     peak = matmul_flops_per_second(matmul_size, dtype, args.device)
@@ -284,19 +296,20 @@ def main(argv: list[str] | None = None) -> dict:
         for index in range(args.warmup + args.steps):
             order = list(models) if index % 2 == 0 else list(reversed(models))  # alternate who goes first
             for name in order:
-                seconds = timed(models[name], pixel_values, backward, args.device)
+                seconds = timed(models[name], pixel_values, backward, args.device, optimizers.get(name))
                 if index >= args.warmup:
                     times[name].append(seconds)
         for name, model in models.items():
             results[name][label] = args.batch_size / statistics.median(times[name])
             results[name][f"{label} MFU"] = results[name][label] * flops * (3 if backward else 1) / peak
-            results[name][f"{label} MB"] = peak_memory_mb(model, pixel_values, backward, args.device)
+            optimizer = optimizers.get(name) if backward else None
+            results[name][f"{label} MB"] = peak_memory_mb(model, pixel_values, backward, args.device, optimizer)
     for name, model in models.items():  # the training step's memory the other way round
         if is_compiled(model):  # switching would recompile: not measured
             results[name]["fwd+bwd MB checkpointed"] = results[name]["fwd+bwd MB not checkpointed"] = float("nan")
             continue
         set_checkpointing(model, not args.gradient_checkpointing)
-        other = peak_memory_mb(model, pixel_values, True, args.device)
+        other = peak_memory_mb(model, pixel_values, True, args.device, optimizers.get(name))
         set_checkpointing(model, args.gradient_checkpointing)
         results[name]["fwd+bwd MB checkpointed"] = (
             results[name]["forward+backward MB"] if args.gradient_checkpointing else other
@@ -304,12 +317,15 @@ def main(argv: list[str] | None = None) -> dict:
         results[name]["fwd+bwd MB not checkpointed"] = (
             other if args.gradient_checkpointing else results[name]["forward+backward MB"]
         )
+    for name, optimizer in optimizers.items():  # how many steps each optimizer took (a check that it ran)
+        results[name]["AdamW steps"] = min(int(state["step"]) for state in optimizer.state.values())
 
     print(
         f"device {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads); {args.preset}-sized "
         f"(hidden {models['ours'].config.hidden_size}, {models['ours'].config.num_hidden_layers} layers) at "
         f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps"
-        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; ours vs transformers: max |difference| "
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+        f"{', forward+backward includes an AdamW step' if optimizers else ''}; ours vs transformers: max |difference| "
         f"of the last hidden state {difference:.1e}; timm: {'measured' if 'timm' in models else 'not importable'}"
     )
     if args.compile:

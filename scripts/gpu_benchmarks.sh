@@ -2,7 +2,7 @@
 # The GPU measurements of docs/multi-gpu.md's "What has never run", as one prepared run (about 10 minutes on one
 # H100/H200-class GPU; each step has its own time limit, and a step that fails or runs out does not stop the next):
 #
-#   1. ViT-B/16, bf16, batch 256: inference and training step, eager and torch.compile, ours vs transformers'
+#   1. ViT-B/16, bf16, batch 256: inference and training step (AdamW), eager and torch.compile, ours vs transformers'
 #      ViTModel vs timm (where it imports), MFU against a bf16 matmul measured in the same run
 #   2. the VLM training step vs transformers' Llava at a ViT-B/16 + 1024-wide LM size (full, align, align-cache)
 #   3. packing on a GPU: a finetune step on mixed lengths, padded vs rows vs one row (sdpa_varlen)
@@ -48,6 +48,6 @@ step() {  # name, then the command: its output to $OUT/name.log, its status repo
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     echo "== $name: exit status ${PIPESTATUS[0]}"
 }
-step encoder "$PY" scripts/benchmark_encoder.py "${device[@]}" "${encoder[@]}" --compile
+step encoder "$PY" scripts/benchmark_encoder.py "${device[@]}" "${encoder[@]}" --compile --optimizer adamw
 step vlm "$PY" scripts/benchmark_vlm.py "${device[@]}" "${vlm[@]}" --modes full align align-cache
 step packed "$PY" scripts/benchmark_vlm.py "${device[@]}" "${vlm[@]}" "${mix[@]}" --modes packed

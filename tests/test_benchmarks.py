@@ -161,3 +161,15 @@ def test_the_encoder_benchmark_measures_compiled_models_beside_eager_ones(capsys
         assert re.search(rf"\| {name} +\| +[\d,]+ \| +\d+\.\d \|", out)
     assert re.search(r"ours compiled / transformers compiled: forward \d+\.\d\dx", out)
     assert re.search(r"ours compiled / ours: forward \d+\.\d\dx", out)
+
+
+def test_the_encoder_benchmark_times_a_training_step_with_adamw(capsys):
+    size = ["--hidden", "32", "--layers", "1", "--heads", "2", "--mlp", "64"]
+    args = ["benchmark", "encoder", "--preset", "vit-ti16", *TINY_TOWER, *size, "--batch-size", "2", "--steps", "2"]
+    results = cli.main([*args, "--matmul-size", "128", "--optimizer", "adamw"])
+    out = capsys.readouterr().out
+    assert "forward+backward includes an AdamW step" in out
+    for row in results.values():
+        # every parameter stepped in the warm-up, each timed step and each memory measurement (two: with and
+        # without checkpointing)
+        assert row["AdamW steps"] == 1 + 2 + 2

@@ -384,14 +384,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
                 torch.int64,
             )
         ):
-            got = (
-                f"{image_index.dtype} of shape {tuple(image_index.shape)}"
-                if isinstance(image_index, torch.Tensor)
-                else _kind(image_index)
-            )
             raise ValueError(
                 f"image_index must be a 1-D integer tensor (one image number per <image> span, in placeholder order), "
-                f"got {got}."
+                f"got {_describe(image_index)}."
             )
         if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
             raise ValueError(
@@ -510,13 +505,9 @@ class VisionLanguageForConditionalGeneration(VisionLanguagePreTrainedModel, Gene
         """Refuse precomputed tower features whose shape is not `vision_features(pixel_values)`'s at the tower's
         configured image size: (num_images, T, D_v * len(feature_layers))."""
         if not isinstance(vision_features, torch.Tensor) or not vision_features.is_floating_point():
-            got = (
-                f"a {vision_features.dtype} tensor"
-                if isinstance(vision_features, torch.Tensor)
-                else _kind(vision_features)
-            )
             raise TypeError(
-                f"vision_features must be a float torch.Tensor (the output of model.vision_features), got {got}: read "
+                "vision_features must be a float torch.Tensor (the output of model.vision_features), got "
+                f"{_describe(vision_features)}: read "
                 "them from a feature store (vlm_vision.vlm.feature_cache), or pass pixel_values."
             )
         grid_h, grid_w = self.config.grid_size
@@ -768,6 +759,13 @@ def _kind(value) -> str:
     return f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
 
 
+def _describe(value) -> str:
+    """What an input check was given: a tensor's dtype and shape, or any other value's type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return _kind(value)
+
+
 def check_pixel_values(pixel_values) -> None:
     """Refuse pixel values the tower can't take: not a tensor (numpy, lists), not float (raw uint8 pixels), not
     (num_images, channels, height, width)."""
@@ -793,15 +791,11 @@ def check_native_pixel_values(pixel_values, spatial_shapes) -> None:
     """Refuse native-resolution inputs that are not (num_images, patches, channels * patch * patch) float patches
     with their grids (the tower checks the grids and the mask against them)."""
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point() or pixel_values.dim() != 3:
-        got = (
-            f"{tuple(pixel_values.shape)} {pixel_values.dtype}"
-            if isinstance(pixel_values, torch.Tensor)
-            else _kind(pixel_values)
-        )
         raise ValueError(
             f"With pixel_attention_mask/spatial_shapes (native resolution), pixel_values must be float patches "
-            f"(num_images, patches, channels * patch * patch), got {got}: use the processor's image_mode='native' "
-            "(an image processor with max_num_patches), or drop the mask and spatial_shapes for (I, C, H, W) images."
+            f"(num_images, patches, channels * patch * patch), got {_describe(pixel_values)}: use the processor's "
+            "image_mode='native' (an image processor with max_num_patches), or drop the mask and spatial_shapes for "
+            "(I, C, H, W) images."
         )
     if spatial_shapes is None:
         raise ValueError(
@@ -824,8 +818,10 @@ def _grids(shapes) -> list[tuple[int, int]]:
 def check_input_ids(input_ids) -> None:
     """Refuse token ids that are not an integer (batch, sequence) tensor."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        got = f"{_kind(input_ids)} of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else _kind(input_ids)
-        raise TypeError(f"input_ids must be an integer torch.Tensor (batch, sequence), got {got}: {PROCESSOR_HINT}.")
+        raise TypeError(
+            f"input_ids must be an integer torch.Tensor (batch, sequence), got {_describe(input_ids)}: "
+            f"{PROCESSOR_HINT}."
+        )
     if input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}: add a batch dimension with "
