@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, model in models.items():
             results[name][label] = args.batch_size / statistics.median(times[name])
             results[name][f"{label} MFU"] = results[name][label] * flops * (3 if backward else 1) / peak
-            optimizer = optimizers.get(name) if backward else None
+            optimizer = optimizers.get(name)  # run() steps it only with backward
             results[name][f"{label} MB"] = peak_memory_mb(model, pixel_values, backward, args.device, optimizer)
     for name, model in models.items():  # the training step's memory the other way round
         if is_compiled(model):  # switching would recompile: not measured
